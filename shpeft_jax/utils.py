@@ -1,0 +1,48 @@
+"""Small tree helpers shared by every module."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+
+SEP = "/"
+
+
+def _key_str(k: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def path_name(path) -> str:
+  """'/'-joined name of a jax tree path."""
+  return SEP.join(_key_str(k) for k in path)
+
+
+def flatten_names(tree) -> dict[str, Any]:
+  """{'a/b/kernel': leaf} for every leaf of a nested dict tree, in tree order."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {path_name(p): v for p, v in leaves}
+
+
+def unflatten_names(flat: Mapping[str, Any]) -> dict:
+  """Inverse of flatten_names for nested dicts."""
+  out: dict = {}
+  for name, v in flat.items():
+    node = out
+    parts = name.split(SEP)
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = v
+  return out
+
+
+def map_with_names(fn: Callable[[str, Any], Any], tree):
+  """tree_map where fn also receives the leaf's '/'-joined name."""
+  return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_name(p), x), tree)
+
+
+def count_params(tree) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
