@@ -1,0 +1,77 @@
+"""Params checkpoints: one orbax tree of Flax params plus a `meta.json` that says what model it is.
+
+This is the exchange format between `convert` (PyTorch -> Flax), the trainer's exported
+best/final models, `export` (Flax -> PyTorch) and the analysis commands. Training-state
+checkpoints (optimizer state, step, data position) are the trainer's own CheckpointManager.
+
+Layout of a params checkpoint directory:
+  DIR/params/   orbax StandardCheckpointer tree (float32 numpy leaves)
+  DIR/meta.json {"model": "ViT-B/16", "image_size": 224, "num_classes": 4 or null, ...}
+Writes go to a temporary sibling first and are renamed into place, so a crash never leaves a
+half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from shpeft_jax.errors import CheckpointError
+
+META = "meta.json"
+PARAMS = "params"
+
+
+def save_params(path: str, params, meta: dict[str, Any], *, overwrite: bool = False) -> str:
+  """Atomically writes params (host numpy copies) and meta to `path`."""
+  path = os.path.abspath(path)
+  if os.path.exists(path):
+    if not overwrite:
+      raise CheckpointError(f"{path} already exists; pass overwrite=True or choose another --out.")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+  try:
+    host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, PARAMS), host)
+      ckptr.wait_until_finished()
+    with open(os.path.join(tmp, META), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def load_meta(path: str) -> dict[str, Any]:
+  meta_file = os.path.join(path, META)
+  if not os.path.isfile(meta_file):
+    raise CheckpointError(
+        f"{path} is not a shpeft_jax params checkpoint (no {META}). Create one with "
+        f"`python -m shpeft_jax.convert SRC --out DIR` or point at a trainer workdir's exported model.")
+  with open(meta_file) as f:
+    return json.load(f)
+
+
+def load_params(path: str) -> tuple[dict, dict[str, Any]]:
+  """Returns (params as numpy tree, meta)."""
+  path = os.path.abspath(path)
+  meta = load_meta(path)
+  params_dir = os.path.join(path, PARAMS)
+  if not os.path.isdir(params_dir):
+    raise CheckpointError(f"{path} has {META} but no {PARAMS}/ directory: the checkpoint is incomplete.")
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(params_dir)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  return params, meta

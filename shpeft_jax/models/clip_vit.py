@@ -1,0 +1,348 @@
+"""CLIP ViT vision tower in Flax, and the paper's classifier (L2 norm + linear head).
+
+Module names follow the OpenAI PyTorch checkpoint (`conv1`, `ln_pre`, `resblocks_N/attn`,
+`mlp/c_fc`, `mlp/c_proj`, `ln_post`) so that conversion in both directions is a set of small,
+mechanical rules (see `shpeft_jax/models/convert.py`). The CLIP `proj` is not part of the model:
+SH-PEFT replaces it by L2 normalisation followed by a linear classifier (Sec. 3.1).
+
+Additive PEFT methods hook into the tower here (LoRA, AdaptFormer's parallel adapter, SSF, VPT);
+they are off by default and their parameters live under names that start with `lora_`,
+`adapter`, `ssf_` or `vpt_` so that trainable-parameter rules can select them by regex.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from shpeft_jax.errors import ConfigError
+
+LN_EPS = 1e-5  # CLIP's LayerNorm epsilon (Flax defaults to 1e-6).
+
+LORA_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdditiveConfig:
+  """Extra modules of the additive and prompt PEFT baselines. All off by default."""
+  lora_rank: int = 0                      # 0 disables LoRA.
+  lora_alpha: float = 0.0                 # scaling = alpha / rank; 0 means alpha = rank.
+  lora_targets: tuple[str, ...] = ("q", "v")
+  adapter_bottleneck: int = 0             # AdaptFormer parallel adapter; 0 disables.
+  adapter_scale: float = 0.1
+  ssf: bool = False                       # scale-and-shift after each operation.
+  ssf_init_std: float = 0.0               # 0: identity init; SSF paper uses N(1, .02)/N(0, .02).
+  vpt_tokens: int = 0                     # 0 disables VPT.
+  vpt_deep: bool = False                  # False: shallow (input layer only).
+
+  def __post_init__(self):
+    unknown = set(self.lora_targets) - set(LORA_TARGETS)
+    if unknown:
+      raise ConfigError(f"Unknown LoRA target(s) {sorted(unknown)}; choose from {LORA_TARGETS}.")
+    for f in ("lora_rank", "adapter_bottleneck", "vpt_tokens"):
+      if getattr(self, f) < 0:
+        raise ConfigError(f"{f} must be >= 0, got {getattr(self, f)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Shape of a CLIP vision tower."""
+  name: str
+  patch_size: int
+  width: int
+  layers: int
+  heads: int
+  mlp_dim: int
+  image_size: int = 224
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid ** 2 + 1
+
+
+_PRESETS = {
+    "ViT-B/16": dict(patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072, image_size=224),
+    "ViT-B/32": dict(patch_size=32, width=768, layers=12, heads=12, mlp_dim=3072, image_size=224),
+    "ViT-L/14": dict(patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096, image_size=224),
+    # Small towers of the same architecture for tests and the CPU demo.
+    "test_tiny": dict(patch_size=4, width=32, layers=2, heads=2, mlp_dim=64, image_size=16),
+    "demo_small": dict(patch_size=4, width=64, layers=4, heads=4, mlp_dim=256, image_size=16),
+}
+
+
+def model_names() -> list[str]:
+  return sorted(_PRESETS)
+
+
+def get_model_config(name: str, image_size: int | None = None) -> ViTConfig:
+  """Preset by name ('ViT-B/16', 'ViT-B/32', 'ViT-L/14', 'test_tiny', 'demo_small')."""
+  if name not in _PRESETS:
+    raise ConfigError(f"Unknown model {name!r}; choose one of {model_names()}.")
+  kw = dict(_PRESETS[name])
+  if image_size is not None:
+    kw["image_size"] = int(image_size)
+  cfg = ViTConfig(name=name, **kw)
+  if cfg.image_size % cfg.patch_size:
+    raise ConfigError(
+        f"image_size {cfg.image_size} is not a multiple of the patch size {cfg.patch_size} "
+        f"of {name}; use e.g. {cfg.grid * cfg.patch_size}.")
+  if cfg.width % cfg.heads:
+    raise ConfigError(f"width {cfg.width} is not divisible by heads {cfg.heads}.")
+  return cfg
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def _torch_linear_init(fan_in: int):
+  """PyTorch nn.Linear's default init (kaiming uniform a=sqrt(5) == U(-1/sqrt(fan_in), ..))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class SSF(nn.Module):
+  """y = x * scale + shift over the trailing `shape` axes (SSF, Lian et al. 2022)."""
+  shape: Sequence[int]
+  init_std: float = 0.0
+
+  @nn.compact
+  def __call__(self, x):
+    std = self.init_std
+    scale = self.param("scale", lambda k, s: 1.0 + std * jax.random.normal(k, s), tuple(self.shape))
+    shift = self.param("shift", lambda k, s: std * jax.random.normal(k, s), tuple(self.shape))
+    return x * scale.astype(x.dtype) + shift.astype(x.dtype)
+
+
+class LoRA(nn.Module):
+  """Low-rank update x @ a @ b * (alpha / r); b starts at zero so the update starts at zero."""
+  rank: int
+  out_shape: Sequence[int]
+  alpha: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d_in = x.shape[-1]
+    d_out = math.prod(self.out_shape)
+    a = self.param("a", _torch_linear_init(d_in), (d_in, self.rank))
+    b = self.param("b", nn.initializers.zeros, (self.rank, d_out))
+    scale = (self.alpha or self.rank) / self.rank
+    y = (x @ a.astype(self.dtype)) @ b.astype(self.dtype) * scale
+    return y.reshape(x.shape[:-1] + tuple(self.out_shape))
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention with separate q/k/v/out projections (OpenAI's fused in_proj split in three)."""
+  width: int
+  heads: int
+  additive: AdditiveConfig = AdditiveConfig()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    head_dim = self.width // self.heads
+    add = self.additive
+    dense = lambda name, axis, features: nn.DenseGeneral(
+        features=features, axis=axis, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+
+    def project(name, short):
+      y = dense(name, -1, (self.heads, head_dim))(x)
+      if add.lora_rank and short in add.lora_targets:
+        y = y + LoRA(add.lora_rank, (self.heads, head_dim), add.lora_alpha, self.dtype,
+                     name=f"lora_{name}")(x)
+      if add.ssf:
+        y = SSF((self.heads, head_dim), add.ssf_init_std, name=f"ssf_{name}")(y)
+      return y
+
+    q, k, v = project("query", "q"), project("key", "k"), project("value", "v")
+    q = q / jnp.sqrt(head_dim).astype(self.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = dense("out", (-2, -1), self.width)(ctx)
+    if add.lora_rank and "o" in add.lora_targets:
+      flat = ctx.reshape(ctx.shape[:-2] + (self.width,))
+      out = out + LoRA(add.lora_rank, (self.width,), add.lora_alpha, self.dtype,
+                       name="lora_out")(flat)
+    if add.ssf:
+      out = SSF((self.width,), add.ssf_init_std, name="ssf_out")(out)
+    return out
+
+
+class MLP(nn.Module):
+  width: int
+  mlp_dim: int
+  additive: AdditiveConfig = AdditiveConfig()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    add = self.additive
+
+    def linear(name, short, features, inp):
+      y = nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name)(inp)
+      if add.lora_rank and short in add.lora_targets:
+        y = y + LoRA(add.lora_rank, (features,), add.lora_alpha, self.dtype, name=f"lora_{name}")(inp)
+      if add.ssf:
+        y = SSF((features,), add.ssf_init_std, name=f"ssf_{name}")(y)
+      return y
+
+    h = quick_gelu(linear("c_fc", "fc1", self.mlp_dim, x))
+    return linear("c_proj", "fc2", self.width, h)
+
+
+class Adapter(nn.Module):
+  """AdaptFormer's parallel adapter: scale * up(relu(down(x))), `up` zero-initialised."""
+  width: int
+  bottleneck: int
+  scale: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.bottleneck, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=_torch_linear_init(self.width), bias_init=nn.initializers.zeros,
+                 name="down")(x)
+    h = nn.relu(h)
+    h = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros, name="up")(h)
+    return h * self.scale
+
+
+def _layer_norm(name):
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+
+
+class ResidualAttentionBlock(nn.Module):
+  width: int
+  heads: int
+  mlp_dim: int
+  additive: AdditiveConfig = AdditiveConfig()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    add = self.additive
+
+    def norm(name, inp):
+      y = _layer_norm(name)(inp).astype(self.dtype)
+      if add.ssf:
+        y = SSF((self.width,), add.ssf_init_std, name=f"ssf_{name}")(y)
+      return y
+
+    x = x + MultiHeadAttention(self.width, self.heads, add, self.dtype, name="attn")(norm("ln_1", x))
+    mlp_out = MLP(self.width, self.mlp_dim, add, self.dtype, name="mlp")(norm("ln_2", x))
+    if add.adapter_bottleneck:
+      mlp_out = mlp_out + Adapter(self.width, add.adapter_bottleneck, add.adapter_scale, self.dtype,
+                                  name="adapter")(x)
+    return x + mlp_out
+
+
+class VisionTransformer(nn.Module):
+  """CLIP's image tower up to ln_post of the class token (the pooled feature before `proj`)."""
+  config: ViTConfig
+  additive: AdditiveConfig = AdditiveConfig()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    cfg, add = self.config, self.additive
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ConfigError(f"Expected NHWC images [B, H, W, 3], got shape {images.shape}.")
+    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
+      raise ConfigError(
+          f"Images are {images.shape[1]}x{images.shape[2]} but the model expects "
+          f"{cfg.image_size}x{cfg.image_size}; set config.image_size or resize the input.")
+    p, d = cfg.patch_size, cfg.width
+    scale = d ** -0.5
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
+                param_dtype=jnp.float32, name="conv1")(images.astype(self.dtype))
+    if add.ssf:
+      x = SSF((d,), add.ssf_init_std, name="ssf_conv1")(x)
+    x = x.reshape(x.shape[0], -1, d)
+    cls = self.param("class_embedding", nn.initializers.normal(scale), (d,))
+    pos = self.param("positional_embedding", nn.initializers.normal(scale), (cfg.num_tokens, d))
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, d))
+    x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+
+    def prompts(name):
+      # VPT's init: uniform with the xavier bound of the patch projection.
+      bound = math.sqrt(6.0 / float(3 * p * p + d))
+      init = lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound)
+      return self.param(name, init, (add.vpt_tokens, d)).astype(self.dtype)
+
+    n_prompts = add.vpt_tokens
+    if n_prompts:
+      vpt = jnp.broadcast_to(prompts("vpt_prompts_0"), (x.shape[0], n_prompts, d))
+      x = jnp.concatenate([x[:, :1], vpt, x[:, 1:]], axis=1)
+    x = _layer_norm("ln_pre")(x).astype(self.dtype)
+    for i in range(cfg.layers):
+      if n_prompts and add.vpt_deep and i > 0:
+        vpt = jnp.broadcast_to(prompts(f"vpt_prompts_{i}"), (x.shape[0], n_prompts, d))
+        x = jnp.concatenate([x[:, :1], vpt, x[:, 1 + n_prompts:]], axis=1)
+      x = ResidualAttentionBlock(d, cfg.heads, cfg.mlp_dim, add, self.dtype,
+                                 name=f"resblocks_{i}")(x)
+    pooled = _layer_norm("ln_post")(x[:, 0])
+    if add.ssf:
+      pooled = SSF((d,), add.ssf_init_std, name="ssf_ln_post")(pooled)
+    return pooled.astype(jnp.float32)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+  # Same as torch.nn.functional.normalize(x, dim=-1): x / max(||x||, eps).
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class ClipClassifier(nn.Module):
+  """Encoder + the paper's head: L2 normalisation of the pooled feature, then a linear layer."""
+  config: ViTConfig
+  num_classes: int
+  additive: AdditiveConfig = AdditiveConfig()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False, return_features: bool = False):
+    del train  # CLIP has no dropout; kept for a uniform call signature.
+    feats = VisionTransformer(self.config, self.additive, self.dtype, name="encoder")(images)
+    z = l2_normalize(feats)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                      kernel_init=_torch_linear_init(self.config.width),
+                      bias_init=_torch_linear_init(self.config.width), name="head")(z)
+    if return_features:
+      return logits, feats
+    return logits
+
+
+def compute_dtype(name: str):
+  table = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+  if name not in table:
+    raise ConfigError(f"Unknown compute dtype {name!r}; choose from {sorted(table)}.")
+  return table[name]
+
+
+def build_model(model_name: str, num_classes: int, *, image_size: int | None = None,
+                dtype: str = "float32", additive: AdditiveConfig | None = None) -> ClipClassifier:
+  """The classifier for a preset name, e.g. build_model('ViT-B/16', 4)."""
+  if num_classes < 2:
+    raise ConfigError(f"num_classes must be >= 2, got {num_classes}.")
+  return ClipClassifier(get_model_config(model_name, image_size), num_classes,
+                        additive or AdditiveConfig(), compute_dtype(dtype))
+
+
+def init_params(model: ClipClassifier, rng) -> dict:
+  size = model.config.image_size
+  dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+  return model.init(rng, dummy)["params"]
