@@ -1,0 +1,400 @@
+"""tf.data input pipeline: encoded images in, CLIP-normalised numpy batches out.
+
+Design (why it looks like this):
+- Exact resume. The training stream is a concatenation of epochs; epoch e is the split shuffled with
+  a seed derived from (seed, e), and each example's augmentation is drawn from a stateless key
+  (seed, epoch, example index). Nothing depends on iterator state, so the iterator started at
+  `start_step` yields exactly the batches an uninterrupted one yields after `start_step` steps (the
+  resumed stream skips the consumed part of the current epoch without decoding it).
+- Multi-process. Every process walks the same global stream of *encoded* records and keeps only its
+  slice of each global batch (positions [p * local_B, (p + 1) * local_B)), before decoding: decoding
+  and augmentation, the costly part, are split across processes, and the global batch is the same
+  whatever the number of processes. Feed the local batches to
+  `jax.make_array_from_process_local_data` (see `to_global_array`).
+- Evaluation visits each example exactly once: the split is padded up to a multiple of the global
+  batch with dummy examples whose `valid` is False, which metrics must mask out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from shpeft_jax.data import demo
+from shpeft_jax.errors import ConfigError, DataError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Batch = dict[str, np.ndarray]
+
+# A valid 1x1 black PNG: the image of the padding examples, so that padding goes through the same
+# decode path as real examples.
+_PAD_PNG = demo.encode_png(np.zeros((1, 1), np.uint8))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the trainer needs to know about a dataset before reading it."""
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  split_sizes: dict[str, int]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: a fixed-order tf.data.Dataset of {'image': encoded bytes, 'label': int64} per split.
+
+
+class _Source:
+  info: DatasetInfo
+
+  def split_size(self, split: str) -> int:
+    raise NotImplementedError
+
+  def dataset(self, split: str) -> tf.data.Dataset:
+    raise NotImplementedError
+
+  def _check_split(self, split: str):
+    if not split:
+      raise ConfigError(f"{self.info.name}: empty split name; available splits: "
+                        f"{sorted(self.info.split_sizes)}.")
+
+
+class _DigitsSource(_Source):
+  """The in-memory demo data (scikit-learn digits), source or target task."""
+
+  def __init__(self, task: str):
+    self._splits = demo.encoded_digits_splits(task)
+    names = tuple(demo.class_names(task))
+    self.info = DatasetInfo(f"digits_{task}", len(names), names,
+                            {s: len(l) for s, (_, l) in self._splits.items()})
+
+  def split_size(self, split):
+    self._check_split(split)
+    if split not in self._splits:
+      raise ConfigError(f"{self.info.name}: unknown split {split!r}; available: "
+                        f"{sorted(self._splits)}.")
+    return len(self._splits[split][1])
+
+  def dataset(self, split):
+    self.split_size(split)
+    images, labels = self._splits[split]
+    return tf.data.Dataset.from_tensor_slices({
+        "image": tf.constant(list(images), tf.string),
+        "label": tf.constant(labels, tf.int64)})
+
+
+class _TfdsSource(_Source):
+  """A tfds builder from `builders.py`, prepared from the manual dir on first use."""
+
+  def __init__(self, name: str, data_dir: str | None, manual_dir: str | None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from shpeft_jax.data import builders  # pylint: disable=g-import-not-at-top
+    self._tfds = tfds
+    kwargs: dict[str, Any] = {"data_dir": data_dir}
+    if name == "image_folder":
+      kwargs["root_dir"] = manual_dir
+    try:
+      self._builder = builders.BUILDERS[name](**kwargs)
+    except tf.errors.OpError as e:
+      raise DataError(f"{name}: cannot open data_dir={data_dir!r}: {e}") from e
+    if not self._builder.is_prepared():
+      self._builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    info = self._builder.info
+    names = tuple(info.features["label"].names)
+    self.info = DatasetInfo(name, len(names), names,
+                            {s: info.splits[s].num_examples for s in info.splits.keys()})
+
+  def split_size(self, split):
+    self._check_split(split)
+    try:
+      return self._builder.info.splits[split].num_examples
+    except (KeyError, ValueError, AssertionError) as e:
+      raise ConfigError(f"{self.info.name}: unknown split {split!r} ({e}); available: "
+                        f"{sorted(self.info.split_sizes)} (tfds slicing like 'train[:90%]' works)."
+                        ) from e
+
+  def dataset(self, split):
+    self.split_size(split)
+    ds = self._builder.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={"image": self._tfds.decode.SkipDecoding()},
+        read_config=self._tfds.ReadConfig())
+    return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+
+def _source_key(cfg: ml_collections.ConfigDict) -> tuple:
+  return (cfg.name, cfg.get("task"), cfg.get("data_dir"), cfg.get("manual_dir"))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_source(name, task, data_dir, manual_dir) -> _Source:
+  if name == "digits":
+    return _DigitsSource(task or "target")
+  from shpeft_jax.data import builders  # pylint: disable=g-import-not-at-top
+  if name not in builders.BUILDERS:
+    raise ConfigError(f"data.name={name!r} is not a known dataset; choose one of "
+                      f"{sorted(list(builders.BUILDERS) + ['digits'])}.")
+  return _TfdsSource(name, data_dir, manual_dir)
+
+
+def get_source(data_config: ml_collections.ConfigDict) -> _Source:
+  """The (cached) source for a data config; prepares a tfds dataset on first use."""
+  return _cached_source(*_source_key(data_config))
+
+
+def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
+  return get_source(data_config).info
+
+
+def num_batches_per_epoch(data_config: ml_collections.ConfigDict, *, split: str,
+                          global_batch_size: int, drop_remainder: bool = True) -> int:
+  """Steps per pass over `split`: floor for training, ceil (padded last batch) for evaluation."""
+  n = get_source(data_config).split_size(split)
+  return n // global_batch_size if drop_remainder else math.ceil(n / global_batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing.
+
+
+def _normalise(image: tf.Tensor) -> tf.Tensor:
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+
+
+def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
+  """uint8 [H, W, 3] from JPEG / PNG / BMP / GIF bytes; grayscale and alpha become RGB."""
+  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _resize_centre_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """CLIP's eval transform: shorter side to `size` (bicubic, antialiased), centre crop."""
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  scale = tf.cast(size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+  new_h = tf.maximum(size, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
+  new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
+
+  def resize():
+    out = tf.image.resize(image, [new_h, new_w], method="bicubic", antialias=True)
+    return tf.clip_by_value(out, 0.0, 255.0)
+
+  # An image already at the target size is passed through bit-exactly.
+  image = tf.cond(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)),
+                  lambda: tf.cast(image, tf.float32), resize)
+  top = (new_h - size) // 2
+  left = (new_w - size) // 2
+  image = image[top:top + size, left:left + size]
+  image.set_shape([size, size, 3])
+  return image
+
+
+def _crop_window(shape: tf.Tensor, key: tf.Tensor, scale: tuple[float, float]) -> tf.Tensor:
+  """[y, x, h, w] of an Inception-style random resized crop, drawn from a stateless key."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      image_size=shape,
+      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=key,
+      min_object_covered=0.0,
+      aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+      area_range=tuple(scale),
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def _random_resized_crop(image_bytes: tf.Tensor, key: tf.Tensor, size: int,
+                         scale: tuple[float, float]) -> tf.Tensor:
+  """Crop then resize to size x size; JPEGs decode only the crop window (the fast path)."""
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    window = _crop_window(shape, key, scale)
+    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+  def other():
+    image = _decode(image_bytes)
+    w = _crop_window(tf.shape(image), key, scale)
+    return image[w[0]:w[0] + w[2], w[1]:w[1] + w[3]]
+
+  crop = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+  crop.set_shape([None, None, 3])
+  return tf.image.resize(crop, [size, size], method="bilinear")
+
+
+def _example_key(seed: int, epoch: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+  key = tf.constant([seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF], tf.int64)
+  key = tf.random.experimental.stateless_fold_in(key, epoch)
+  return tf.random.experimental.stateless_fold_in(key, index)
+
+
+def _train_preprocess_fn(data_config, image_size: int, seed: int):
+  augment = bool(data_config.augment)
+  scale = data_config.get("random_resized_crop_scale")
+  use_crop = augment and scale is not None and len(scale) == 2
+  use_flip = augment and bool(data_config.get("hflip", True))
+
+  def fn(ex):
+    key = _example_key(seed, ex["epoch"], ex["index"])
+    crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    if use_crop:
+      image = _random_resized_crop(ex["image"], crop_key, image_size, tuple(scale))
+    else:
+      image = _resize_centre_crop(_decode(ex["image"]), image_size)
+    if use_flip:
+      image = tf.image.stateless_random_flip_left_right(image, flip_key)
+    return {"image": _normalise(image), "label": tf.cast(ex["label"], tf.int32),
+            "valid": ex["valid"]}
+
+  return fn
+
+
+def _eval_preprocess_fn(image_size: int):
+  def fn(ex):
+    image = _resize_centre_crop(_decode(ex["image"]), image_size)
+    return {"image": _normalise(image), "label": tf.cast(ex["label"], tf.int32),
+            "valid": ex["valid"]}
+  return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterators.
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ConfigError(f"global_batch_size={global_batch_size} must be positive and divisible by "
+                      f"the process count {process_count}.")
+  if not 0 <= process_index < process_count:
+    raise ConfigError(f"process_index={process_index} not in [0, {process_count}).")
+  return global_batch_size // process_count
+
+
+def _keep_process_slice(ds: tf.data.Dataset, global_batch_size: int, local_batch_size: int,
+                        process_index: int) -> tf.data.Dataset:
+  """Each process keeps its slice of every global batch (before decoding: cheap)."""
+  gb, lb, p = global_batch_size, local_batch_size, process_index
+  ds = ds.enumerate().filter(lambda k, ex: tf.equal((k % gb) // lb, p))
+  return ds.map(lambda k, ex: ex)
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return ds.with_options(options)
+
+
+def _parallel_calls(data_config) -> int:
+  n = data_config.get("num_parallel_calls", -1)
+  return tf.data.AUTOTUNE if n is None or n < 0 else int(n)
+
+
+def _as_numpy(ds: tf.data.Dataset) -> Iterator[Batch]:
+  for batch in ds.as_numpy_iterator():
+    yield batch
+
+
+def _indexed(source: _Source, split: str, cache: bool) -> tf.data.Dataset:
+  ds = source.dataset(split).enumerate().map(
+      lambda i, ex: {"index": i, "image": ex["image"], "label": ex["label"],
+                     "valid": tf.constant(True)})
+  return ds.cache() if cache else ds
+
+
+def make_train_iterator(data_config: ml_collections.ConfigDict, *, split: str,
+                        global_batch_size: int, image_size: int, seed: int, start_step: int = 0,
+                        process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+  """Infinite, shuffled, augmented batches of this process's `global_batch_size // process_count`.
+
+  Batches may straddle an epoch boundary (the stream of epochs is batched as one). With the same
+  arguments the batches are identical; `start_step=s` yields what an iterator started at 0 yields
+  from its s-th batch on.
+  """
+  local_b = _local_batch_size(global_batch_size, process_index, process_count)
+  source = get_source(data_config)
+  n = source.split_size(split)
+  if n == 0:
+    raise DataError(f"{source.info.name}: split {split!r} is empty.")
+  base = _indexed(source, split, bool(data_config.get("cache", False)))
+  buffer = int(data_config.get("shuffle_buffer", 0) or 0)
+  buffer = n if buffer <= 0 else min(buffer, n)
+  first_epoch, offset = divmod(int(start_step) * global_batch_size, n)
+  seed = int(seed)
+
+  def epoch_stream(epoch):
+    epoch_seed = tf.constant(seed % (2**31 - 1), tf.int64) * 1_000_003 + epoch
+    ds = base.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.skip(tf.where(tf.equal(epoch, first_epoch), tf.constant(offset, tf.int64), 0))
+    return ds.map(lambda ex: {**ex, "epoch": epoch})
+
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_stream)
+  ds = _keep_process_slice(ds, global_batch_size, local_b, process_index)
+  ds = ds.map(_train_preprocess_fn(data_config, image_size, seed),
+              num_parallel_calls=_parallel_calls(data_config), deterministic=True)
+  ds = ds.batch(local_b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _as_numpy(_options(ds))
+
+
+def make_eval_iterator(data_config: ml_collections.ConfigDict, *, split: str,
+                       global_batch_size: int, image_size: int, process_index: int = 0,
+                       process_count: int = 1) -> Iterator[Batch]:
+  """Finite, ordered batches covering every example of `split` exactly once.
+
+  The last global batch is completed with padding (`valid` False, label 0, image of a black pixel);
+  every process yields ceil(N / global_batch_size) batches.
+  """
+  local_b = _local_batch_size(global_batch_size, process_index, process_count)
+  source = get_source(data_config)
+  n = source.split_size(split)
+  if n == 0:
+    raise DataError(f"{source.info.name}: split {split!r} is empty.")
+  ds = _indexed(source, split, bool(data_config.get("cache", False)))
+  n_pad = math.ceil(n / global_batch_size) * global_batch_size - n
+  if n_pad:
+    pad = tf.data.Dataset.from_tensors({
+        "index": tf.constant(-1, tf.int64), "image": tf.constant(_PAD_PNG),
+        "label": tf.constant(0, tf.int64), "valid": tf.constant(False)}).repeat(n_pad)
+    ds = ds.concatenate(pad)
+  ds = _keep_process_slice(ds, global_batch_size, local_b, process_index)
+  ds = ds.map(_eval_preprocess_fn(image_size), num_parallel_calls=_parallel_calls(data_config),
+              deterministic=True)
+  ds = ds.batch(local_b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _as_numpy(_options(ds))
+
+
+def to_global_array(batch: Batch, sharding) -> dict[str, Any]:
+  """Local numpy batch -> global jax.Arrays sharded along the batch axis (multi-process safe)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def preprocess_for_eval(image: np.ndarray, image_size: int) -> np.ndarray:
+  """The evaluation transform on one uint8 image [H, W] or [H, W, C] (for inference scripts)."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  image = tf.constant(image[..., :3], tf.uint8)
+  return _normalise(_resize_centre_crop(image, image_size)).numpy()
+
+
+if os.environ.get("SHPEFT_TF_HIDE_GPU", "1") == "1":
+  # TF must not grab accelerator memory that JAX needs (a no-op with tensorflow-cpu).
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except (RuntimeError, ValueError):
+    pass
