@@ -119,11 +119,12 @@ class CovidCt(_ManualImageBuilder):
 
 
 class Busi(_ManualImageBuilder):
-  """D3 BUSI breast ultrasound, 3 classes, seeded stratified 559 / 79 / 160 split, masks skipped."""
+  """D3 BUSI breast ultrasound, 3 classes, seeded stratified 547 / 77 / 156 split, masks skipped."""
 
   CLASS_NAMES = splits_lib.BUSI_CLASSES
   DESCRIPTION = ("Breast ultrasound images (benign, malignant, normal), 780 images; no official "
-                 "split: seeded stratified 559 train / 79 validation / 160 test.")
+                 "split: seeded stratified 547 / 77 / 156 (the paper's 559:79:160 ratio; its sizes "
+                 "add up to 798, not 780).")
   HOMEPAGE = "https://scholar.cu.edu.eg/?q=afahmy/pages/dataset"
   CITATION = ("@article{aldhabyani2020busi, title={Dataset of breast ultrasound images}, "
               "author={Al-Dhabyani, Walid and Gomaa, Mohammed and Khaled, Hussien and Fahmy, Aly}, "

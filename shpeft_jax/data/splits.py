@@ -56,7 +56,8 @@ BUSI_LAYOUT = """\
     benign/benign (1).png, benign (1)_mask.png, ...
     malignant/malignant (1).png, ...
     normal/normal (1).png, ...        (*_mask*.png are segmentation masks and are skipped)"""
-# The paper's split of the 780 images (no official split exists).
+# The paper's split sizes. They add up to 798, but BUSI has 780 images: the 780 are split in these
+# proportions, 547 / 77 / 156 (no official split exists).
 BUSI_SPLIT_SIZES = {"train": 559, "validation": 79, "test": 160}
 
 CXR_CLASSES = ("normal", "bacterial", "viral")
@@ -281,7 +282,10 @@ _MASK = re.compile(r"_mask", re.IGNORECASE)
 
 
 def busi_splits(manual_dir: str, seed: int = SPLIT_SEED) -> Splits:
-  """Stratified seeded split of the 780 images (masks skipped) into 559 / 79 / 160."""
+  """Stratified seeded split of the 780 images (masks skipped) in the paper's 559:79:160 ratio.
+
+  The paper's sizes add up to 798; the published 780 images give 547 / 77 / 156.
+  """
   root = _find_root(manual_dir, (".", "Dataset_BUSI_with_GT", "Dataset_BUSI"), BUSI_CLASSES,
                     "busi", BUSI_LAYOUT, BUSI_URL)
   exs = []
