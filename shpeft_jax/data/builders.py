@@ -12,10 +12,13 @@ decodes them itself (`decode_and_crop_jpeg` is the fast path of random resized c
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable
 
+from etils import epath
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import utils as tfds_utils
 
 from shpeft_jax.data import splits as splits_lib
 from shpeft_jax.errors import DataError
@@ -35,6 +38,13 @@ class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   LICENSE = ""
   LAYOUT = ""
   URL = ""
+
+  @tfds_utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    # tfds derives this from the package's resources, which needs the `importlib_resources`
+    # backport for an editable install; the defining file is the same answer without it.
+    return epath.Path(inspect.getfile(cls))
 
   def _parse(self, manual_dir: str) -> splits_lib.Splits:
     raise NotImplementedError

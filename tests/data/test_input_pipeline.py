@@ -1,0 +1,184 @@
+"""The tf.data pipeline on the offline digits data: values, exactly-once eval, determinism, resume."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from shpeft_jax.data import default_data_config, demo
+from shpeft_jax.data import input_pipeline as ip
+from shpeft_jax.errors import ConfigError
+
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def _config(**kw):
+  c = default_data_config()
+  c.name, c.task = "digits", "target"
+  c.update(kw)
+  return c
+
+
+def _reference(split, task="target"):
+  """Hand-computed eval images at 8x8 (no resize): gray -> RGB, /255, CLIP mean/std."""
+  images, labels = demo.digits_splits(task)[split]
+  x = images.astype(np.float32)[..., None].repeat(3, -1) / 255.0
+  return (x - MEAN) / STD, labels
+
+
+def _take(it, n):
+  return list(itertools.islice(it, n))
+
+
+def test_dataset_info_and_batches_per_epoch():
+  info = ip.dataset_info(_config())
+  assert info.num_classes == 5 and info.class_names[0] == "digit_5"
+  from sklearn.datasets import load_digits
+  assert sum(info.split_sizes.values()) == int((load_digits().target >= 5).sum())  # 896
+  assert ip.num_batches_per_epoch(_config(), split="test", global_batch_size=50) == \
+      info.split_sizes["test"] // 50
+  assert ip.num_batches_per_epoch(_config(), split="test", global_batch_size=50,
+                                  drop_remainder=False) == -(-info.split_sizes["test"] // 50)
+
+
+def test_eval_covers_every_example_once_with_padding():
+  ref_x, ref_y = _reference("test")
+  n = len(ref_y)
+  batches = list(ip.make_eval_iterator(_config(), split="test", global_batch_size=50,
+                                       image_size=8))
+  assert n % 50 != 0 and len(batches) == -(-n // 50)
+  for b in batches:
+    assert b["image"].shape == (50, 8, 8, 3) and b["image"].dtype == np.float32
+    assert b["label"].dtype == np.int32 and b["valid"].dtype == bool
+  valid = np.concatenate([b["valid"] for b in batches])
+  assert valid.sum() == n and not valid[n:].any() and valid[:n].all()
+  x = np.concatenate([b["image"] for b in batches])[valid]
+  y = np.concatenate([b["label"] for b in batches])[valid]
+  np.testing.assert_allclose(x, ref_x, atol=1e-6)
+  np.testing.assert_array_equal(y, ref_y)
+
+
+def test_eval_split_across_processes_reassembles_the_global_batch():
+  single = list(ip.make_eval_iterator(_config(), split="validation", global_batch_size=40,
+                                      image_size=8))
+  parts = [list(ip.make_eval_iterator(_config(), split="validation", global_batch_size=40,
+                                      image_size=8, process_index=p, process_count=2))
+           for p in range(2)]
+  assert len(parts[0]) == len(parts[1]) == len(single)
+  for s, a, b in zip(single, *parts):
+    for k in ("image", "label", "valid"):
+      np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), s[k])
+
+
+def test_train_deterministic_and_seeded():
+  c = _config()
+  a = _take(ip.make_train_iterator(c, split="train", global_batch_size=64, image_size=8,
+                                   seed=3), 5)
+  b = _take(ip.make_train_iterator(c, split="train", global_batch_size=64, image_size=8,
+                                   seed=3), 5)
+  d = _take(ip.make_train_iterator(c, split="train", global_batch_size=64, image_size=8,
+                                   seed=4), 5)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+  assert not np.array_equal(a[0]["label"], d[0]["label"])
+  assert all(x["valid"].all() for x in a)
+
+
+@pytest.mark.parametrize("start_step", [3, 9, 17])
+def test_resume_matches_uninterrupted(start_step):
+  # 538 training examples, batch 64: step 9 starts mid-epoch 1, step 17 mid-epoch 2.
+  c = _config(shuffle_buffer=100)
+  full = _take(ip.make_train_iterator(c, split="train", global_batch_size=64, image_size=8,
+                                      seed=0), start_step + 3)
+  resumed = _take(ip.make_train_iterator(c, split="train", global_batch_size=64, image_size=8,
+                                         seed=0, start_step=start_step), 3)
+  for x, y in zip(full[start_step:], resumed):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["label"], y["label"])
+
+
+def test_train_processes_slice_the_same_global_batch():
+  c = _config()
+  single = _take(ip.make_train_iterator(c, split="train", global_batch_size=48, image_size=8,
+                                        seed=1), 13)
+  parts = [_take(ip.make_train_iterator(c, split="train", global_batch_size=48, image_size=8,
+                                        seed=1, process_index=p, process_count=3), 13)
+           for p in range(3)]
+  for i, s in enumerate(single):
+    assert parts[0][i]["image"].shape[0] == 16
+    np.testing.assert_array_equal(np.concatenate([p[i]["image"] for p in parts]), s["image"])
+    np.testing.assert_array_equal(np.concatenate([p[i]["label"] for p in parts]), s["label"])
+
+
+def _match_rows(images, ref):
+  """Index in `ref` of each image (exact match), -1 if none."""
+  flat_ref = ref.reshape(len(ref), -1)
+  out = []
+  for im in images.reshape(len(images), -1):
+    hits = np.flatnonzero(np.all(np.abs(flat_ref - im) < 1e-5, axis=1))
+    out.append(hits[0] if len(hits) else -1)
+  return np.array(out)
+
+
+def test_epoch_without_augmentation_is_a_permutation():
+  ref_x, ref_y = _reference("train")
+  n = len(ref_y)  # 538 = 2 * 269
+  it = ip.make_train_iterator(_config(augment=False), split="train", global_batch_size=269,
+                              image_size=8, seed=5)
+  epoch = _take(it, 2)
+  x = np.concatenate([b["image"] for b in epoch])
+  y = np.concatenate([b["label"] for b in epoch])
+  idx = _match_rows(x, ref_x)
+  assert (idx >= 0).all()
+  # Duplicate digit images exist in sklearn's data, so compare the multiset, then the labels.
+  assert sorted(map(bytes, x.reshape(n, -1))) == sorted(map(bytes, ref_x.reshape(n, -1)))
+  np.testing.assert_array_equal(np.sort(y), np.sort(ref_y))
+  assert not np.array_equal(y, ref_y)  # shuffled
+
+
+def test_augmentation_full_crop_and_flip_values():
+  ref_x, _ = _reference("train")
+  # Scale (1, 1) on a square image: the crop is the whole image, the resize 8 -> 8 is the identity,
+  # so each output is an original or its mirror image.
+  c = _config(random_resized_crop_scale=(1.0, 1.0), hflip=True)
+  b = next(ip.make_train_iterator(c, split="train", global_batch_size=128, image_size=8, seed=2))
+  plain = _match_rows(b["image"], ref_x)
+  mirrored = _match_rows(b["image"][:, :, ::-1], ref_x)
+  assert ((plain >= 0) | (mirrored >= 0)).all()
+  n_flipped = int(((plain < 0) & (mirrored >= 0)).sum())
+  assert 30 < n_flipped < 98  # about half of 128
+  # Default scale: real crops, upsampled to 32x32, still normalised RGB with equal channels.
+  b = next(ip.make_train_iterator(_config(), split="train", global_batch_size=16, image_size=32,
+                                  seed=2))
+  assert b["image"].shape == (16, 32, 32, 3) and np.isfinite(b["image"]).all()
+  gray = b["image"] * STD + MEAN
+  np.testing.assert_allclose(gray[..., 0], gray[..., 1], atol=1e-5)
+
+
+def test_source_and_target_tasks_differ():
+  src, tgt = demo.digits_splits("source"), demo.digits_splits("target")
+  assert sorted(set(src["train"][1])) == sorted(set(tgt["train"][1])) == [0, 1, 2, 3, 4]
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  # Every target image is a real digit 5-9 (relabelled d - 5), every source image a digit 0-4.
+  lookup = {}
+  for im, t in zip(np.round(d.images * 255 / 16).astype(np.uint8), d.target):
+    lookup.setdefault(im.tobytes(), set()).add(int(t))
+  for split in ("train", "validation", "test"):
+    for im, l in zip(*tgt[split]):
+      assert l + 5 in lookup[im.tobytes()]
+    for im, l in zip(*src[split]):
+      assert l in lookup[im.tobytes()]
+  assert sum(len(v[1]) for v in src.values()) == int((d.target < 5).sum())
+
+
+def test_bad_batch_and_split():
+  with pytest.raises(ConfigError, match="divisible"):
+    ip.make_train_iterator(_config(), split="train", global_batch_size=10, image_size=8, seed=0,
+                           process_count=3)
+  with pytest.raises(ConfigError, match="unknown split"):
+    ip.make_eval_iterator(_config(), split="val", global_batch_size=8, image_size=8)
+  with pytest.raises(ConfigError, match="not a known dataset"):
+    ip.dataset_info(_config(name="mnist"))
