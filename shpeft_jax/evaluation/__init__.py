@@ -1,0 +1,5 @@
+"""Evaluation: metrics over whole evaluation sets."""
+
+from shpeft_jax.evaluation.metrics import classification_metrics
+
+__all__ = ["classification_metrics"]
