@@ -1,0 +1,72 @@
+"""PyTorch CLIP checkpoint -> shpeft_jax params checkpoint (the `encoder` of the classifier).
+
+  python -m shpeft_jax.convert SRC --out DIR [--image_size N] [--format auto|openai|open_clip|hf]
+                               [--model ViT-B/16] [--overwrite]
+
+SRC is an OpenAI CLIP file (TorchScript archive such as ViT-B-16.pt, or a plain state dict), an
+open_clip state dict (.bin / .pt / .safetensors, `module.` prefixes and {'state_dict': ...} are
+unpacked), or a Hugging Face CLIPModel / CLIPVisionModel file or directory (model.safetensors or
+pytorch_model.bin; config.json next to it is used to check the head count). Text-tower keys and the
+CLIP projection are ignored. The positional embedding is resampled (bicubic, as open_clip does)
+when --image_size differs from the checkpoint's. Everything is validated before anything is
+written, and the output directory appears atomically: a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from shpeft_jax import checkpoints
+from shpeft_jax.errors import CheckpointError, ShpeftError
+from shpeft_jax.models import convert as convert_lib
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m shpeft_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("src", help="checkpoint file or Hugging Face model directory")
+  parser.add_argument("--out", required=True, help="params checkpoint directory to create")
+  parser.add_argument("--image_size", type=int, default=None,
+                      help="image size to train at (default: the checkpoint's)")
+  parser.add_argument("--format", default="auto", choices=convert_lib.FORMATS)
+  parser.add_argument("--model", default=None,
+                      help="preset the checkpoint must match, e.g. ViT-B/16 (default: inferred)")
+  parser.add_argument("--no_antialias", action="store_true",
+                      help="resample positional embeddings without antialiasing (default: as open_clip)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+  """Converts and writes; returns the meta written."""
+  if os.path.exists(args.out) and not args.overwrite:  # Fail before the (slow) read.
+    raise CheckpointError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+  params, info = convert_lib.convert_file(args.src, fmt=args.format, model=args.model,
+                                          image_size=args.image_size,
+                                          antialias=not args.no_antialias)
+  meta = {"model": info.model, "image_size": info.image_size, "num_classes": info.num_classes,
+          "source": os.path.abspath(args.src), "source_format": info.source_format,
+          "source_image_size": info.source_image_size}
+  checkpoints.save_params(args.out, params, meta, overwrite=args.overwrite)
+  return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    meta = run(args)
+  except ShpeftError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  resized = (f", positional embedding resized from {meta['source_image_size']}"
+             if meta["source_image_size"] != meta["image_size"] else "")
+  print(f"wrote {args.out}: {meta['model']} at {meta['image_size']}px from a "
+        f"{meta['source_format']} checkpoint{resized}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
