@@ -1,0 +1,327 @@
+"""Conversion rules and bad-input handling that need no PyTorch (numpy state dicts, safetensors files).
+
+The PyTorch-reference tests (numerical agreement with torch / transformers) are in
+test_torch_reference.py.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shpeft_jax import checkpoints
+from shpeft_jax import convert as convert_cli
+from shpeft_jax import export as export_cli
+from shpeft_jax.errors import CheckpointError
+from shpeft_jax.models import clip_vit
+from shpeft_jax.models import convert
+from shpeft_jax.utils import flatten_names
+
+
+def _random_params(name="test_tiny", num_classes=3, seed=0, **kw):
+  """Classifier params with every leaf random (LayerNorm scales too), so swaps would show."""
+  model = clip_vit.build_model(name, num_classes, **kw)
+  params = clip_vit.init_params(model, jax.random.PRNGKey(seed))
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  rng = np.random.RandomState(seed)
+  leaves = [rng.normal(0, 0.2, np.shape(x)).astype(np.float32) + np.asarray(x) for x in leaves]
+  return model, jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _openai_sd(name="test_tiny", prefix="visual.", seed=0):
+  """An OpenAI-layout numpy state dict (with proj and text keys) of a preset, built by hand."""
+  cfg = clip_vit.get_model_config(name)
+  rng = np.random.RandomState(seed)
+  sd = {prefix + k: rng.normal(0, 0.1, s).astype(np.float32)
+        for k, s in convert.openai_shapes(cfg).items()}
+  sd[prefix + "proj"] = rng.normal(0, 0.1, (cfg.width, 16)).astype(np.float32)
+  sd["token_embedding.weight"] = np.zeros((10, 8), np.float32)
+  sd["transformer.resblocks.0.attn.in_proj_weight"] = np.zeros((24, 8), np.float32)  # text tower
+  sd["logit_scale"] = np.float32(4.6)
+  return sd
+
+
+def _same_tree(a, b):
+  fa, fb = flatten_names(a), flatten_names(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    assert np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype, k
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules.
+
+
+@pytest.mark.parametrize("layout", ["openai", "hf"])
+def test_round_trip_flax_torch_flax_is_bit_exact(layout):
+  _, params = _random_params()
+  sd = convert.flax_to_torch_state_dict(params, layout)
+  back, info = convert.torch_state_dict_to_flax(sd)
+  _same_tree(params, back)
+  assert info.model == "test_tiny" and info.num_classes == 3
+  assert info.source_format == ("hf" if layout == "hf" else "openai")
+
+
+def test_export_names_and_shapes_follow_each_layout():
+  _, params = _random_params()
+  cfg = clip_vit.get_model_config("test_tiny")
+  oa = convert.flax_to_torch_state_dict(params, "openai")
+  hf = convert.flax_to_torch_state_dict(params, "hf")
+  assert {k: v.shape for k, v in oa.items()} == {
+      **convert.openai_shapes(cfg), "head.weight": (3, 32), "head.bias": (3,)}
+  assert {k: v.shape for k, v in hf.items()} == {
+      **{"vision_model." + k: s for k, s in convert.hf_shapes(cfg).items()},
+      "head.weight": (3, 32), "head.bias": (3,)}
+  # The fused in_proj is exactly q, k, v stacked: check one element by hand.
+  q = params["encoder"]["resblocks_1"]["attn"]["query"]["kernel"]  # [D, heads, head_dim]
+  k = params["encoder"]["resblocks_1"]["attn"]["key"]["kernel"]
+  w = oa["transformer.resblocks.1.attn.in_proj_weight"]  # [3D, D], rows = output features
+  assert w[1 * 16 + 5, 7] == q[7, 1, 5]            # head 1, dim 5 of the query, input 7
+  assert w[32 + 0 * 16 + 3, 2] == k[2, 0, 3]       # key block starts at row D
+  np.testing.assert_array_equal(hf["vision_model.encoder.layers.1.self_attn.k_proj.weight"], w[32:64])
+  kern = params["encoder"]["conv1"]["kernel"]  # HWIO
+  assert oa["conv1.weight"][9, 2, 1, 3] == kern[1, 3, 2, 9]
+
+
+def test_openai_dict_converts_to_the_model_tree_and_ignores_text_and_proj():
+  sd = _openai_sd()
+  params, info = convert.torch_state_dict_to_flax(sd)
+  assert info.model == "test_tiny" and info.num_classes is None and info.image_size == 16
+  assert set(info.ignored_keys) == {"visual.proj", "token_embedding.weight", "logit_scale",
+                                    "transformer.resblocks.0.attn.in_proj_weight"}
+  model = clip_vit.VisionTransformer(clip_vit.get_model_config("test_tiny"))
+  init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  got = {n: v.shape for n, v in flatten_names(params["encoder"]).items()}
+  assert got == {n: v.shape for n, v in flatten_names(init).items()}
+  # Hand-checked element of each rule.
+  enc = params["encoder"]
+  assert enc["ln_pre"]["scale"][4] == sd["visual.ln_pre.weight"][4]
+  assert enc["resblocks_0"]["mlp"]["c_fc"]["kernel"][3, 50] == sd["visual.transformer.resblocks.0.mlp.c_fc.weight"][50, 3]
+  assert enc["resblocks_0"]["attn"]["value"]["bias"][1, 2] == sd["visual.transformer.resblocks.0.attn.in_proj_bias"][64 + 16 + 2]
+  assert enc["resblocks_0"]["attn"]["out"]["kernel"][1, 2, 5] == sd["visual.transformer.resblocks.0.attn.out_proj.weight"][5, 16 + 2]
+
+
+def test_open_clip_module_prefix_and_state_dict_wrapper():
+  sd = _openai_sd()
+  wrapped = {"epoch": 3, "state_dict": {"module." + k: v for k, v in sd.items()}}
+  params, info = convert.torch_state_dict_to_flax(wrapped)
+  ref, _ = convert.torch_state_dict_to_flax(sd)
+  _same_tree(params, ref)
+  assert info.source_format == "open_clip"
+
+
+def test_float16_source_becomes_float32():
+  sd = {k: v.astype(np.float16) if v.ndim else v for k, v in _openai_sd().items()}
+  params, _ = convert.torch_state_dict_to_flax(sd)
+  leaves = jax.tree_util.tree_leaves(params)
+  assert all(x.dtype == np.float32 for x in leaves)
+  np.testing.assert_array_equal(params["encoder"]["class_embedding"],
+                                sd["visual.class_embedding"].astype(np.float32))
+
+
+def test_positional_embedding_resize_keeps_class_token_and_is_exact_on_same_grid():
+  rng = np.random.RandomState(1)
+  pos = rng.normal(size=(1 + 16, 6)).astype(np.float32)
+  np.testing.assert_array_equal(convert.resize_positional_embedding(pos, 4), pos)
+  out = convert.resize_positional_embedding(pos, 6)
+  assert out.shape == (37, 6) and out.dtype == np.float32
+  np.testing.assert_array_equal(out[0], pos[0])
+  # A constant grid stays constant (weights sum to one), for both torch variants.
+  const = np.concatenate([pos[:1], np.full((16, 6), 0.7, np.float32)])
+  for aa in (True, False):
+    for g in (2, 3, 7):
+      np.testing.assert_allclose(convert.resize_positional_embedding(const, g, antialias=aa)[1:], 0.7,
+                                 atol=1e-6)
+
+
+def test_bfloat16_compute_with_float32_params_stays_close():
+  _, params = _random_params(num_classes=4)
+  cfg = clip_vit.get_model_config("test_tiny")
+  x = np.random.RandomState(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+  f32 = clip_vit.ClipClassifier(cfg, 4, dtype=jnp.float32)
+  bf16 = clip_vit.build_model("test_tiny", 4, dtype="bfloat16")
+  feat32 = f32.apply({"params": params}, x, return_features=True)[1]
+  logits16, feat16 = bf16.apply({"params": params}, x, return_features=True)
+  assert feat16.dtype == jnp.float32 and logits16.dtype == jnp.float32
+  assert all(v.dtype == jnp.float32 for v in jax.tree_util.tree_leaves(params))
+  err = float(jnp.max(jnp.abs(feat16 - feat32)))
+  assert err < 0.05 * float(jnp.max(jnp.abs(feat32))), err
+  assert err > 0  # bf16 really ran: it is not bit-identical to float32.
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the key and the expected shape.
+
+
+def test_missing_key_names_key_and_shape():
+  sd = _openai_sd()
+  del sd["visual.transformer.resblocks.1.ln_2.weight"]
+  with pytest.raises(CheckpointError, match=r"missing key visual\.transformer\.resblocks\.1\.ln_2\.weight "
+                                            r"\(expected shape \(32,\)\)"):
+    convert.torch_state_dict_to_flax(sd)
+
+
+def test_wrong_shape_names_key_expected_and_found():
+  sd = _openai_sd()
+  sd["visual.transformer.resblocks.0.attn.in_proj_weight"] = np.zeros((96, 16), np.float32)
+  with pytest.raises(CheckpointError, match=r"visual\.transformer\.resblocks\.0\.attn\.in_proj_weight: "
+                                            r"expected shape \(96, 32\), found \(96, 16\)"):
+    convert.torch_state_dict_to_flax(sd)
+
+
+def test_hf_wrong_shape_uses_the_files_own_names():
+  _, params = _random_params()
+  sd = convert.flax_to_torch_state_dict(params, "hf")
+  sd["vision_model.encoder.layers.1.mlp.fc2.weight"] = np.zeros((32, 32), np.float32)
+  with pytest.raises(CheckpointError, match=r"vision_model\.encoder\.layers\.1\.mlp\.fc2\.weight: "
+                                            r"expected shape \(32, 64\), found \(32, 32\)"):
+    convert.torch_state_dict_to_flax(sd)
+
+
+def test_vit_l_file_when_vit_b_requested():
+  # The first tensors of a ViT-L/14 checkpoint are enough to be recognised and refused.
+  sd = {"visual.conv1.weight": np.zeros((1024, 3, 14, 14), np.float16),
+        "visual.class_embedding": np.zeros((1024,), np.float16),
+        "visual.positional_embedding": np.zeros((257, 1024), np.float16)}
+  sd.update({f"visual.transformer.resblocks.{i}.ln_1.weight": np.zeros((1024,), np.float16)
+             for i in range(24)})
+  with pytest.raises(CheckpointError, match=r"not a ViT-B/16 .*looks like ViT-L/14.*visual\.conv1\.weight: "
+                                            r"expected shape \(768, 3, 16, 16\), found \(1024, 3, 14, 14\)"):
+    convert.torch_state_dict_to_flax(sd, model="ViT-B/16")
+
+
+def test_unknown_tower_shape_matches_no_preset():
+  sd = _openai_sd()
+  sd = {k: v for k, v in sd.items() if ".resblocks.1." not in k or not k.startswith("visual.")}
+  with pytest.raises(CheckpointError, match=r"patch 4, width 32, 1 layers.*matches no model preset"):
+    convert.torch_state_dict_to_flax(sd)
+
+
+@pytest.mark.parametrize("keys, pattern", [
+    ({"visual.conv1.weight": (32, 3, 3, 3), "visual.bn1.weight": (32,),
+      "visual.layer1.0.conv1.weight": (64, 32, 1, 1), "visual.attnpool.positional_embedding": (50, 2048)},
+     "ModifiedResNet"),
+    ({"conv1.weight": (64, 3, 7, 7), "bn1.weight": (64,), "layer1.0.conv1.weight": (64, 64, 3, 3),
+      "fc.weight": (1000, 2048)}, "not a CLIP ViT"),
+    ({"text_model.embeddings.token_embedding.weight": (100, 32),
+      "text_model.final_layer_norm.weight": (32,)}, "text-only file"),
+    ({"token_embedding.weight": (100, 32), "positional_embedding": (77, 32),
+      "transformer.resblocks.0.attn.in_proj_weight": (96, 32), "ln_final.weight": (32,)},
+     "text-only file"),
+    ({"foo.weight": (3,)}, "No CLIP vision-tower keys"),
+])
+def test_other_architectures_and_text_only_files(keys, pattern):
+  sd = {k: np.zeros(s, np.float32) for k, s in keys.items()}
+  with pytest.raises(CheckpointError, match=pattern):
+    convert.torch_state_dict_to_flax(sd)
+
+
+def test_extra_tower_keys_mean_another_architecture():
+  sd = _openai_sd()
+  sd["visual.transformer.resblocks.0.ls_1.gamma"] = np.ones((32,), np.float32)  # layer scale
+  with pytest.raises(CheckpointError, match=r"unexpected tower keys visual\.transformer\.resblocks\.0\.ls_1\.gamma"):
+    convert.torch_state_dict_to_flax(sd)
+
+
+def test_format_flag_is_checked_against_the_keys():
+  with pytest.raises(CheckpointError, match="--format hf"):
+    convert.torch_state_dict_to_flax(_openai_sd(), fmt="hf")
+
+
+def test_export_refuses_additive_leaves():
+  _, params = _random_params(additive=clip_vit.AdditiveConfig(lora_rank=2))
+  with pytest.raises(CheckpointError, match=r"lora_.*Merge them into the base weights"):
+    convert.flax_to_torch_state_dict(params, "openai")
+
+
+def test_export_refuses_incomplete_tree():
+  _, params = _random_params()
+  del params["encoder"]["resblocks_1"]["ln_2"]
+  with pytest.raises(CheckpointError, match=r"missing encoder/resblocks_1/ln_2/scale \(expected shape \(32,\)\)"):
+    convert.flax_to_torch_state_dict(params, "hf")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLIs (safetensors via numpy, no torch needed).
+
+
+def _write_safetensors(path, sd):
+  from safetensors.numpy import save_file
+  save_file({k: np.ascontiguousarray(np.asarray(v)) for k, v in sd.items()}, str(path))
+
+
+def test_convert_cli_writes_params_checkpoint_with_meta(tmp_path):
+  sd = _openai_sd()
+  src = tmp_path / "clip.safetensors"
+  _write_safetensors(src, {k: np.atleast_1d(v) if k == "logit_scale" else v for k, v in sd.items()})
+  out = tmp_path / "ckpt"
+  assert convert_cli.main([str(src), "--out", str(out), "--image_size", "24"]) == 0
+  params, meta = checkpoints.load_params(str(out))
+  assert meta == {"model": "test_tiny", "image_size": 24, "num_classes": None,
+                  "source": str(src), "source_format": "openai", "source_image_size": 16}
+  assert params["encoder"]["positional_embedding"].shape == (37, 32)
+  np.testing.assert_array_equal(params["encoder"]["positional_embedding"],
+                                convert.resize_positional_embedding(sd["visual.positional_embedding"], 6))
+  assert "head" not in params
+
+
+@pytest.mark.parametrize("case", ["missing", "shape", "text_only", "other_model", "bad_size"])
+def test_convert_cli_errors_leave_no_output(tmp_path, capsys, case):
+  sd = {k: np.atleast_1d(v) for k, v in _openai_sd().items()}
+  extra = []
+  if case == "missing":
+    del sd["visual.ln_post.bias"]
+    expect = "missing key visual.ln_post.bias (expected shape (32,))"
+  elif case == "shape":
+    sd["visual.class_embedding"] = np.zeros((31,), np.float32)
+    expect = "visual.class_embedding: expected shape (32,), found (31,)"
+  elif case == "text_only":
+    sd = {k: v for k, v in sd.items() if not k.startswith("visual.")}
+    expect = "text-only file"
+  elif case == "other_model":
+    sd = {k: np.atleast_1d(v) for k, v in _openai_sd("demo_small").items()}
+    extra = ["--model", "test_tiny"]
+    expect = "visual.conv1.weight: expected shape (32, 3, 4, 4), found (64, 3, 4, 4)"
+  else:
+    extra = ["--image_size", "18"]
+    expect = "not a multiple of the patch size"
+  src = tmp_path / "src" / "clip.safetensors"
+  src.parent.mkdir()
+  _write_safetensors(src, sd)
+  out = tmp_path / "out" / "ckpt"
+  assert convert_cli.main([str(src), "--out", str(out)] + extra) == 2
+  assert expect in capsys.readouterr().err
+  assert not out.exists()
+  assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_export_cli_safetensors_round_trip_and_refusals(tmp_path, capsys):
+  _, params = _random_params()
+  ckpt = tmp_path / "model"
+  checkpoints.save_params(str(ckpt), params, {"model": "test_tiny", "image_size": 16, "num_classes": 3})
+  for layout in ("openai", "hf"):
+    out = tmp_path / f"{layout}.safetensors"
+    assert export_cli.main([str(ckpt), "--format", layout, "--out", str(out)]) == 0
+    # ... and back through the convert CLI: bit-exact, head included.
+    back_dir = tmp_path / f"back_{layout}"
+    assert convert_cli.main([str(out), "--out", str(back_dir)]) == 0
+    back, meta = checkpoints.load_params(str(back_dir))
+    _same_tree(params, back)
+    assert meta["num_classes"] == 3 and meta["source_format"] == ("hf" if layout == "hf" else "openai")
+  # Refusals leave nothing behind.
+  _, lora = _random_params(additive=clip_vit.AdditiveConfig(lora_rank=2))
+  lora_ckpt = tmp_path / "lora"
+  checkpoints.save_params(str(lora_ckpt), lora, {"model": "test_tiny", "image_size": 16, "num_classes": 3})
+  bad_out = tmp_path / "lora.safetensors"
+  assert export_cli.main([str(lora_ckpt), "--format", "openai", "--out", str(bad_out)]) == 2
+  assert "Merge them into the base weights" in capsys.readouterr().err
+  no_head = tmp_path / "enc"
+  checkpoints.save_params(str(no_head), {"encoder": params["encoder"]},
+                          {"model": "test_tiny", "image_size": 16, "num_classes": None})
+  assert export_cli.main([str(no_head), "--format", "hf", "--out", str(bad_out)]) == 2
+  assert "no trained head" in capsys.readouterr().err
+  assert not bad_out.exists()
+  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
