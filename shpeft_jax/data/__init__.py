@@ -42,7 +42,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "augment": True,
       "random_resized_crop_scale": (0.08, 1.0),
       "hflip": True,
-      "shuffle_buffer": 50_000,
+      "shuffle_buffer": 20_000,
       "cache": False,
       "num_parallel_calls": -1,
   })
