@@ -1,0 +1,245 @@
+r"""Command line of the statistical study.
+
+  python -m shpeft_jax.analysis sparsity --pretrained DIR --finetuned DIR \
+      --config configs/demo.py [--set data.task=target] [--k 0.05,0.1,...] --out DIR
+  python -m shpeft_jax.analysis hybridity --pretrained DIR --finetuned A=DIR --finetuned B=DIR \
+      [--mask A=FILE --mask B=FILE] [--k 5,1,0.1,0.05] --out DIR
+  (hybridity also runs on masks alone: --mask A=FILE --mask B=FILE [--pretrained DIR] --out DIR)
+
+Checkpoints are params checkpoints (`shpeft_jax.checkpoints`: DIR/meta.json + DIR/params/), the
+format the trainer exports its best/final model in. Every command writes JSON and PNGs to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import glob
+import importlib.util
+import logging
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from shpeft_jax.errors import CheckpointError, ConfigError, ShpeftError
+
+
+def _log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def parse_k_list(text: str) -> list[float]:
+  try:
+    ks = [float(x) for x in text.split(",") if x.strip()]
+  except ValueError as e:
+    raise ConfigError(f"--k must be comma-separated percentages like 5,1,0.1; got {text!r}.") from e
+  if not ks:
+    raise ConfigError("--k is empty.")
+  return ks
+
+
+def parse_named(items: Sequence[str] | None, flag: str) -> dict[str, str]:
+  """['A=dir', 'B=dir'] -> {'A': 'dir', 'B': 'dir'}; a bare path is named after its folder."""
+  out: dict[str, str] = {}
+  for item in items or ():
+    if "=" in item:
+      name, path = item.split("=", 1)
+    else:
+      path = item
+      name = os.path.basename(os.path.normpath(path))
+    if not name or not path:
+      raise ConfigError(f"{flag} expects NAME=PATH, got {item!r}.")
+    if name in out:
+      raise ConfigError(f"{flag}: the name {name!r} is given twice; names must be unique.")
+    out[name] = path
+  return out
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+  """`path.py` or `path.py:arg` -> get_config(arg), then `key.sub=value` overrides."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"Config file {path!r} does not exist; pass e.g. --config configs/demo.py.")
+  mod_spec = importlib.util.spec_from_file_location("_analysis_config", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config().")
+  config = module.get_config(arg) if arg else module.get_config()
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ConfigError(f"--set expects key=value, got {item!r}.")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # A plain string.
+    node = config
+    parts = key.split(".")
+    for p in parts[:-1]:
+      if p not in node:
+        raise ConfigError(f"--set {key}: the config has no field {p!r}.")
+      node = node[p]
+    try:
+      node[parts[-1]] = value
+    except (AttributeError, KeyError, TypeError) as e:
+      raise ConfigError(f"--set {key}={value!r}: {e}") from e
+  return config
+
+
+def find_mask_file(path: str) -> str:
+  """A mask file, or a folder (e.g. a trainer workdir) holding exactly one `*mask*.npz`."""
+  if os.path.isfile(path):
+    return path
+  if os.path.isdir(path):
+    found = sorted(glob.glob(os.path.join(path, "*mask*.npz")) +
+                   glob.glob(os.path.join(path, "*", "*mask*.npz")))
+    if len(found) == 1:
+      return found[0]
+    if not found:
+      raise CheckpointError(f"No SH-PEFT mask file (*mask*.npz) in {path}; pass the file itself.")
+    raise CheckpointError(f"Several mask files in {path}: {found}; pass the one you mean.")
+  raise CheckpointError(f"Mask path {path!r} does not exist.")
+
+
+def _k_tag(k: float) -> str:
+  return f"{k:g}".replace(".", "p")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run_sparsity(args) -> dict:
+  from shpeft_jax.analysis import plots, sparsity  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = load_config(args.config, args.set or ())
+  if "data" not in config:
+    raise ConfigError(f"{args.config} has no `data` section to read the {args.split} split from.")
+  pre = sparsity.load_checkpoint(args.pretrained, "pretrained checkpoint")
+  ft = sparsity.load_checkpoint(args.finetuned, "fine-tuned checkpoint")
+  sparsity.check_same_encoder(pre, ft)
+  image_size = int(ft.meta.get("image_size") or config.get("image_size"))
+  info = input_pipeline.dataset_info(config.data)
+  num_classes = int(ft.params["head"]["kernel"].shape[-1]) if "head" in ft.params else None
+  if num_classes is not None and info.num_classes != num_classes:
+    raise CheckpointError(
+        f"The fine-tuned head has {num_classes} classes but {info.name} has {info.num_classes}; "
+        "evaluate on the data the model was fine-tuned on (check --config / --set data.task=...).")
+  batch_size = args.batch_size or int(config.get("eval_batch_size", 0) or 64)
+  _log(f"[sparsity] data {info.name} split {args.split!r} ({info.split_sizes.get(args.split, '?')} "
+       f"examples), image size {image_size}, batch {batch_size}")
+
+  def batches():
+    return input_pipeline.make_eval_iterator(config.data, split=args.split,
+                                             global_batch_size=batch_size, image_size=image_size)
+  result = sparsity.sparsity_curve(pre, ft, batches, k_grid=parse_k_list(args.k), log=_log)
+  result["data"] = {"name": info.name, "split": args.split,
+                    "num_examples": info.split_sizes.get(args.split)}
+  os.makedirs(args.out, exist_ok=True)
+  json_path = sparsity.write_json(result, os.path.join(args.out, "sparsity.json"))
+  png = plots.plot_sparsity(result, os.path.join(args.out, "sparsity.png"),
+                            title=args.title or f"Sparsity on {info.name} ({args.split})")
+  _log(f"[sparsity] wrote {json_path} and {png}")
+  return result
+
+
+def run_hybridity(args) -> dict:
+  from shpeft_jax.analysis import hybridity, plots, sparsity  # pylint: disable=g-import-not-at-top
+  finetuned = parse_named(args.finetuned, "--finetuned")
+  masks = parse_named(args.mask, "--mask")
+  if not finetuned and not masks:
+    raise ConfigError("Give fine-tuned checkpoints (--finetuned NAME=DIR, at least two) and/or "
+                      "SH-PEFT masks (--mask NAME=FILE).")
+  pre = (sparsity.load_checkpoint(args.pretrained, "pretrained checkpoint")
+         if args.pretrained else None)
+  os.makedirs(args.out, exist_ok=True)
+  out: dict[str, Any] = {}
+  if finetuned:
+    if pre is None:
+      raise ConfigError("--finetuned needs --pretrained (weight changes are W_ft - W_ori).")
+    ckpts = {}
+    for name, path in finetuned.items():
+      _log(f"[hybridity] loading {name} from {path}")
+      ckpts[name] = sparsity.load_checkpoint(path, f"fine-tuned checkpoint {name!r}")
+    result = hybridity.finetuned_study(pre, ckpts, k_percents=parse_k_list(args.k), log=_log)
+    sparsity.write_json(result, os.path.join(args.out, "hybridity_finetuned.json"))
+    panels = [(f"top {e['k_percent']:g}%", e["overlap"]) for e in result["per_k"]]
+    plots.plot_overlap_heatmaps(panels, os.path.join(args.out, "overlap_finetuned.png"),
+                                title=args.title or "Overlap of top-k% changed weights "
+                                "|W_ft - W_ori| between tasks (chance in brackets)")
+    plots.plot_overlap_vs_k(result["per_k"], os.path.join(args.out, "overlap_vs_k.png"))
+    for e in result["per_k"]:
+      plots.plot_layer_distribution(
+          e["layers"], os.path.join(args.out, f"layers_finetuned_k{_k_tag(e['k_percent'])}.png"),
+          title=f"Where the top {e['k_percent']:g}% changed weights are (dashed: overall density)")
+    out["finetuned"] = result
+  if masks:
+    from shpeft_jax.peft import mask_io  # pylint: disable=g-import-not-at-top
+    trees = {}
+    for name, path in masks.items():
+      f = find_mask_file(path)
+      _log(f"[hybridity] loading mask {name} from {f}")
+      trees[name] = mask_io.load_mask(f, pre.params if pre is not None else None)
+    result = hybridity.mask_study(trees, pre, log=_log)
+    result["files"] = {n: find_mask_file(p) for n, p in masks.items()}
+    sparsity.write_json(result, os.path.join(args.out, "hybridity_masks.json"))
+    if "overlap" in result:
+      plots.plot_overlap_heatmaps([("SH-PEFT masks", result["overlap"])],
+                                  os.path.join(args.out, "overlap_masks.png"),
+                                  title="Overlap of SH-PEFT masks between tasks")
+    if "task_agnostic" in result:
+      plots.plot_task_agnostic(result["task_agnostic"],
+                               os.path.join(args.out, "task_agnostic_masks.png"))
+    plots.plot_layer_distribution(result["layers"], os.path.join(args.out, "layers_masks.png"),
+                                  title="Where SH-PEFT masks select weights")
+    out["masks"] = result
+  _log(f"[hybridity] wrote results to {args.out}")
+  return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m shpeft_jax.analysis", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  sp = sub.add_parser("sparsity", help="F1 of W_ori<-ft@k%% vs k (Fig. 2 left).")
+  sp.add_argument("--pretrained", required=True, help="params checkpoint of the pretrained model")
+  sp.add_argument("--finetuned", required=True, help="params checkpoint of the fine-tuned model")
+  sp.add_argument("--config", required=True, help="config file (its `data` section), path.py[:arg]")
+  sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                  help="config override, e.g. --set data.task=target (repeatable)")
+  sp.add_argument("--split", default="test")
+  sp.add_argument("--k", default="0.05,0.1,0.5,1,2,5,10,20,50,100", help="percentages")
+  sp.add_argument("--batch_size", type=int, default=0, help="default: config.eval_batch_size or 64")
+  sp.add_argument("--out", required=True)
+  sp.add_argument("--title", default=None)
+  sp.set_defaults(fn=run_sparsity)
+
+  hp = sub.add_parser("hybridity", help="overlap of key weights between tasks (Fig. 2 right).")
+  hp.add_argument("--pretrained", help="params checkpoint all tasks were fine-tuned from")
+  hp.add_argument("--finetuned", action="append", metavar="NAME=DIR",
+                  help="fine-tuned checkpoint of one task (repeat for each task)")
+  hp.add_argument("--mask", action="append", metavar="NAME=FILE",
+                  help="SH-PEFT mask file (or the trainer workdir holding it), repeatable")
+  hp.add_argument("--k", default="5,1,0.1,0.05", help="percentages")
+  hp.add_argument("--out", required=True)
+  hp.add_argument("--title", default=None)
+  hp.set_defaults(fn=run_hybridity)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.WARNING)
+  t0 = time.time()
+  try:
+    args.fn(args)
+  except ShpeftError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  _log(f"done in {time.time() - t0:.1f}s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
