@@ -101,7 +101,7 @@ class Chaoyang(_ManualImageBuilder):
   CITATION = ("@article{zhu2021hard, title={Hard Sample Aware Noise Robust Learning for "
               "Histopathology Image Classification}, author={Zhu, Chuang and Chen, Wenkai and Peng, "
               "Ting and Wang, Ying and Jin, Mulan}, journal={IEEE TMI}, year={2021}}")
-  LICENSE = "Research use only; see the dataset homepage."
+  LICENSE = "Research use as stated on the dataset homepage."
   LAYOUT = splits_lib.CHAOYANG_LAYOUT
   URL = splits_lib.CHAOYANG_URL
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
@@ -139,7 +139,7 @@ class Busi(_ManualImageBuilder):
   CITATION = ("@article{aldhabyani2020busi, title={Dataset of breast ultrasound images}, "
               "author={Al-Dhabyani, Walid and Gomaa, Mohammed and Khaled, Hussien and Fahmy, Aly}, "
               "journal={Data in Brief}, volume={28}, pages={104863}, year={2020}}")
-  LICENSE = "CC0 1.0 (per the Data in Brief article)."
+  LICENSE = "As stated on the dataset page / the open-access Data in Brief article."
   LAYOUT = splits_lib.BUSI_LAYOUT
   URL = splits_lib.BUSI_URL
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
