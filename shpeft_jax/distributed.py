@@ -10,7 +10,9 @@ decides, before any JAX computation, whether this process is part of such a worl
      SHPEFT_LOCAL_DEVICE_IDS (optional, e.g. "0" or "0,1"), SHPEFT_INIT_TIMEOUT (seconds),
      SHPEFT_DISTRIBUTED=off (force a single process);
   3. SLURM (`srun`): SLURM_NTASKS > 1, coordinator = first host of SLURM_JOB_NODELIST;
-  4. a Cloud TPU VM with TPU chips (pod slices): JAX's own TPU auto-detection;
+  4. JAX's own detection (`jax.distributed.initialize()` without arguments) for Cloud TPU VMs
+     and pod slices (TPU chips on PCI, TPU_WORKER_HOSTNAMES), Open MPI (OMPI_COMM_WORLD_SIZE > 1),
+     JAX_COORDINATOR_ADDRESS, or `config.distributed = True`;
   5. otherwise: one process, nothing to do.
 
 Why a pre-flight rendezvous: in jax 0.10.2 a failed `jax.distributed.initialize` (unreachable
@@ -67,7 +69,7 @@ class DistributedSpec:
   num_processes: int | None
   process_id: int | None
   local_device_ids: tuple[int, ...] | None
-  source: str            # 'config' | 'env' | 'slurm' | 'tpu'
+  source: str            # 'config' | 'env' | 'slurm' | 'jax-auto' | 'tpu'
   initialization_timeout: int = _DEFAULT_TIMEOUT
   preflight: bool = True
   heartbeat_timeout: int = 100
@@ -187,6 +189,8 @@ def _settings(obj: Any) -> dict[str, Any]:
   sub = obj.get("distributed") if isinstance(obj, Mapping) or hasattr(obj, "get") else None
   if sub is None:
     sub = getattr(obj, "distributed", None)
+  if isinstance(sub, bool):  # `config.distributed = True`: force JAX's own auto-detection.
+    return {"force": sub}
   src = obj if sub is None else sub
   out = {}
   for f in _FIELDS:
@@ -281,6 +285,12 @@ def resolve(config: Any = None, environ: Mapping[str, str] | None = None) -> Dis
         _parse_device_ids(env.get("SHPEFT_LOCAL_DEVICE_IDS"), "SHPEFT_LOCAL_DEVICE_IDS"),
         "slurm", **common))
 
+  # Environments JAX detects by itself (TPU pod slices, Open MPI, JAX's own variables): call
+  # jax.distributed.initialize() without arguments and let it fill everything in.
+  ompi_n = env.get("OMPI_COMM_WORLD_SIZE", "")
+  if (env.get("JAX_COORDINATOR_ADDRESS") or (ompi_n.isdigit() and int(ompi_n) > 1)
+      or "," in env.get("TPU_WORKER_HOSTNAMES", "") or s.get("force")):
+    return DistributedSpec(None, None, None, None, "jax-auto", **common)
   if _tpu_present():
     return DistributedSpec(None, None, None, None, "tpu", **common)
   return None
@@ -413,7 +423,9 @@ def _preflight_worker(spec: DistributedSpec, host: str, port: int, deadline: flo
       time.sleep(0.2)
   try:
     _send(sock, {"process_id": spec.process_id, "num_processes": spec.num_processes})
-    reply = _recv(sock, deadline)
+    # A little longer than process 0's own deadline, so that its verdict (e.g. which ids are
+    # missing) reaches us rather than a bare timeout.
+    reply = _recv(sock, deadline + 5)
   finally:
     sock.close()
   if reply is None:

@@ -1,0 +1,373 @@
+"""Multi-process JAX on one machine: the same code path as a TPU pod or a SLURM job, on CPU.
+
+Every multi-process test starts real OS processes on 127.0.0.1 that join one world through
+`shpeft_jax.distributed.maybe_initialize` (SHPEFT_* variables, as launch/local_multiprocess.sh
+sets them) and talk over gloo CPU collectives. Results are checked against an independent
+reference: a numpy loop for the data-parallel step, a single-process run of the trainer for the
+SH-PEFT training. Child processes run in their own session and are killed on any failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+
+from shpeft_jax import distributed
+from shpeft_jax.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: start N processes, collect their output, never leave one behind.
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "SHPEFT_", "OMPI_", "TPU_", "JAX_COORDINATOR"))}
+  env.pop("XLA_FLAGS", None)
+  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2",
+             PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+  env.update(extra)
+  return env
+
+
+def run_processes(argv: list[str], envs: list[dict[str, str]], logdir: pathlib.Path,
+                  timeout: float) -> list[tuple[int, str]]:
+  """Starts one process per env, waits for all (at most `timeout` s); returns (rc, output)."""
+  logdir.mkdir(parents=True, exist_ok=True)
+  procs, logs = [], []
+  try:
+    for i, extra in enumerate(envs):
+      log = open(logdir / f"process_{i}.log", "w+")
+      logs.append(log)
+      procs.append(subprocess.Popen(argv, env=_child_env(extra), stdout=log,
+                                    stderr=subprocess.STDOUT, cwd=str(REPO),
+                                    start_new_session=True))
+    deadline = time.monotonic() + timeout
+    for p in procs:
+      p.wait(timeout=max(0.1, deadline - time.monotonic()))
+  except subprocess.TimeoutExpired:
+    pass
+  finally:
+    for p in procs:
+      if p.poll() is None:  # Hung: kill its whole session (it may have spawned threads/children).
+        try:
+          os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+          pass
+        p.wait()
+  out = []
+  for p, log in zip(procs, logs):
+    log.seek(0)
+    out.append((p.returncode, log.read()))
+    log.close()
+  return out
+
+
+def world_envs(n: int, port: int | None = None, timeout: int = 30, **extra) -> list[dict]:
+  port = port or distributed.free_port()
+  return [{**distributed.process_env(f"127.0.0.1:{port}", n, i, init_timeout=timeout),
+           **extra} for i in range(n)]
+
+
+def _result_line(output: str, tag: str = "RESULT") -> dict:
+  for line in output.splitlines():
+    if line.startswith(tag + " "):
+      return json.loads(line[len(tag) + 1:])
+  raise AssertionError(f"no {tag} line in the output:\n{output[-4000:]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and resolution (no processes).
+
+
+@pytest.mark.parametrize("address,expected", [
+    ("127.0.0.1:12355", ("127.0.0.1", 12355)),
+    ("node-01.cluster:80", ("node-01.cluster", 80)),
+    ("[::1]:1234", ("::1", 1234)),
+    (" 10.0.0.2:65535 ", ("10.0.0.2", 65535)),
+])
+def test_parse_address_accepts_host_port(address, expected):
+  assert distributed.parse_address(address) == expected
+
+
+@pytest.mark.parametrize("address,fragment", [
+    ("127.0.0.1", "Malformed"), ("", "Empty"), ("host:0", "out of range"),
+    ("host:70000", "out of range"), ("http://host:1234", "Malformed"), ("[zz::1]:12", "IPv6"),
+    ("host:12ab", "Malformed"),
+])
+def test_parse_address_rejects_malformed(address, fragment):
+  with pytest.raises(ConfigError, match=fragment) as e:
+    distributed.parse_address(address)
+  assert "host:port" in str(e.value)
+
+
+@pytest.mark.parametrize("nodelist,hosts", [
+    ("node5", ["node5"]),
+    ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+    ("a[9-11]", ["a9", "a10", "a11"]),
+    ("r1n[001-002]-ib,x", ["r1n001-ib", "r1n002-ib", "x"]),
+])
+def test_parse_slurm_nodelist(nodelist, hosts):
+  assert distributed.parse_slurm_nodelist(nodelist) == hosts
+
+
+def test_resolve_single_process_without_settings():
+  assert distributed.resolve(None, environ={}) is None
+  assert distributed.resolve(ml_collections.ConfigDict({"seed": 0}), environ={}) is None
+
+
+def test_resolve_from_shpeft_env():
+  env = {"SHPEFT_COORDINATOR": "10.0.0.1:1234", "SHPEFT_NUM_PROCESSES": "4",
+         "SHPEFT_PROCESS_ID": "3", "SHPEFT_LOCAL_DEVICE_IDS": "0,1", "SHPEFT_INIT_TIMEOUT": "7"}
+  spec = distributed.resolve(None, environ=env)
+  assert (spec.coordinator_address, spec.num_processes, spec.process_id) == ("10.0.0.1:1234", 4, 3)
+  assert spec.local_device_ids == (0, 1) and spec.initialization_timeout == 7
+  assert spec.source == "env"
+  assert distributed.resolve(None, environ={**env, "SHPEFT_DISTRIBUTED": "off"}) is None
+
+
+@pytest.mark.parametrize("env,fragment", [
+    ({"SHPEFT_COORDINATOR": "h:1", "SHPEFT_NUM_PROCESSES": "2", "SHPEFT_PROCESS_ID": "2"},
+     r"process_id=2 .* must be in 0\.\.1"),
+    ({"SHPEFT_COORDINATOR": "h:1", "SHPEFT_NUM_PROCESSES": "0", "SHPEFT_PROCESS_ID": "0"},
+     "num_processes=0"),
+    ({"SHPEFT_COORDINATOR": "h:1", "SHPEFT_NUM_PROCESSES": "2"}, "SHPEFT_PROCESS_ID missing"),
+    ({"SHPEFT_COORDINATOR": "h", "SHPEFT_NUM_PROCESSES": "2", "SHPEFT_PROCESS_ID": "0"},
+     "Malformed coordinator"),
+    ({"SHPEFT_COORDINATOR": "h:1", "SHPEFT_NUM_PROCESSES": "two", "SHPEFT_PROCESS_ID": "0"},
+     "not an integer"),
+    ({"SHPEFT_COORDINATOR": "h:1", "SHPEFT_NUM_PROCESSES": "2", "SHPEFT_PROCESS_ID": "0",
+      "SHPEFT_LOCAL_DEVICE_IDS": "0,x"}, "comma-separated"),
+])
+def test_resolve_rejects_bad_env(env, fragment):
+  with pytest.raises(ConfigError, match=fragment):
+    distributed.resolve(None, environ=env)
+
+
+def test_resolve_slurm():
+  env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+         "SLURM_JOB_NODELIST": "gpu[07-08]"}
+  spec = distributed.resolve(None, environ=env)
+  # Port 20000 + job id % 10000: the same on every task of the job, different across jobs.
+  assert spec.coordinator_address == "gpu07:23456"
+  assert (spec.num_processes, spec.process_id, spec.source) == (8, 5, "slurm")
+  assert spec.local_device_ids is None  # One process per host sees all its GPUs.
+  spec = distributed.resolve(None, environ={**env, "SHPEFT_COORDINATOR": "10.1.1.1:999",
+                                             "SHPEFT_LOCAL_DEVICE_IDS": "1"})
+  assert spec.coordinator_address == "10.1.1.1:999" and spec.local_device_ids == (1,)
+  # A one-task allocation is a plain single process.
+  assert distributed.resolve(None, environ={**env, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+
+
+def test_resolve_config_wins_and_must_be_complete():
+  env = {"SHPEFT_COORDINATOR": "10.0.0.1:1234", "SHPEFT_NUM_PROCESSES": "4",
+         "SHPEFT_PROCESS_ID": "3"}
+  config = ml_collections.ConfigDict({"distributed": distributed.default_config()})
+  config.distributed.coordinator_address = "127.0.0.1:5555"
+  config.distributed.num_processes = 2
+  config.distributed.process_id = 1
+  spec = distributed.resolve(config, environ=env)
+  assert (spec.coordinator_address, spec.num_processes, spec.process_id, spec.source) == (
+      "127.0.0.1:5555", 2, 1, "config")
+  config.distributed.process_id = -1
+  with pytest.raises(ConfigError, match="incomplete"):
+    distributed.resolve(config, environ=env)
+  config.distributed.mode = "off"
+  assert distributed.resolve(config, environ=env) is None
+  # An argparse-style namespace with the same field names works too.
+  args = type("Args", (), dict(coordinator_address="h:1", num_processes=2, process_id=0))()
+  assert distributed.resolve(args, environ={}).coordinator_address == "h:1"
+  # `config.distributed = True` (configs/common.py) asks JAX to detect the world itself.
+  forced = distributed.resolve(ml_collections.ConfigDict({"distributed": True}), environ={})
+  assert forced.source == "jax-auto" and forced.coordinator_address is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight rendezvous, in threads (it is plain sockets; JAX is not involved).
+
+
+def _preflight_world(ids_and_counts, port, timeout=3.0):
+  """Runs preflight for each (process_id, num_processes) in a thread; returns {i: exc or None}."""
+  results = {}
+
+  def one(i, n):
+    spec = distributed.DistributedSpec(f"127.0.0.1:{port}", n, i, None, "test",
+                                       initialization_timeout=timeout)
+    try:
+      distributed.preflight(spec)
+      results[i] = None
+    except ConfigError as e:
+      results[i] = e
+
+  threads = [threading.Thread(target=one, args=(i, n)) for i, n in ids_and_counts]
+  for th in threads:
+    th.start()
+  for th in threads:
+    th.join(timeout + 15)
+  assert not any(th.is_alive() for th in threads), "preflight hung past its timeout"
+  return results
+
+
+def test_preflight_complete_world_meets():
+  port = distributed.free_port()
+  results = _preflight_world([(0, 3), (1, 3), (2, 3)], port)
+  assert results == {0: None, 1: None, 2: None}
+  # The port is free again for jax's coordinator.
+  with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("", port))
+
+
+def test_preflight_missing_process_fails_within_timeout():
+  t0 = time.monotonic()
+  results = _preflight_world([(0, 3), (1, 3)], distributed.free_port(), timeout=2.0)
+  assert time.monotonic() - t0 < 10
+  assert "missing process ids [2]" in str(results[0])
+  assert "only 2 of num_processes=3" in str(results[0])
+  assert "only 2 of num_processes=3" in str(results[1])  # Relayed to the waiting worker.
+
+
+def test_preflight_disagreeing_counts_and_duplicate_ids():
+  results = _preflight_world([(0, 2), (1, 3)], distributed.free_port())
+  assert "num_processes=3 but process 0 with num_processes=2" in str(results[0])
+  assert "num_processes=3 but process 0 with num_processes=2" in str(results[1])
+  results = _preflight_world([(0, 3), (1, 3), (1, 3)], distributed.free_port())
+  assert "claim process_id=1" in str(results[0])
+
+
+def test_preflight_unreachable_coordinator_fails_within_timeout():
+  port = distributed.free_port()  # Nothing listens there.
+  t0 = time.monotonic()
+  results = _preflight_world([(1, 2)], port, timeout=1.5)
+  assert 1.4 < time.monotonic() - t0 < 8
+  msg = str(results[1])
+  assert f"could not reach the coordinator 127.0.0.1:{port} within 1.5s" in msg
+  assert "process 0 is running" in msg
+
+
+def test_preflight_port_in_use_on_coordinator():
+  with socket.socket() as s:
+    s.bind(("", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    results = _preflight_world([(0, 2)], port)
+  assert "cannot listen on the coordinator port" in str(results[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: jax.distributed over gloo on 127.0.0.1.
+
+
+_DP_WORKER = textwrap.dedent("""
+    import json, sys
+    from shpeft_jax import distributed
+    spec = distributed.maybe_initialize()
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    # 2 processes x 2 CPU devices: 'data' spans the processes, 'fsdp' the devices of one process,
+    # like hosts x chips on a pod slice.
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("data", "fsdp"))
+    rng = np.random.RandomState(0)
+    x_all = rng.randn(16, 6).astype(np.float32)
+    y_all = rng.randn(16, 2).astype(np.float32)
+    pid, n = jax.process_index(), jax.process_count()
+    local = slice(pid * 16 // n, (pid + 1) * 16 // n)      # this process's part of every batch
+    batch_sh = NamedSharding(mesh, P(("data", "fsdp")))
+    x = jax.make_array_from_process_local_data(batch_sh, x_all[local])
+    y = jax.make_array_from_process_local_data(batch_sh, y_all[local])
+    w_sh = NamedSharding(mesh, P("fsdp", None))             # weights sharded FSDP-style
+    w = jax.jit(lambda: jnp.zeros((6, 2)), out_shardings=w_sh)()
+    @jax.jit
+    def step(w, x, y):
+      g = jax.grad(lambda w: jnp.mean(jnp.sum((x @ w - y) ** 2, -1)))(w)
+      return w - 0.05 * g
+    for _ in range(5):
+      w = step(w, x, y)
+    full = jax.jit(lambda w: w, out_shardings=NamedSharding(mesh, P()))(w)
+    print("RESULT " + json.dumps({"process": pid, "count": n, "devices": jax.device_count(),
+                                  "w": np.asarray(full.addressable_data(0)).tolist()}), flush=True)
+""")
+
+
+def test_two_processes_data_parallel_sgd_matches_numpy(tmp_path):
+  script = tmp_path / "dp_worker.py"
+  script.write_text(_DP_WORKER)
+  envs = world_envs(2, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  outs = run_processes([sys.executable, str(script)], envs, tmp_path / "logs", timeout=90)
+  for rc, out in outs:
+    assert rc == 0, out[-4000:]
+  results = [_result_line(out) for _, out in outs]
+  assert [r["process"] for r in results] == [0, 1]
+  assert all(r["count"] == 2 and r["devices"] == 4 for r in results)
+  # Reference: full-batch gradient descent in numpy on the whole (global) batch.
+  rng = np.random.RandomState(0)
+  x = rng.randn(16, 6).astype(np.float64)
+  y = rng.randn(16, 2).astype(np.float64)
+  w = np.zeros((6, 2))
+  for _ in range(5):
+    w -= 0.05 * (2.0 / 16) * x.T @ (x @ w - y)
+  for r in results:
+    np.testing.assert_allclose(np.asarray(r["w"]), w, rtol=1e-5, atol=1e-6)
+
+
+_INIT_WORKER = textwrap.dedent("""
+    import sys, time
+    from shpeft_jax import distributed
+    from shpeft_jax.errors import ConfigError
+    t0 = time.monotonic()
+    try:
+      distributed.maybe_initialize()
+    except ConfigError as e:
+      print(f"CONFIG_ERROR after {time.monotonic() - t0:.1f}s: {e}", flush=True)
+      sys.exit(2)
+    import jax
+    print(f"JOINED process {jax.process_index()} of {jax.process_count()}", flush=True)
+""")
+
+
+def test_wrong_process_count_and_address_fail_fast_not_hang(tmp_path):
+  """Only process 0 of a 2-process world starts; a worker points at a port nobody serves."""
+  script = tmp_path / "init_worker.py"
+  script.write_text(_INIT_WORKER)
+  lonely_coordinator = world_envs(2, timeout=3)[0]
+  lost_worker = world_envs(2, timeout=3)[1]
+  t0 = time.monotonic()
+  outs = run_processes([sys.executable, str(script)], [lonely_coordinator, lost_worker],
+                       tmp_path / "logs", timeout=60)
+  elapsed = time.monotonic() - t0
+  assert elapsed < 30, f"took {elapsed:.0f}s: initialisation did not time out promptly"
+  (rc0, out0), (rc1, out1) = outs
+  assert rc0 == 2 and rc1 == 2, (out0[-2000:], out1[-2000:])  # ConfigError exit, not SIGABRT.
+  assert "CONFIG_ERROR" in out0 and "missing process ids [1]" in out0
+  assert lonely_coordinator["SHPEFT_COORDINATOR"] in out0
+  assert "CONFIG_ERROR" in out1 and "could not reach the coordinator" in out1
+  assert lost_worker["SHPEFT_COORDINATOR"] in out1
+
+
+def test_two_processes_join_through_slurm_variables(tmp_path):
+  """srun's variables alone (no SHPEFT_*) bring up the world, as launch/slurm.sbatch relies on."""
+  script = tmp_path / "init_worker.py"
+  script.write_text(_INIT_WORKER)
+  port = distributed.free_port()
+  envs = [{"SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+           "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "localhost",
+           "SHPEFT_COORDINATOR": f"127.0.0.1:{port}", "SHPEFT_INIT_TIMEOUT": "30"}
+          for i in range(2)]
+  outs = run_processes([sys.executable, str(script)], envs, tmp_path / "logs", timeout=60)
+  for i, (rc, out) in enumerate(outs):
+    assert rc == 0 and f"JOINED process {i} of 2" in out, out[-3000:]
