@@ -119,14 +119,19 @@ def run_sparsity(args) -> dict:
   pre = sparsity.load_checkpoint(args.pretrained, "pretrained checkpoint")
   ft = sparsity.load_checkpoint(args.finetuned, "fine-tuned checkpoint")
   sparsity.check_same_encoder(pre, ft)
-  image_size = int(ft.meta.get("image_size") or config.get("image_size"))
+  image_size = ft.meta.get("image_size") or config.get("model", {}).get("image_size")
+  if not image_size:
+    raise CheckpointError(f"{ft.path}/meta.json has no image_size and the config none either.")
+  image_size = int(image_size)
   info = input_pipeline.dataset_info(config.data)
   num_classes = int(ft.params["head"]["kernel"].shape[-1]) if "head" in ft.params else None
   if num_classes is not None and info.num_classes != num_classes:
     raise CheckpointError(
         f"The fine-tuned head has {num_classes} classes but {info.name} has {info.num_classes}; "
         "evaluate on the data the model was fine-tuned on (check --config / --set data.task=...).")
-  batch_size = args.batch_size or int(config.get("eval_batch_size", 0) or 64)
+  train = config.get("train") or {}
+  batch_size = args.batch_size or int(train.get("eval_batch_size", 0) or train.get("batch_size", 0)
+                                      or 64)
   _log(f"[sparsity] data {info.name} split {args.split!r} ({info.split_sizes.get(args.split, '?')} "
        f"examples), image size {image_size}, batch {batch_size}")
 
@@ -210,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                   help="config override, e.g. --set data.task=target (repeatable)")
   sp.add_argument("--split", default="test")
   sp.add_argument("--k", default="0.05,0.1,0.5,1,2,5,10,20,50,100", help="percentages")
-  sp.add_argument("--batch_size", type=int, default=0, help="default: config.eval_batch_size or 64")
+  sp.add_argument("--batch_size", type=int, default=0,
+                  help="default: config.train.eval_batch_size, else config.train.batch_size, else 64")
   sp.add_argument("--out", required=True)
   sp.add_argument("--title", default=None)
   sp.set_defaults(fn=run_sparsity)
