@@ -19,7 +19,10 @@ import numpy as np
 from shpeft_jax.data import splits as splits_lib
 from shpeft_jax.errors import ConfigError
 
-TASKS = {"source": (0, 1, 2, 3, 4), "target": (5, 6, 7, 8, 9)}
+TASKS = {"source": (0, 1, 2, 3, 4), "target": (5, 6, 7, 8, 9),
+         # Further tasks on the same images, for the hybridity study (several fine-tunes of the
+         # source-pretrained encoder): the even and the odd digits, relabelled 0-4.
+         "even": (0, 2, 4, 6, 8), "odd": (1, 3, 5, 7, 9)}
 SPLIT_FRACTIONS = {"train": 0.6, "validation": 0.2, "test": 0.2}
 
 
