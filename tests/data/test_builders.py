@@ -102,3 +102,14 @@ def test_missing_manual_dir_names_layout_and_url(tmp_path):
   c = _config("limuc", tmp_path, str(tmp_path / "not_there"))
   with pytest.raises(DataError, match=r"does not exist[\s\S]*Mayo 0[\s\S]*zenodo"):
     ip.dataset_info(c)
+
+
+def test_prepare_cli(tmp_path, capsys):
+  import json
+  from shpeft_jax.data import prepare
+  manual = str(tmp_path / "manual")
+  fx.make_covid_ct(manual)
+  prepare.main(["--name", "covid_ct", "--data_dir", str(tmp_path / "tfds"), "--manual_dir", manual])
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["class_names"] == ["non_covid", "covid"]
+  assert out["split_sizes"] == {"train": 5, "validation": 3, "test": 3}

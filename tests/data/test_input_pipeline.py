@@ -182,3 +182,38 @@ def test_bad_batch_and_split():
     ip.make_eval_iterator(_config(), split="val", global_batch_size=8, image_size=8)
   with pytest.raises(ConfigError, match="not a known dataset"):
     ip.dataset_info(_config(name="mnist"))
+
+
+def test_eval_transform_geometry():
+  # 8 x 16: the shorter side is already 8, so no resize: the centre crop keeps columns 4..11.
+  img = np.arange(8 * 16, dtype=np.uint8).reshape(8, 16) * 2
+  out = ip.preprocess_for_eval(img, 8)
+  expected = (img[:, 4:12, None].repeat(3, -1) / 255.0 - MEAN) / STD
+  np.testing.assert_allclose(out, expected, atol=1e-6)
+  # Downscaling a constant image keeps the constant; RGB channels stay apart.
+  rgb = np.zeros((40, 32, 3), np.uint8) + np.array([10, 128, 250], np.uint8)
+  out = ip.preprocess_for_eval(rgb, 8)
+  assert out.shape == (8, 8, 3)
+  np.testing.assert_allclose(out, np.broadcast_to((np.array([10, 128, 250]) / 255.0 - MEAN) / STD,
+                                                  (8, 8, 3)), atol=1e-4)
+
+
+def test_jpeg_fast_crop_equals_decode_then_crop():
+  import io
+  import tensorflow as tf
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (64, 48, 3), dtype=np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+  jpeg = buf.getvalue()
+  decoded = tf.io.decode_jpeg(jpeg).numpy()
+  png = demo.encode_png(decoded)
+  for i in range(5):
+    key = tf.constant([i, 7], tf.int64)
+    a = ip._random_resized_crop(tf.constant(jpeg), key, 16, (0.1, 1.0)).numpy()
+    b = ip._random_resized_crop(tf.constant(png), key, 16, (0.1, 1.0)).numpy()
+    # Same window: nearly all pixels agree (libjpeg's chroma upsampling differs at crop edges);
+    # another window of these random pixels is off by ~40 on average.
+    assert a.shape == b.shape == (16, 16, 3)
+    assert np.mean(np.abs(a - b)) < 1.5, np.mean(np.abs(a - b))
