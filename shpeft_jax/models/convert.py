@@ -385,7 +385,9 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
 
   # Architecture from shapes.
   if conv_key not in tower:
-    raise CheckpointError(f"Missing key {prefix}{conv_key}: cannot tell the patch size and width.")
+    raise CheckpointError(
+        f"Missing key {prefix}{conv_key} (the patch embedding, shape (width, 3, patch, patch)); this is "
+        f"not a CLIP ViT tower in the {layout} layout. Its tower keys: {_listing(sorted(prefix + k for k in tower))}.")
   conv = tower[conv_key]
   if len(conv.shape) != 4 or conv.shape[1] != 3 or conv.shape[2] != conv.shape[3]:
     raise CheckpointError(f"{prefix}{conv_key} has shape {_fmt(conv.shape)}; expected "

@@ -325,3 +325,10 @@ def test_export_cli_safetensors_round_trip_and_refusals(tmp_path, capsys):
   assert "no trained head" in capsys.readouterr().err
   assert not bad_out.exists()
   assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_timm_trunk_tower_is_not_an_openai_vit():
+  sd = {"visual.trunk.patch_embed.proj.weight": np.zeros((32, 3, 4, 4), np.float32),
+        "visual.trunk.cls_token": np.zeros((1, 1, 32), np.float32)}
+  with pytest.raises(CheckpointError, match=r"Missing key visual\.conv1\.weight .*visual\.trunk\.cls_token"):
+    convert.torch_state_dict_to_flax(sd)
