@@ -295,3 +295,11 @@ def test_image_folder_empty_class_is_error(tmp_path):
   os.makedirs(tmp_path / "empty_class")
   with pytest.raises(DataError, match="empty_class"):
     S.image_folder_splits(str(tmp_path))
+
+
+def test_empty_split_is_error(tmp_path):
+  root = fx.make_covid_ct(str(tmp_path), sizes={"COVID": (2, 0, 1), "NonCOVID": (2, 0, 1)},
+                          images=False)
+  assert os.path.getsize(os.path.join(root, "Data-split", "COVID", "valCT_COVID.txt")) <= 1
+  with pytest.raises(DataError, match="'validation' is empty"):
+    S.covid_ct_splits(str(tmp_path))
