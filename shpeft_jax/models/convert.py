@@ -147,10 +147,10 @@ def _fmt(shape) -> str:
   return str(tuple(int(s) for s in shape))
 
 
-def _listing(keys, n: int = _MAX_LISTED) -> str:
+def _listing(keys, n: int = _MAX_LISTED, sep: str = ", ") -> str:
   keys = list(keys)
-  more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
-  return ", ".join(keys[:n]) + more
+  more = f"{sep}... and {len(keys) - n} more" if len(keys) > n else ""
+  return sep.join(keys[:n]) + more
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +259,8 @@ def _detect(keys: set[str], fmt: str) -> tuple[str, str]:
         f"This checkpoint is not a CLIP ViT (it has CNN keys such as "
         f"{_listing(sorted(k for k in keys if k.startswith(('layer1.', 'bn1', 'fc.', 'features.'))), 3)}); "
         f"convert an OpenAI / open_clip / Hugging Face CLIP ViT checkpoint.")
-  elif has("text_model.") or "token_embedding.weight" in keys or "text_projection" in keys or has("transformer."):
+  elif (has("text_model.") or "token_embedding.weight" in keys or "text_projection" in keys
+        or has("transformer.")):
     raise CheckpointError(
         "This is a text-only file: it has CLIP text-tower keys (token_embedding / text_model.*) but "
         "no vision-tower keys (visual.* or vision_model.*). Convert the full CLIP checkpoint or the "
@@ -387,7 +388,8 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   if conv_key not in tower:
     raise CheckpointError(
         f"Missing key {prefix}{conv_key} (the patch embedding, shape (width, 3, patch, patch)); this is "
-        f"not a CLIP ViT tower in the {layout} layout. Its tower keys: {_listing(sorted(prefix + k for k in tower))}.")
+        f"not a CLIP ViT tower in the {layout} layout. Its tower keys: "
+        f"{_listing(sorted(prefix + k for k in tower))}.")
   conv = tower[conv_key]
   if len(conv.shape) != 4 or conv.shape[1] != 3 or conv.shape[2] != conv.shape[3]:
     raise CheckpointError(f"{prefix}{conv_key} has shape {_fmt(conv.shape)}; expected "
@@ -395,7 +397,8 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   width, patch = int(conv.shape[0]), int(conv.shape[2])
   layer_ids = {int(m.group(1)) for k in tower if (m := block_re.match(k))}
   layers = max(layer_ids) + 1 if layer_ids else 0
-  mlp_key = "transformer.resblocks.0.mlp.c_fc.weight" if layout == "openai" else "encoder.layers.0.mlp.fc1.weight"
+  mlp_key = ("transformer.resblocks.0.mlp.c_fc.weight" if layout == "openai"
+             else "encoder.layers.0.mlp.fc1.weight")
   mlp_dim = int(tower[mlp_key].shape[0]) if mlp_key in tower else None
   if pos_key not in tower:
     raise CheckpointError(f"Missing key {prefix}{pos_key} (expected shape (1 + grid**2, {width})).")
@@ -450,8 +453,7 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
       num_classes = int(hw.shape[0])
   if problems:
     raise CheckpointError(f"Checkpoint does not match {model} ({len(problems)} problem(s)): "
-                          + "; ".join(problems[:_MAX_LISTED])
-                          + (f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""))
+                          + _listing(problems, sep="; "))
 
   arrays = {k: to_numpy(tower[k]) for k in expected}
   canonical = arrays if layout == "openai" else _hf_to_openai(arrays, cfg.layers)
@@ -483,8 +485,8 @@ def check_no_additive(params) -> None:
   if bad:
     raise CheckpointError(
         f"The params contain additive PEFT parameters ({_listing(bad, 4)}). Merge them into the base "
-        f"weights first (LoRA, SSF and AdaptFormer-free towers are mergeable); VPT prompts and "
-        f"AdaptFormer adapters have no place in a plain CLIP state dict and cannot be exported.")
+        f"weights first (LoRA and SSF can be merged); VPT prompts and AdaptFormer adapters are not "
+        f"mergeable and have no place in a plain CLIP state dict, so such models cannot be exported.")
 
 
 def flax_encoder_config(encoder: Mapping[str, Any]) -> clip_vit.ViTConfig:
@@ -554,7 +556,8 @@ def flax_to_torch_state_dict(params: Mapping[str, Any], layout: str) -> dict[str
                for n, s in expected.items() if n in have and tuple(have[n]) != tuple(s)]
   problems += [f"unexpected encoder/{n}" for n in have if n not in expected]
   if problems:
-    raise CheckpointError("Flax params are not a complete CLIP ViT encoder: " + "; ".join(problems[:_MAX_LISTED]))
+    raise CheckpointError("Flax params are not a complete CLIP ViT encoder: "
+                          + _listing(problems, sep="; "))
   canonical = _flax_to_openai(enc, cfg)
   if layout == "openai":
     out = canonical

@@ -11,9 +11,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from shpeft_jax import checkpoints  # noqa: E402
 from shpeft_jax import convert as convert_cli  # noqa: E402
