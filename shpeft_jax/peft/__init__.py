@@ -13,7 +13,8 @@ from shpeft_jax.peft.importance import (
     score_dataset, scored_mask_tree, task_agnostic, task_dependent)
 from shpeft_jax.peft.mask_io import (
     build_mask_stats, load_mask, load_mask_stats, plot_mask_stats, save_mask, save_mask_stats)
-from shpeft_jax.peft.masking import MaskedUpdateState, Optimizer, masked_update, optimizer
+from shpeft_jax.peft.masking import (
+    MaskedUpdateState, Optimizer, apply_updates, masked_update, optimizer, state_masks)
 from shpeft_jax.peft.selection import (
     SelectionInfo, kind_of, layer_of, mask_statistics, param_type_of, resolve_k, select_top_k)
 
@@ -21,7 +22,8 @@ __all__ = [
     "accumulate_gradients", "chunk_sharding", "cross_entropy_loss_fn", "hybrid_importance",
     "score_dataset", "scored_mask_tree", "task_agnostic", "task_dependent",
     "build_mask_stats", "load_mask", "load_mask_stats", "plot_mask_stats", "save_mask",
-    "save_mask_stats", "MaskedUpdateState", "Optimizer", "masked_update", "optimizer",
+    "save_mask_stats", "MaskedUpdateState", "Optimizer", "apply_updates", "masked_update",
+    "optimizer", "state_masks",
     "SelectionInfo", "kind_of", "layer_of", "mask_statistics", "param_type_of", "resolve_k",
     "select_top_k",
 ]

@@ -7,6 +7,11 @@ update of every frozen element by -0.0 after the whole chain has run, so that `p
 (IEEE: x + (-0.0) == x for every x, including +0.0, -0.0 and NaN; +0.0 would turn a -0.0 weight into
 +0.0). A `where` rather than a multiplication keeps NaN/inf updates of frozen weights out too.
 
+One caveat: XLA on CPU and GPU flushes subnormal floats to zero in arithmetic, so
+`optax.apply_updates` (p + u) turns a frozen subnormal weight (|w| < 1.2e-38) into 0 even though
+u = -0.0. `apply_updates(params, updates, mask_tree)` below selects the old value for frozen
+elements instead of adding, and is bit-exact for every value; the trainer should use it.
+
 The incoming gradients are masked as well (`mask_gradients=True`): it changes nothing for frozen
 weights (their updates are discarded anyway) but keeps their momentum at zero and makes gradient
 clipping see only the trainable weights' gradient norm.
@@ -97,6 +102,32 @@ def masked_update(inner: optax.GradientTransformation, mask_tree: PyTree, *,
     return _apply_mask(mask, updates, -0.0), MaskedUpdateState(inner_state, state.masks)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def apply_updates(params: PyTree, updates: PyTree, mask_tree: PyTree | None = None) -> PyTree:
+  """p + u for trainable elements, p itself (a select, no arithmetic) for frozen ones.
+
+  Equal to `optax.apply_updates` except that frozen subnormal weights are not flushed to zero.
+  """
+  if mask_tree is None:
+    return optax.apply_updates(params, updates)
+  new = optax.apply_updates(params, updates)
+
+  def keep(m, p, n):
+    if m is None or m is True:
+      return n
+    if m is False:
+      return p
+    return jnp.where(jnp.asarray(m) != 0, n, p)
+  return jax.tree.map(keep, mask_tree, params, new, is_leaf=_is_mask_leaf)
+
+
+def state_masks(opt_state: Any, mask_tree: PyTree) -> PyTree:
+  """The mask tree rebuilt from the device arrays held in a MaskedUpdateState (for jitted steps)."""
+  leaves, treedef = jax.tree_util.tree_flatten(mask_tree, is_leaf=_is_mask_leaf)
+  it = iter(opt_state.masks)
+  return jax.tree_util.tree_unflatten(
+      treedef, [m if _is_mask_leaf(m) else next(it) for m in leaves])
 
 
 class Optimizer(NamedTuple):
