@@ -63,8 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   resized = (f", positional embedding resized from {meta['source_image_size']}"
              if meta["source_image_size"] != meta["image_size"] else "")
-  print(f"wrote {args.out}: {meta['model']} at {meta['image_size']}px from a "
-        f"{meta['source_format']} checkpoint{resized}")
+  print(f"wrote {args.out}: {meta['model']} at {meta['image_size']}px "
+        f"(source format {meta['source_format']}{resized})")
   return 0
 
 
