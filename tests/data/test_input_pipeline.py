@@ -217,3 +217,14 @@ def test_jpeg_fast_crop_equals_decode_then_crop():
     # another window of these random pixels is off by ~40 on average.
     assert a.shape == b.shape == (16, 16, 3)
     assert np.mean(np.abs(a - b)) < 1.5, np.mean(np.abs(a - b))
+
+
+def test_to_global_array_keeps_the_batch():
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  batch = next(ip.make_eval_iterator(_config(), split="test", global_batch_size=8, image_size=8))
+  out = ip.to_global_array(batch, NamedSharding(mesh, P("data")))
+  for k in batch:
+    assert isinstance(out[k], jax.Array)
+    np.testing.assert_array_equal(np.asarray(out[k]), batch[k])

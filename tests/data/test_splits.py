@@ -72,7 +72,9 @@ def test_covid_ct_missing_split_list_names_layout(tmp_path):
 def test_busi_published_counts_give_paper_proportions(tmp_path):
   # The published 437 benign / 210 malignant / 133 normal images, each with its mask(s). The
   # paper's 559 / 79 / 160 add up to 798, not 780: the 780 are split in those proportions.
-  fx.make_busi(str(tmp_path), counts=(437, 210, 133), images=False)
+  root = fx.make_busi(str(tmp_path), counts=(437, 210, 133), images=False, masks=False)
+  for cls in ("benign", "malignant"):
+    fx.touch(os.path.join(root, cls, f"{cls} (1)_mask.png"))
   splits = S.busi_splits(str(tmp_path))
   # 780 * (559, 79, 160) / 798 = (546.4, 77.2, 156.4) -> largest remainder -> 547, 77, 156.
   assert _sizes(splits) == {"train": 547, "validation": 77, "test": 156}
@@ -133,12 +135,12 @@ def test_cxr_unparseable_pneumonia_name_is_error():
     S.cxr_label("person9_scan.jpeg", "PNEUMONIA")
 
 
-def test_cxr_published_train_gives_paper_validation(tmp_path):
+def test_cxr_published_train_gives_paper_validation():
   # Mendeley v2 train: 1,349 normal + 3,883 pneumonia (2,538 bacterial, 1,345 viral) = 5,232.
-  fx.make_cxr(str(tmp_path), train=(1349, 2538, 1345), test=(234, 242, 148), images=False)
-  splits = S.cxr_splits(str(tmp_path))
-  assert _sizes(splits) == {"train": 4708, "validation": 524, "test": 624}
-  assert S.counts(splits["test"], 3) == [234, 242, 148]
+  exs = [(f"/x/{i:05d}.jpeg", 0 if i < 1349 else 1 if i < 1349 + 2538 else 2)
+         for i in range(5232)]
+  splits = S._carve(exs, "validation", S.CXR_VAL_FRACTION, 0, "/x", "train")
+  assert _sizes(splits) == {"train": 4708, "validation": 524}
   val = S.counts(splits["validation"], 3)
   for cls, total in enumerate((1349, 2538, 1345)):
     assert abs(val[cls] - total * 524 / 5232) <= 1.0
