@@ -4,7 +4,8 @@ Data config fields (`config.data`, an ml_collections.ConfigDict; `default_data_c
 
   name                      'chaoyang' | 'covid_ct' | 'busi' | 'cxr' | 'oct' | 'limuc' |
                             'image_folder' | 'digits' (the offline demo, scikit-learn digits).
-  task                      digits only: 'source' (digits 0-4) or 'target' (digits 5-9 as 0-4).
+  task                      digits only: 'source' (digits 0-4) or 'target' (digits 5-9 as 0-4);
+                            'even' / 'odd' (relabelled 0-4) for the analysis' hybridity study.
   data_dir                  tfds data directory where prepared datasets live (None: tfds default,
                             ~/tensorflow_datasets). Use one data_dir per image_folder dataset.
   manual_dir                folder holding the user-downloaded dataset in its published layout
