@@ -29,6 +29,17 @@ META = "meta.json"
 PARAMS = "params"
 
 
+def process_local_checkpointer() -> ocp.StandardCheckpointer:
+  """A checkpointer that involves only the calling process (no cross-process barriers).
+
+  Params checkpoints hold host numpy copies and are written by one process (process 0 in a
+  multi-process run); orbax's default checkpointer would wait at a barrier for all processes.
+  """
+  pid = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=pid, active_processes={pid}, barrier_sync_key_prefix=f"local{pid}"))
+
+
 def save_params(path: str, params, meta: dict[str, Any], *, overwrite: bool = False) -> str:
   """Atomically writes params (host numpy copies) and meta to `path`."""
   path = os.path.abspath(path)
@@ -40,7 +51,7 @@ def save_params(path: str, params, meta: dict[str, Any], *, overwrite: bool = Fa
   tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
   try:
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
-    with ocp.StandardCheckpointer() as ckptr:
+    with process_local_checkpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS), host)
       ckptr.wait_until_finished()
     with open(os.path.join(tmp, META), "w") as f:
@@ -71,7 +82,7 @@ def load_params(path: str) -> tuple[dict, dict[str, Any]]:
   params_dir = os.path.join(path, PARAMS)
   if not os.path.isdir(params_dir):
     raise CheckpointError(f"{path} has {META} but no {PARAMS}/ directory: the checkpoint is incomplete.")
-  with ocp.StandardCheckpointer() as ckptr:
+  with process_local_checkpointer() as ckptr:
     params = ckptr.restore(params_dir)
   params = jax.tree_util.tree_map(np.asarray, params)
   return params, meta

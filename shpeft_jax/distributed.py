@@ -11,8 +11,9 @@ decides, before any JAX computation, whether this process is part of such a worl
      SHPEFT_DISTRIBUTED=off (force a single process);
   3. SLURM (`srun`): SLURM_NTASKS > 1, coordinator = first host of SLURM_JOB_NODELIST;
   4. JAX's own detection (`jax.distributed.initialize()` without arguments) for Cloud TPU VMs
-     and pod slices (TPU chips on PCI, TPU_WORKER_HOSTNAMES), Open MPI (OMPI_COMM_WORLD_SIZE > 1),
-     JAX_COORDINATOR_ADDRESS, or `config.distributed = True`;
+     and pod slices (TPU chips on PCI, TPU_WORKER_HOSTNAMES, MEGASCALE_COORDINATOR_ADDRESS for
+     multislice), Open MPI (OMPI_COMM_WORLD_SIZE > 1), JAX_COORDINATOR_ADDRESS, or
+     `config.distributed = True`;
   5. otherwise: one process, nothing to do.
 
 Why a pre-flight rendezvous: in jax 0.10.2 a failed `jax.distributed.initialize` (unreachable
@@ -288,7 +289,8 @@ def resolve(config: Any = None, environ: Mapping[str, str] | None = None) -> Dis
   # Environments JAX detects by itself (TPU pod slices, Open MPI, JAX's own variables): call
   # jax.distributed.initialize() without arguments and let it fill everything in.
   ompi_n = env.get("OMPI_COMM_WORLD_SIZE", "")
-  if (env.get("JAX_COORDINATOR_ADDRESS") or (ompi_n.isdigit() and int(ompi_n) > 1)
+  if (env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+      or (ompi_n.isdigit() and int(ompi_n) > 1)
       or "," in env.get("TPU_WORKER_HOSTNAMES", "") or s.get("force")):
     return DistributedSpec(None, None, None, None, "jax-auto", **common)
   if _tpu_present():

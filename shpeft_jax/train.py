@@ -382,13 +382,13 @@ def _host(tree):
 
 def _save_tree(path: str, tree):
   """Atomic (orbax writes to a temporary directory and renames) save of a host tree."""
-  with ocp.StandardCheckpointer() as ckptr:
+  with ckpt_lib.process_local_checkpointer() as ckptr:  # written by process 0 only
     ckptr.save(os.path.abspath(path), _host(tree))
     ckptr.wait_until_finished()
 
 
 def _restore_tree(path: str, abstract=None):
-  with ocp.StandardCheckpointer() as ckptr:
+  with ckpt_lib.process_local_checkpointer() as ckptr:  # no cross-process barrier
     if abstract is None:
       return ckptr.restore(os.path.abspath(path))
     return ckptr.restore(os.path.abspath(path), abstract)
@@ -704,9 +704,8 @@ def _score_stage(config, workdir, loss_fn, params, mesh) -> PyTree:
     logging.info("Reusing importance scores in %s.", scores_dir)
     flat = utils.flatten_names(_restore_tree(scores_dir))
     return utils.map_with_names(lambda n, s: flat.get(n) if s else None, scored)
-  if jax.process_count() > 1:
-    raise ConfigError("Multi-process importance scoring is not supported yet; score on one host "
-                      "(or one process) and copy workdir/scores to the others.")
+  # Multi-process: every process reads the same whole global batches (no process slice), so the
+  # `device_put` of each chunk onto the global sharding sees identical data everywhere.
   train_split = _split_names(config)[0]
   t = config.train
   num_batches = int(config.peft.score_batches)

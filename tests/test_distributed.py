@@ -371,3 +371,107 @@ def test_two_processes_join_through_slurm_variables(tmp_path):
   outs = run_processes([sys.executable, str(script)], envs, tmp_path / "logs", timeout=60)
   for i, (rc, out) in enumerate(outs):
     assert rc == 0 and f"JOINED process {i} of 2" in out, out[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer itself: `python -m shpeft_jax.main` in 2 processes vs 1 process.
+
+_TRAIN_FLAGS = [
+    "--config", str(REPO / "configs" / "common.py"),
+    "--config.model.name=test_tiny", "--config.model.image_size=16",
+    "--config.peft.method=shpeft", "--config.peft.k_percent=5", "--config.peft.score_batches=2",
+    "--config.peft.score_chunk=2",
+    "--config.optim.lr=0.1",
+    "--config.train.batch_size=8", "--config.train.eval_batch_size=64",
+    "--config.train.num_steps=6", "--config.train.eval_every=3", "--config.train.log_every=1",
+    "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=2",
+    "--config.train.progress_bar=False",
+]
+
+
+def _train_argv(workdir) -> list[str]:
+  return [sys.executable, "-m", "shpeft_jax.main", *_TRAIN_FLAGS, "--workdir", str(workdir)]
+
+
+def _train_lines(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [l for l in map(json.loads, f) if l["kind"] == "train"]
+
+
+def _flat_params(workdir) -> dict[str, np.ndarray]:
+  from shpeft_jax import checkpoints, utils  # pylint: disable=g-import-not-at-top
+  params, _ = checkpoints.load_params(os.path.join(workdir, "export", "model"))
+  return utils.flatten_names(params)
+
+
+def _assert_same_params(a: dict, b: dict, what: str):
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_allclose(b[name], a[name], rtol=2e-5, atol=2e-6, err_msg=f"{what}: {name}")
+
+
+@pytest.mark.slow
+def test_trainer_two_processes_match_one_process_and_checkpoint_restores(tmp_path):
+  """SH-PEFT (score -> select -> 6 SGD steps, evals, checkpoints) in a 2-process world equals the
+  single-process run with the same global batch; its step-3 checkpoint resumes in one process."""
+  single, multi, resumed = tmp_path / "single", tmp_path / "multi", tmp_path / "resumed"
+  # The single-process reference runs alongside the 2-process world (3 processes at once).
+  envs = world_envs(2, timeout=60) + [{}]
+  argvs = [_train_argv(multi)] * 2 + [_train_argv(single)]
+  procs_out = []
+  logdir = tmp_path / "logs"
+  logdir.mkdir()
+  procs = []
+  try:
+    for i, (argv, extra) in enumerate(zip(argvs, envs)):
+      log = open(logdir / f"run_{i}.log", "w+")
+      procs.append((subprocess.Popen(argv, env=_child_env(extra), stdout=log,
+                                     stderr=subprocess.STDOUT, cwd=str(REPO),
+                                     start_new_session=True), log))
+    deadline = time.monotonic() + 600
+    for p, _ in procs:
+      p.wait(timeout=max(0.1, deadline - time.monotonic()))
+  finally:
+    for p, log in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+      log.seek(0)
+      procs_out.append((p.returncode, log.read()))
+      log.close()
+  for rc, out in procs_out:
+    assert rc == 0, out[-5000:]
+  assert "process 1 of 2" in procs_out[1][1]  # main.py's start-up line: it really was 2 processes.
+
+  # Same trainable mask (scores from the same data), same loss at every step, same params.
+  from shpeft_jax.peft import mask_io  # pylint: disable=g-import-not-at-top
+  p_single, p_multi = _flat_params(single), _flat_params(multi)
+  from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
+  m_single = utils.flatten_names(mask_io.load_mask(str(single / "mask.npz"),
+                                                   utils.unflatten_names(p_single)))
+  m_multi = utils.flatten_names(mask_io.load_mask(str(multi / "mask.npz"),
+                                                  utils.unflatten_names(p_multi)))
+  for name, m in m_single.items():
+    if m is not None:
+      np.testing.assert_array_equal(np.asarray(m_multi[name]), np.asarray(m), err_msg=name)
+  ls, lm = _train_lines(single), _train_lines(multi)
+  assert [l["step"] for l in lm] == [1, 2, 3, 4, 5, 6]  # One writer: process 0 only.
+  np.testing.assert_allclose([l["loss"] for l in lm], [l["loss"] for l in ls], rtol=1e-5)
+  assert all(l["update_norm"] > 0 for l in lm)  # The params really moved.
+  _assert_same_params(p_single, p_multi, "2 processes vs 1")
+  assert sorted(os.listdir(multi / "checkpoints")) == ["3", "6"]
+
+  # The 2-process checkpoint of step 3 restores in ONE process, which finishes steps 4..6.
+  shutil.copytree(multi, resumed)
+  for name in ("checkpoints/6", "export", "best", "best.json", "results.json", "metrics.jsonl",
+               "tb"):
+    path = resumed / name
+    if path.is_dir():
+      shutil.rmtree(path)
+    elif path.exists():
+      path.unlink()
+  (rc, out), = run_processes(_train_argv(resumed), [{}], tmp_path / "resume_logs", timeout=300)
+  assert rc == 0, out[-5000:]
+  assert "Resumed from the checkpoint at step 3" in out
+  assert [l["step"] for l in _train_lines(resumed)] == [4, 5, 6]
+  _assert_same_params(p_single, _flat_params(resumed), "2-process checkpoint resumed in 1")
