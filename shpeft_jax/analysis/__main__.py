@@ -112,13 +112,14 @@ def _k_tag(k: float) -> str:
 
 def run_sparsity(args) -> dict:
   from shpeft_jax.analysis import plots, sparsity  # pylint: disable=g-import-not-at-top
-  from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  config = load_config(args.config, args.set or ())
-  if "data" not in config:
-    raise ConfigError(f"{args.config} has no `data` section to read the {args.split} split from.")
+  # Checkpoints first: a wrong path fails in a second, before TensorFlow is imported.
   pre = sparsity.load_checkpoint(args.pretrained, "pretrained checkpoint")
   ft = sparsity.load_checkpoint(args.finetuned, "fine-tuned checkpoint")
   sparsity.check_same_encoder(pre, ft)
+  config = load_config(args.config, args.set or ())
+  if "data" not in config:
+    raise ConfigError(f"{args.config} has no `data` section to read the {args.split} split from.")
+  from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   image_size = ft.meta.get("image_size") or config.get("model", {}).get("image_size")
   if not image_size:
     raise CheckpointError(f"{ft.path}/meta.json has no image_size and the config none either.")
@@ -138,6 +139,11 @@ def run_sparsity(args) -> dict:
   def batches():
     return input_pipeline.make_eval_iterator(config.data, split=args.split,
                                              global_batch_size=batch_size, image_size=image_size)
+  # The split is read once per k; a small one is decoded once and kept in memory instead.
+  n_examples = int(info.split_sizes.get(args.split) or 0)
+  if 0 < n_examples * image_size * image_size * 3 * 4 <= args.cache_mb * 2**20:
+    cached = list(batches())
+    batches = lambda: iter(cached)  # pylint: disable=function-redefined
   result = sparsity.sparsity_curve(pre, ft, batches, k_grid=parse_k_list(args.k), log=_log)
   result["data"] = {"name": info.name, "split": args.split,
                     "num_examples": info.split_sizes.get(args.split)}
@@ -217,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
   sp.add_argument("--k", default="0.05,0.1,0.5,1,2,5,10,20,50,100", help="percentages")
   sp.add_argument("--batch_size", type=int, default=0,
                   help="default: config.train.eval_batch_size, else config.train.batch_size, else 64")
+  sp.add_argument("--cache_mb", type=int, default=1024,
+                  help="keep the decoded split in memory when it is at most this many MB")
   sp.add_argument("--out", required=True)
   sp.add_argument("--title", default=None)
   sp.set_defaults(fn=run_sparsity)
