@@ -113,3 +113,20 @@ def test_prepare_cli(tmp_path, capsys):
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["class_names"] == ["non_covid", "covid"]
   assert out["split_sizes"] == {"train": 5, "validation": 3, "test": 3}
+
+
+@pytest.mark.parametrize("name,make,sizes", [
+    ("chaoyang", fx.make_chaoyang, {"train": 8, "test": 4}),
+    ("limuc", fx.make_limuc, {"train": 8, "test": 4}),
+    # 10 training images: round(10 * 10832 / 108309) = 1 carved for validation.
+    ("oct", fx.make_oct, {"train": 9, "validation": 1, "test": 4}),
+])
+def test_other_builders_prepare(tmp_path, name, make, sizes):
+  manual = str(tmp_path / "manual")
+  make(manual)
+  info = ip.dataset_info(_config(name, tmp_path, manual))
+  assert info.split_sizes == sizes
+  assert info.num_classes == 4
+  b = next(ip.make_eval_iterator(_config(name, tmp_path, manual), split="test",
+                                 global_batch_size=3, image_size=16))
+  assert b["image"].shape == (3, 16, 16, 3) and b["valid"].all()
