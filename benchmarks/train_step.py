@@ -1,0 +1,325 @@
+"""Train-step throughput and peak memory: masked SH-PEFT vs full fine-tuning vs LoRA, JAX vs PyTorch.
+
+Each (framework, mode, dtype) runs in its own subprocess so that its peak resident memory (ru_maxrss)
+is its own. Modes:
+  full          every weight trained; SGD momentum state for all of them.
+  shpeft        SH-PEFT as the trainer runs it: full backward, `masking.masked_update` over an
+                element mask of k% of the encoder (random positions: the cost does not depend on
+                which weights are selected) + the head.
+  shpeft_sparse the same with `sparse_optim.sparse_masked_optimizer` (config.optim.sparse_state):
+                optimizer state for the selected weights only (JAX only).
+  lora          LoRA rank 8 on q and v + the head; gradients of the trainable params only.
+The PyTorch reference is `shpeft_jax.models.torch_reference.TorchClipClassifier` (OpenAI layout, same
+shape), eager, `torch.optim.SGD(momentum=0.9)`; its SH-PEFT step multiplies the gradients by the mask
+before the optimizer step, its LoRA adds low-rank q/v updates to the frozen fused in-projection.
+bfloat16: JAX computes in bfloat16 with float32 params (`build_model(dtype='bfloat16')`), PyTorch
+uses `torch.autocast('cpu', torch.bfloat16)`.
+
+  python benchmarks/train_step.py --model ViT-B/16 --image_size 224 --batch 8 --steps 3
+
+Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ("full", "shpeft", "shpeft_sparse", "lora")
+
+
+def _rss_mb() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024.0
+  return float("nan")
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> dict:
+  model = platform.processor()
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name:"):
+        model = line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX
+
+
+def run_jax(args, mode: str, dtype: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from shpeft_jax.models.clip_vit import AdditiveConfig, build_model, init_params
+  from shpeft_jax.peft import masking, sparse_optim
+  from shpeft_jax.utils import count_params, flatten_names, unflatten_names
+
+  rss0 = _rss_mb()
+  additive = AdditiveConfig(lora_rank=8, lora_targets=("q", "v")) if mode == "lora" else None
+  model = build_model(args.model, args.num_classes, image_size=args.image_size, dtype=dtype,
+                      additive=additive)
+  params = jax.jit(lambda r: init_params(model, r))(jax.random.PRNGKey(0))
+  chain = masking.optimizer(dict(lr=1e-3, total_steps=1000, momentum=0.9)).tx
+
+  def loss_of(p, batch):
+    logits = model.apply({"params": p}, batch["image"], train=True).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+  names = flatten_names(params)
+  trainable = None
+  if mode == "full":
+    tx = chain
+  elif mode in ("shpeft", "shpeft_sparse"):
+    rng = np.random.default_rng(0)
+    mask = unflatten_names({
+        n: None if n.startswith("head/") else rng.random(x.shape, np.float32) < args.k_percent / 100
+        for n, x in names.items()})
+    tx = (masking.masked_update(chain, mask) if mode == "shpeft"
+          else sparse_optim.sparse_masked_optimizer(chain, mask))
+  else:  # lora: differentiate the trainable subset only, like requires_grad=False in torch.
+    is_trainable = lambda n: n.startswith("head/") or "/lora_" in n
+    trainable = {n for n in names if is_trainable(n)}
+    tx = chain
+
+  if trainable is None:
+    def step(state, batch):
+      loss, grads = jax.value_and_grad(loss_of)(state["params"], batch)
+      updates, opt = tx.update(grads, state["opt"], state["params"])
+      return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
+    state = {"params": params, "opt": tx.init(params)}
+  else:
+    def split(p):
+      f = flatten_names(p)
+      return ({n: v for n, v in f.items() if n in trainable},
+              {n: v for n, v in f.items() if n not in trainable})
+
+    def step(state, batch):
+      def loss_t(t):
+        return loss_of(unflatten_names({**t, **state["frozen"]}), batch)
+      loss, grads = jax.value_and_grad(loss_t)(state["trainable"])
+      updates, opt = tx.update(grads, state["opt"], state["trainable"])
+      return {"trainable": optax.apply_updates(state["trainable"], updates), "opt": opt,
+              "frozen": state["frozen"]}, loss
+    t, f = split(params)
+    state = {"trainable": t, "frozen": f, "opt": tx.init(t)}
+
+  opt_bytes = sparse_optim.tree_bytes(state["opt"])
+  step = jax.jit(step, donate_argnums=(0,))
+  rng = np.random.default_rng(1)
+  batch = {"image": jnp.asarray(rng.normal(size=(args.batch, args.image_size, args.image_size, 3)),
+                                jnp.float32),
+           "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32)}
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  times = []
+  for i in range(args.warmup + args.steps):
+    t0 = time.perf_counter()
+    state, loss = compiled(state, batch)
+    loss.block_until_ready()
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t0)
+  return {"num_params": count_params(params), "opt_state_bytes": opt_bytes,
+          "compile_s": compile_s, "step_times_s": times, "loss": float(loss),
+          "xla_temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else None,
+          "rss_before_mb": rss0}
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def run_torch(args, mode: str, dtype: str) -> dict:
+  import contextlib
+
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  from shpeft_jax.models.torch_reference import TorchClipClassifier
+  from shpeft_jax.models.clip_vit import get_model_config
+
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  rss0 = _rss_mb()
+  model = TorchClipClassifier.from_config(get_model_config(args.model, args.image_size),
+                                          args.num_classes)
+  model.train()
+
+  class LoRAAttention(nn.Module):
+    """q/v of the frozen fused in-projection plus x @ A @ B (B starts at zero), rank r."""
+
+    def __init__(self, attn: nn.MultiheadAttention, r: int = 8):
+      super().__init__()
+      self.attn, d = attn, attn.embed_dim
+      self.lora_q_a = nn.Parameter(torch.randn(d, r) / d ** 0.5)
+      self.lora_q_b = nn.Parameter(torch.zeros(r, d))
+      self.lora_v_a = nn.Parameter(torch.randn(d, r) / d ** 0.5)
+      self.lora_v_b = nn.Parameter(torch.zeros(r, d))
+
+    def forward(self, x, *unused, need_weights=False):  # x: [L, N, D]
+      a = self.attn
+      q, k, v = F.linear(x, a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
+      q = q + x @ self.lora_q_a @ self.lora_q_b
+      v = v + x @ self.lora_v_a @ self.lora_v_b
+      L, N, D = x.shape
+      h = a.num_heads
+      split = lambda t: t.reshape(L, N, h, D // h).permute(1, 2, 0, 3)
+      o = F.scaled_dot_product_attention(split(q), split(k), split(v))
+      o = o.permute(2, 0, 1, 3).reshape(L, N, D)
+      return (a.out_proj(o), None)
+
+  masks = {}
+  if mode == "lora":
+    for p in model.parameters():
+      p.requires_grad_(False)
+    for blk in model.transformer.resblocks:
+      blk.attn = LoRAAttention(blk.attn)
+    for p in model.head.parameters():
+      p.requires_grad_(True)
+  elif mode == "shpeft":
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+      if not name.startswith("head."):
+        masks[name] = torch.rand(p.shape, generator=g) < args.k_percent / 100
+  elif mode != "full":
+    raise ValueError(f"torch has no mode {mode}")
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+  named = dict(model.named_parameters())
+  rng = np.random.default_rng(1)
+  images = torch.from_numpy(rng.normal(size=(args.batch, 3, args.image_size, args.image_size)).astype(
+      np.float32))
+  labels = torch.from_numpy(rng.integers(0, args.num_classes, args.batch))
+  autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
+              else contextlib.nullcontext())
+  times = []
+  for i in range(args.warmup + args.steps):
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    with autocast:
+      logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    loss.backward()
+    for name, m in masks.items():
+      named[name].grad.mul_(m)
+    opt.step()
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t0)
+  opt_bytes = sum(s["momentum_buffer"].numel() * s["momentum_buffer"].element_size()
+                  for s in opt.state.values() if s.get("momentum_buffer") is not None)
+  return {"num_params": sum(p.numel() for p in model.parameters()), "opt_state_bytes": opt_bytes,
+          "compile_s": 0.0, "step_times_s": times, "loss": float(loss), "xla_temp_mb": None,
+          "rss_before_mb": rss0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+
+
+def single(args) -> dict:
+  fw, mode, dtype = args.single.split(":")
+  run = run_jax if fw == "jax" else run_torch
+  r = run(args, mode, dtype)
+  med = statistics.median(r["step_times_s"])
+  r.update(framework=fw, mode=mode, dtype=dtype, step_s=med,
+           images_per_s=args.batch / med, peak_rss_mb=_peak_rss_mb())
+  return r
+
+
+def parse(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--model", default="ViT-B/16")
+  ap.add_argument("--image_size", type=int, default=224)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--num_classes", type=int, default=4)
+  ap.add_argument("--k_percent", type=float, default=1.0)
+  ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+  ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  ap.add_argument("--modes", default=",".join(MODES))
+  ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--frameworks", default="jax,torch")
+  ap.add_argument("--threads", type=int, default=os.cpu_count())
+  ap.add_argument("--single", default="", help=argparse.SUPPRESS)
+  return ap.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse(argv)
+  if args.single:
+    print("RESULT " + json.dumps(single(args)), flush=True)
+    return
+  results = []
+  passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
+  for dtype in args.dtypes.split(","):
+    for mode in args.modes.split(","):
+      for fw in args.frameworks.split(","):
+        if fw == "torch" and mode == "shpeft_sparse":
+          continue  # No sparse-state optimizer in the PyTorch reference.
+        cmd = [sys.executable, os.path.abspath(__file__), *passthrough,
+               "--single", f"{fw}:{mode}:{dtype}"]
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not line:
+          r = {"framework": fw, "mode": mode, "dtype": dtype,
+               "error": (proc.stderr or proc.stdout)[-2000:]}
+        else:
+          r = json.loads(line[-1][len("RESULT "):])
+        results.append(r)
+        ok = "error" not in r
+        print(f"  {fw:5s} {mode:13s} {dtype:8s} " + (
+            f"{r['images_per_s']:7.2f} img/s  step {r['step_s']:.3f}s  peak RSS "
+            f"{r['peak_rss_mb']:7.0f} MB  opt state {r['opt_state_bytes'] / 2**20:8.2f} MB"
+            if ok else "ERROR " + r["error"].strip().splitlines()[-1]), file=sys.stderr, flush=True)
+
+  def get(fw, mode, dtype):
+    for r in results:
+      if (r["framework"], r["mode"], r["dtype"]) == (fw, mode, dtype) and "error" not in r:
+        return r
+    return None
+
+  ratios = {}
+  for dtype in args.dtypes.split(","):
+    for fw in args.frameworks.split(","):
+      full = get(fw, "full", dtype)
+      for mode in ("shpeft", "shpeft_sparse", "lora"):
+        r = get(fw, mode, dtype)
+        if full and r:
+          ratios[f"{fw}/{dtype}/{mode}_over_full_step_time"] = r["step_s"] / full["step_s"]
+          ratios[f"{fw}/{dtype}/full_over_{mode}_opt_state_bytes"] = (
+              full["opt_state_bytes"] / max(r["opt_state_bytes"], 1))
+    for mode in ("full", "shpeft", "lora"):
+      j, t = get("jax", mode, dtype), get("torch", mode, dtype)
+      if j and t:
+        ratios[f"{dtype}/{mode}/jax_over_torch_images_per_s"] = j["images_per_s"] / t["images_per_s"]
+  print("\n".join(f"  {k:55s} {v:8.3f}" for k, v in ratios.items()), file=sys.stderr)
+  out = {"benchmark": "train_step", "machine": machine(),
+         "config": {k: v for k, v in vars(args).items() if k != "single"},
+         "results": results, "ratios": ratios}
+  print(json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
