@@ -87,6 +87,7 @@ def main():
   ap.add_argument("--chunk", type=int, default=0, help="batches per jitted scan (0: all)")
   ap.add_argument("--num_classes", type=int, default=4)
   ap.add_argument("--skip_torch", action="store_true")
+  ap.add_argument("--torch_threads", type=int, default=0, help="0: os.cpu_count()")
   args = ap.parse_args()
 
   model = clip_vit.build_model(args.model, args.num_classes, image_size=args.image_size)
@@ -107,7 +108,8 @@ def main():
             "loadavg_1min": os.getloadavg()[0]}
   if not args.skip_torch:
     from shpeft_jax.models import convert  # pylint: disable=g-import-not-at-top
-    s2_torch, torch_s = run_torch(model, params, batches, os.cpu_count())
+    threads = args.torch_threads or os.cpu_count()
+    s2_torch, torch_s = run_torch(model, params, batches, threads)
     ours = convert.flax_to_torch_state_dict(
         dict(jax.device_get(acc["sum_sq"]), head=jax.tree.map(np.zeros_like, params["head"])),
         "openai")
@@ -115,7 +117,7 @@ def main():
     err = max(float(np.max(np.abs(ours[n] - v.numpy()))) for n, v in s2_torch.items()) / scale
     record.update({"torch_images_per_s": images / torch_s, "torch_seconds": torch_s,
                    "jax_over_torch": (images / jax_s) / (images / torch_s),
-                   "sum_sq_max_abs_err_rel_to_max": err, "torch_threads": os.cpu_count()})
+                   "sum_sq_max_abs_err_rel_to_max": err, "torch_threads": threads})
   print(json.dumps(record))
   print(f"\nScore pass, {args.model} at {size}px, {args.num_batches} batches x {args.batch} "
         f"images, {record['backend']} ({os.cpu_count()} CPUs, load "
@@ -123,7 +125,8 @@ def main():
   print(f"  JAX scan:      {record['jax_images_per_s']:.2f} images/s "
         f"(first call incl. compile {jax_first:.1f} s)")
   if not args.skip_torch:
-    print(f"  PyTorch eager: {record['torch_images_per_s']:.2f} images/s")
+    print(f"  PyTorch eager: {record['torch_images_per_s']:.2f} images/s "
+          f"({record['torch_threads']} threads)")
     print(f"  ratio JAX/PyTorch: {record['jax_over_torch']:.2f}x; sum g^2 agreement "
           f"(max abs err / max): {record['sum_sq_max_abs_err_rel_to_max']:.1e}")
 
