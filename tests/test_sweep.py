@@ -1,0 +1,129 @@
+"""The sweep: variants, per-run configs, Table 1 / Fig. 4 outputs, and a tiny end-to-end run."""
+
+import csv
+import math
+import os
+import sys
+
+import pytest
+
+from shpeft_jax import sweep
+from shpeft_jax.errors import ConfigError
+from shpeft_jax.peft import methods
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo_config():
+  sys.path.insert(0, REPO)
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  return demo.get_config()
+
+
+def test_default_variants_are_table1_and_ablation_presets_match_the_paper():
+  assert [v.method for v in sweep.build_variants([], [])] == methods.method_names()
+  t4 = sweep.build_variants([], ["table4"])
+  assert [(dict(v.overrides)["mode"], dict(v.overrides)["estimator"]) for v in t4] == [
+      ("ta", "l2"), ("td", "l1"), ("hybrid", "l1"), ("td", "l2"), ("hybrid", "l2")]
+  assert all(v.method == "shpeft" and dict(v.overrides)["lam"] == 1.0 for v in t4)
+  t5 = sweep.build_variants([], ["table5"])
+  assert [dict(v.overrides)["lam"] for v in t5] == [1.5, 1.2, 1.0, 0.8, 0.5]
+  assert [v.method for v in sweep.build_variants(["shpeft"], ["random"])] == ["shpeft", "random"]
+  with pytest.raises(ConfigError, match="ablation"):
+    sweep.build_variants([], ["table9"])
+  with pytest.raises(ConfigError, match="method"):
+    sweep.build_variants(["nope"], [])
+
+
+def test_variant_config_replaces_only_the_variant_fields():
+  base = _demo_config()
+  v = sweep.build_variants([], ["table4"])[1]  # td-L1
+  cfg = sweep.variant_config(base, v, "other_data")
+  assert (cfg.peft.method, cfg.peft.mode, cfg.peft.estimator, cfg.peft.lam) == (
+      "shpeft", "td", "l1", 1.0)
+  assert cfg.data.name == "other_data" and tuple(cfg.methods) == ()
+  assert base.peft.mode == "hybrid" and base.data.name == "digits"  # The base is untouched.
+  assert cfg.optim.lr == base.optim.lr and cfg.model.name == base.model.name
+
+
+def _records():
+  rows = []
+  for ds, f1s in (("d1", (0.5, 0.8)), ("d2", (0.7, 0.6))):
+    for (key, label, pct), f1 in zip((("linear", "Linear Prob", 0.01),
+                                      ("shpeft", "SH-PEFT", 1.0)), f1s):
+      rows.append({"dataset": ds, "variant": key, "label": label, "type": "S", "method": key,
+                   "overrides": {}, "trainable": 1, "total": 100, "trainable_percent": pct,
+                   "f1": f1, "accuracy": f1, "auc": f1})
+  return rows
+
+
+def test_tables_and_plot_from_records(tmp_path):
+  paths = sweep.write_outputs(_records(), str(tmp_path))
+  with open(paths["csv"]) as f:
+    table = list(csv.reader(f))
+  assert table[0] == ["method", "type", "d1", "d2", "avg", "trainable_percent"]
+  assert table[1] == ["Linear Prob", "S", "50.00", "70.00", "60.00", "0.01"]
+  assert table[2] == ["SH-PEFT", "S", "80.00", "60.00", "70.00", "1"]
+  md = open(paths["md"]).read()
+  assert "| Method | Type | d1 | d2 | Avg | Trainable % |" in md
+  assert "| SH-PEFT | S | 80.0 | 60.0 | 70.0 | 1 |" in md
+  import matplotlib.image as mpimg  # pylint: disable=g-import-not-at-top
+  img = mpimg.imread(paths["png"])
+  assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0
+  with open(paths["runs"]) as f:
+    assert len(list(csv.DictReader(f))) == 4
+
+
+def test_run_sweep_layout_and_configs_with_a_recording_runner(tmp_path):
+  base = _demo_config()
+  with base.unlocked():
+    base.pretrain.enabled = False
+  seen = []
+
+  def fake_run(cfg, workdir):
+    seen.append((cfg.data.name, cfg.peft.method, cfg.peft.lam, workdir))
+    return {"trainable": 7, "total": 70, "trainable_percent": 10.0,
+            "test": {"f1_macro": 0.25 if cfg.peft.lam == 0.5 else 0.5, "accuracy": 0.5,
+                     "auc_macro": 0.5}}
+
+  variants = sweep.build_variants(["linear"], ["table5"])
+  records = sweep.run_sweep(base, str(tmp_path), variants, ["a", "b"], run_fn=fake_run)
+  assert len(records) == len(seen) == 2 * 6
+  assert seen[0] == ("a", "linear", 1.0, os.path.join(str(tmp_path), "a", "linear"))
+  assert seen[-1] == ("b", "shpeft", 0.5, os.path.join(str(tmp_path), "b", "lam_0.5"))
+  _, rows = sweep.table_rows(records)
+  assert [r["avg"] for r in rows] == [50.0] * 5 + [25.0]
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_on_the_demo_digits(tmp_path):
+  """The real trainer on the bundled digits with test_tiny and a few steps (CPU)."""
+  base = _demo_config()
+  with base.unlocked():
+    base.model.name = "test_tiny"
+    base.pretrain.enabled = False
+    base.train.num_steps = 3
+    base.train.eval_every = 0
+    base.train.checkpoint_every = 3
+    base.train.batch_size = 16
+    base.peft.score_batches = 1
+    base.peft.k_percent = 5.0
+  variants = sweep.build_variants(["linear", "shpeft", "random"], [])
+  records = sweep.run_sweep(base, str(tmp_path), variants)
+  paths = sweep.write_outputs(records, str(tmp_path))
+  by = {r["variant"]: r for r in records}
+  # Trainable counts agree with the methods table for the same model (5 digits classes).
+  for key in ("linear", "shpeft", "random"):
+    cfg = sweep.variant_config(base, sweep.method_variant(key))
+    shapes = methods.param_shapes("test_tiny", 5, methods.additive_config_for(cfg.peft))
+    assert by[key]["trainable"] == methods.count_trainable(cfg.peft, shapes)["trainable"]
+    assert 0.0 <= by[key]["f1"] <= 1.0
+  assert by["linear"]["trainable"] == 32 * 5 + 5
+  with open(paths["csv"]) as f:
+    rows = {r["method"]: r for r in csv.DictReader(f)}
+  assert math.isclose(float(rows["SH-PEFT"]["digits"]), 100 * by["shpeft"]["f1"], abs_tol=0.006)
+  assert os.path.isfile(os.path.join(str(tmp_path), "digits", "shpeft", "results.json"))
+  assert os.path.getsize(paths["png"]) > 1000
+  # A second call reuses the finished runs (results.json) and gives the same records.
+  again = sweep.run_sweep(base, str(tmp_path), variants)
+  assert [r["f1"] for r in again] == [r["f1"] for r in records]
