@@ -128,3 +128,19 @@ def merge_for_method(params, peft_cfg) -> Any:
   """merge_additive with the LoRA alpha of `config.peft` (what the trainer / export calls)."""
   from shpeft_jax.peft import methods  # pylint: disable=g-import-not-at-top
   return merge_additive(params, methods.additive_config_for(peft_cfg))
+
+
+def export_ready(params, peft_cfg):
+  """(params for the trainer's export/model, merged?): LoRA / SSF folded in when present.
+
+  Adapters and VPT prompts stay as they are (the Flax checkpoint keeps them and still evaluates
+  with the additive model); `python -m shpeft_jax.export` then refuses them with its own error.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not additive_leaves(params):
+    return params, False
+  try:
+    return merge_for_method(params, peft_cfg), True
+  except ConfigError as e:
+    logging.warning("Not merging the additive parameters for export: %s", e)
+    return params, False

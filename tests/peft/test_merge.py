@@ -131,3 +131,18 @@ def test_merged_lora_ssf_model_exports_to_pytorch_like_any_checkpoint(tmp_path):
     y_torch = net(torch.from_numpy(np.ascontiguousarray(X.transpose(0, 3, 1, 2)))).numpy()
   y_add, _ = _forward(model, params, X)
   np.testing.assert_allclose(y_torch, np.asarray(y_add), rtol=0, atol=1e-5)
+
+
+def test_export_ready_merges_lora_ssf_and_leaves_adapters_alone():
+  cfg = methods.default_peft_config()
+  cfg.method = "lora"
+  _, params = _randomised(methods.additive_config_for(cfg))
+  out, merged = merge.export_ready(params, cfg)
+  assert merged and merge.additive_leaves(out) == []
+  cfg.method = "adapter"
+  _, params = _randomised(methods.additive_config_for(cfg))
+  out, merged = merge.export_ready(params, cfg)
+  assert not merged and out is params
+  cfg.method = "bitfit"
+  _, params = _randomised(methods.additive_config_for(cfg))
+  assert merge.export_ready(params, cfg) == (params, False)
