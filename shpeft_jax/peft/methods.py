@@ -504,3 +504,11 @@ def table_markdown(rows, model_name: str = "ViT-B/16", num_classes: int = 4) -> 
     lines.append(f"| {r['label']} (`{r['method']}`) | {r['kind']} | {count} | "
                  f"{r['percent']:.4f} | {r['inference_extra']:,} |")
   return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  # `python -m shpeft_jax.peft.methods [MODEL] [NUM_CLASSES]`: the table of docs/BASELINES.md.
+  import sys  # pylint: disable=g-import-not-at-top
+  _model = sys.argv[1] if len(sys.argv) > 1 else "ViT-B/16"
+  _classes = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+  print(table_markdown(trainable_table(_model, _classes), _model, _classes))
