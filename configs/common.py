@@ -11,6 +11,7 @@ Every field is documented in docs/CONFIG.md.
 
 import ml_collections
 
+from shpeft_jax import distributed
 from shpeft_jax.data import default_data_config  # pylint: disable=unused-import (re-exported)
 from shpeft_jax.peft.methods import default_peft_config
 
@@ -66,5 +67,9 @@ def get_config(arg=None):
   config.mesh.data = -1            # -1: all devices (divided by fsdp)
   config.mesh.fsdp = 1             # > 1: shard parameters FSDP-style over this many devices
 
-  config.distributed = False       # force jax.distributed.initialize() (auto-detected otherwise)
+  # XLA's persistent compilation cache ('' = off; a relative path is inside the workdir).
+  config.compilation_cache_dir = ""
+
+  # Multi-process runs (TPU pods, SLURM, several GPU hosts); empty fields: from the environment.
+  config.distributed = distributed.default_config()
   return config

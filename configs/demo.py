@@ -45,6 +45,9 @@ def get_config(arg=None):
   config.train.checkpoint_every = 100
   config.train.progress_bar = False
 
+  # The four runs share their compiled programs (compiling dominates on a small CPU).
+  config.compilation_cache_dir = "xla_cache"
+
   # Stage 0: pre-train the encoder on the source task (cached in WORKDIR/pretrain).
   config.pretrain = ml_collections.ConfigDict()
   config.pretrain.enabled = True

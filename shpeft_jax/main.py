@@ -1,7 +1,7 @@
 """Entry point: `python -m shpeft_jax.main --config configs/busi.py --workdir /tmp/busi`.
 
 Thin, like the flax examples: parse the flags, bring up JAX (multi-host when the environment says
-so), hide accelerators from TensorFlow (it only feeds data), then `train.train_and_evaluate`.
+so: `shpeft_jax.distributed`), hide accelerators from TensorFlow (it only feeds data), then `train.train_and_evaluate`.
 Config fields are overridden with `--config.train.num_steps=100`; a field the config does not have
 is an error (lock_config=True), reported with the list of fields that do exist.
 """
@@ -21,27 +21,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-# Environment variables that mean "this is one process of a multi-process job".
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                     "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _multiprocess_env() -> bool:
-  for var in _MULTIPROCESS_ENV:
-    value = os.environ.get(var)
-    if value is None:
-      continue
-    if var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-      if value.isdigit() and int(value) > 1:
-        return True
-    elif var == "TPU_WORKER_HOSTNAMES":
-      if "," in value:
-        return True
-    elif value:
-      return True
-  return False
-
 
 def _hide_accelerators_from_tf():
   try:
@@ -66,9 +45,10 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   _hide_accelerators_from_tf()
   import jax  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import distributed  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  if config.get("distributed", False) or _multiprocess_env():
-    jax.distributed.initialize()
+  # Multi-host (TPU pods, SLURM, several GPU hosts): join the world before any JAX computation.
+  distributed.maybe_initialize(config)
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())

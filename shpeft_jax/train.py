@@ -48,6 +48,7 @@ from shpeft_jax.errors import CheckpointError, ConfigError, DataError
 from shpeft_jax.models import clip_vit
 from shpeft_jax.peft import mask_io
 from shpeft_jax.peft import masking
+from shpeft_jax.peft import merge as merge_lib
 from shpeft_jax.peft import methods as methods_lib
 
 PyTree = Any
@@ -126,6 +127,9 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
     raise ConfigError(f"train.num_steps must be positive, got {t.num_steps}.")
   if config.optim.name not in ("sgd", "adamw"):
     raise ConfigError(f"optim.name must be 'sgd' or 'adamw', got {config.optim.name!r}.")
+  warmup = int(config.optim.get("warmup_steps", 0))
+  if not 0 <= warmup < t.num_steps:
+    raise ConfigError(f"optim.warmup_steps={warmup} must be in [0, num_steps={t.num_steps}).")
   if config.optim.schedule not in ("cosine", "constant"):
     raise ConfigError(f"optim.schedule must be 'cosine' or 'constant', got "
                       f"{config.optim.schedule!r}.")
@@ -541,9 +545,9 @@ def run_single(config: ml_collections.ConfigDict, workdir: str) -> dict:
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt = tx.update(grads, state["opt"], params)
     new_params = optax.apply_updates(params, updates)
-    measurements = {"loss": loss, "grad_norm": optax.global_norm(grads),
-                    "update_norm": optax.global_norm(updates),
-                    "param_norm": optax.global_norm(new_params)}
+    measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                    "update_norm": optax.tree.norm(updates),
+                    "param_norm": optax.tree.norm(new_params)}
     new_state = {"params": new_params, "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
     return new_state, measurements
 
@@ -665,9 +669,11 @@ def run_single(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results["test"] = report
   results["reported"] = "best" if use_best else "final"
   if jax.process_index() == 0:
-    ckpt_lib.save_params(export_dir, report_params,
+    # LoRA / SSF are folded into the plain weights so that export/model is a plain CLIP.
+    export_params, merged = merge_lib.export_ready(_host(report_params), config.peft)
+    ckpt_lib.save_params(export_dir, export_params,
                          {**meta, "step": results.get("best_step") or num_steps,
-                          "test": report}, overwrite=True)
+                          "test": report, "merged_additive": merged}, overwrite=True)
     _json_dump(results_path, results)
   writer.close()
   logging.info("%s test: %s", config.peft.method, _fmt(report))
@@ -733,8 +739,8 @@ def _score_stage(config, workdir, loss_fn, params, mesh) -> PyTree:
 # Top level: optional pre-training (the demo) and several methods in one process.
 
 
-def _pretrain(config, workdir: str) -> str:
-  """Trains the demo's encoder on the source task (cached: reused when its export exists)."""
+def _pretrain_config(config) -> ml_collections.ConfigDict:
+  """The run that trains the demo's encoder on the source task: full training from scratch."""
   pre = config.pretrain
   sub = copy.deepcopy(config)
   with sub.unlocked():
@@ -746,28 +752,50 @@ def _pretrain(config, workdir: str) -> str:
     sub.train.report_best = False
     sub.train.eval_every = pre.get("eval_every", 0)
     del sub["pretrain"]
-    del sub["methods"]
+    if "methods" in sub:
+      del sub["methods"]
+  return sub
+
+
+def _pretrain(config, workdir: str) -> str:
+  """Trains the demo's encoder on the source task (cached: reused when its export exists)."""
   out = os.path.join(workdir, "pretrain")
-  res = run_single(sub, out)
-  logging.info("Pre-trained encoder on %s: test %s", pre.data.get("task", pre.data.name),
+  res = run_single(_pretrain_config(config), out)
+  logging.info("Pre-trained encoder on %s: test %s", config.pretrain.data.get("task", ""),
                _fmt(res["test"]))
   return os.path.join(out, "export", "model")
+
+
+def _enable_compilation_cache(config, workdir: str):
+  """XLA's persistent cache: runs of one process (pre-training, several methods) share compiled
+  programs (same model => same init / eval / update HLO), which dominate a CPU demo's time."""
+  cache = config.get("compilation_cache_dir", "")
+  if not cache:
+    return
+  cache = os.path.join(workdir, cache) if not os.path.isabs(cache) else cache
+  os.makedirs(cache, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The entry point of `python -m shpeft_jax.main`. Returns the results (per method)."""
   config = copy.deepcopy(config)
+  _enable_compilation_cache(config, workdir)
   methods = tuple(config.get("methods", ()) or ())
+  pretrain = bool(config.get("pretrain") and config.pretrain.get("enabled", True))
   # Validate every run's config before any long work starts.
+  if pretrain:
+    validate_config(_pretrain_config(config))
   for method in methods or (config.peft.method,):
     c = copy.deepcopy(config)
     with c.unlocked():
       c.peft.method = method
-    if config.get("pretrain") and config.pretrain.get("enabled", True):
-      with c.unlocked():
+      if pretrain:
         c.model.init_checkpoint = ""  # Does not exist yet.
     validate_config(c)
-  if config.get("pretrain") and config.pretrain.get("enabled", True):
+  if pretrain:
     init = _pretrain(config, workdir)
     with config.unlocked():
       config.model.init_checkpoint = init

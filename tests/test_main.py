@@ -1,0 +1,85 @@
+"""`python -m shpeft_jax.main` as a user runs it: the demo pipeline (tiny), reruns, flag errors."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from conftest import REPO_ROOT, XLA_CACHE
+
+
+def _main(*args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "shpeft_jax.main", *args], cwd=REPO_ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+# The demo config, shrunk to the tiny model and a few steps (the same stages and files).
+_TINY_DEMO = ["--config", "configs/demo.py", "--config.model.name=test_tiny",
+              "--config.train.batch_size=16", "--config.train.num_steps=4",
+              "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+              "--config.peft.k_percent=5", "--config.peft.score_batches=2",
+              "--config.pretrain.num_steps=4", "--config.pretrain.eval_every=2",
+              "--config.pretrain.optim.warmup_steps=1",
+              f"--config.compilation_cache_dir={XLA_CACHE}"]
+
+
+def _table_rows(stdout):
+  rows = {}
+  for line in stdout.splitlines():
+    m = re.fullmatch(r"(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", line.strip())
+    if m:
+      rows[m.group(1)] = [float(x) for x in m.groups()[1:]]
+  return rows
+
+
+def test_demo_pipeline_prints_the_table_and_a_rerun_does_nothing(tmp_path):
+  workdir = str(tmp_path / "demo")
+  proc = _main(*_TINY_DEMO, "--workdir", workdir)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = _table_rows(proc.stdout)
+  assert list(rows) == ["shpeft", "full", "linear"], proc.stdout
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  for method, (pct, f1, acc, auc) in rows.items():
+    r = results[method]
+    assert pct == round(100 * r["trainable"] / r["total"], 3)
+    assert (f1, acc, auc) == tuple(round(100 * r["test"][k], 2)
+                                   for k in ("f1_macro", "accuracy", "auc_macro"))
+    meta = json.load(open(os.path.join(workdir, method, "export", "model", "meta.json")))
+    assert meta["model"] == "test_tiny" and meta["method"] == method and meta["num_classes"] == 5
+  assert rows["full"][0] == 100.0
+  # The linear probe trains exactly the head: 32 * 5 + 5 of the tiny model's weights.
+  assert results["linear"]["trainable"] == 32 * 5 + 5
+  # The transfer started from the pre-trained encoder, trained on the other task.
+  pre = json.load(open(os.path.join(workdir, "pretrain", "results.json")))
+  assert pre["dataset"] == "digits_source" and results["shpeft"]["dataset"] == "digits_target"
+  cfg = json.load(open(os.path.join(workdir, "shpeft", "config.json")))
+  assert cfg["model"]["init_checkpoint"] == os.path.join(workdir, "pretrain", "export", "model")
+
+  stamps = {m: os.path.getmtime(os.path.join(workdir, m, "metrics.jsonl"))
+            for m in ("pretrain", "shpeft", "full", "linear")}
+  again = _main(*_TINY_DEMO, "--workdir", workdir)
+  assert again.returncode == 0, again.stderr[-4000:]
+  assert _table_rows(again.stdout) == rows
+  assert stamps == {m: os.path.getmtime(os.path.join(workdir, m, "metrics.jsonl")) for m in stamps}
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path):
+  proc = _main("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
+               "--config.train.num_stepz=3", timeout=120)
+  assert proc.returncode == 2
+  assert "unknown config field" in proc.stderr
+  assert 'Did you mean "num_steps"' in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_bad_input_exits_with_the_message(tmp_path):
+  proc = _main("--config", "configs/common.py", "--workdir", str(tmp_path / "w"),
+               "--config.peft.method=magic", timeout=120)
+  assert proc.returncode == 2
+  assert "error: ConfigError: Unknown peft.method 'magic'" in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()
