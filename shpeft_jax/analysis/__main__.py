@@ -191,8 +191,15 @@ def run_hybridity(args) -> dict:
     for name, path in masks.items():
       f = find_mask_file(path)
       _log(f"[hybridity] loading mask {name} from {f}")
-      trees[name] = mask_io.load_mask(f, pre.params if pre is not None else None)
-    result = hybridity.mask_study(trees, pre, log=_log)
+      trees[name] = mask_io.load_mask(f)
+      if pre is not None:
+        hybridity.check_mask_fits(trees[name], pre.params, f"mask {name!r} ({f})")
+    result = hybridity.mask_study(trees, pre, include_head=args.include_head, log=_log)
+    shared = result.get("shared_task_agnostic")
+    if shared:
+      _log(f"[hybridity] {shared['shared']} positions are in every mask; "
+           f"{100 * shared['fraction']:.1f}% of them are in the top-|M| by |w| "
+           f"(chance {100 * shared['chance']:.3g}%)")
     result["files"] = {n: find_mask_file(p) for n, p in masks.items()}
     sparsity.write_json(result, os.path.join(args.out, "hybridity_masks.json"))
     if "overlap" in result:
@@ -235,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help="fine-tuned checkpoint of one task (repeat for each task)")
   hp.add_argument("--mask", action="append", metavar="NAME=FILE",
                   help="SH-PEFT mask file (or the trainer workdir holding it), repeatable")
+  hp.add_argument("--include_head", action="store_true",
+                  help="compare the masks' head entries too (by default only the encoder, where "
+                  "SH-PEFT selects; the head is always trained)")
   hp.add_argument("--k", default="5,1,0.1,0.05", help="percentages")
   hp.add_argument("--out", required=True)
   hp.add_argument("--title", default=None)

@@ -168,6 +168,25 @@ def task_agnostic_overlap(mask_tree: PyTree, pretrained_params: PyTree,
           "chance": count / vec.size if vec.size else float("nan")}
 
 
+def shared_task_agnostic(masks: Mapping[str, PyTree], cache: dict) -> dict:
+  """Of the positions that EVERY mask selects, the fraction inside the top-|M| by |w|.
+
+  Needs `cache` filled by `task_agnostic_overlap` for the first mask (same names and count). If the
+  shared positions are mostly large-magnitude weights, the task-agnostic term explains what tasks
+  have in common.
+  """
+  tasks = list(masks)
+  names = mask_names(masks[tasks[0]])
+  vecs = [mask_vector(masks[t], names) for t in tasks]
+  shared = np.logical_and.reduce(vecs)
+  ta_vec = cache[(tuple(names), int(np.count_nonzero(vecs[0])))]
+  count = int(np.count_nonzero(shared))
+  inter = int(np.count_nonzero(shared & ta_vec))
+  return {"shared": count, "shared_in_top_abs_w": inter,
+          "fraction": inter / count if count else float("nan"),
+          "chance": float(np.count_nonzero(ta_vec)) / ta_vec.size if ta_vec.size else float("nan")}
+
+
 def layer_distribution(mask_tree: PyTree) -> dict:
   """Per-layer and per-type counts of a mask (selected, size, fraction), from mask_statistics."""
   stats = selection.mask_statistics(mask_tree)
@@ -217,7 +236,8 @@ def finetuned_study(pretrained: sparsity.Checkpoint,
     ta = {t: task_agnostic_overlap(m, pretrained.params, ta_cache) for t, m in masks.items()}
     layers = {t: layer_distribution(m) for t, m in masks.items()}
     per_k.append({"k_percent": float(k), "selection": infos, "overlap": mat,
-                  "task_agnostic": ta, "layers": layers})
+                  "task_agnostic": ta, "shared_task_agnostic": shared_task_agnostic(masks, ta_cache),
+                  "layers": layers})
     off = _off_diagonal_mean(mat)
     log(f"[hybridity] k={k:g}% ({mat['counts'][0]} weights per task): mean pairwise overlap "
         f"{off:.4f} vs chance {float(k) / 100:.4g} ({time.time() - t0:.1f}s)")
@@ -231,11 +251,46 @@ def finetuned_study(pretrained: sparsity.Checkpoint,
   }
 
 
+def encoder_only(mask_tree: PyTree) -> PyTree:
+  """The mask with every leaf outside `encoder/` set to None (not part of the comparison).
+
+  The trainer stores full masks in which the linear head is all True: SH-PEFT always trains the
+  head, it never selects it, and counting its weights would add positions every task "shares".
+  """
+  prefix = sparsity.ENCODER + "/"
+  return jax.tree_util.tree_map_with_path(
+      lambda p, m: m if path_name(p).startswith(prefix) else None, mask_tree, is_leaf=_is_none)
+
+
+def check_mask_fits(mask_tree: PyTree, params: PyTree, what: str = "mask") -> None:
+  """Raises CheckpointError unless the mask's encoder leaves match the params' names and shapes.
+
+  Only the encoder is checked: the head of a pretrained checkpoint belongs to another task (or is
+  absent), while the masks' heads belong to theirs.
+  """
+  prefix = sparsity.ENCODER + "/"
+  m = {k: np.shape(v) for k, v in flatten_names(mask_tree).items()
+       if v is not None and k.startswith(prefix)}
+  p = {k: np.shape(v) for k, v in flatten_names(params).items() if k.startswith(prefix)}
+  missing, extra = sorted(p.keys() - m.keys()), sorted(m.keys() - p.keys())
+  bad = [f"{k}: {m[k]} vs {p[k]}" for k in m.keys() & p.keys() if m[k] != p[k]]
+  if missing or extra or bad:
+    raise CheckpointError(
+        f"The {what} does not fit the pretrained encoder (not in the mask: {missing[:3]}; not in "
+        f"the model: {extra[:3]}; shape mismatches: {bad[:3]}). Use the pretrained checkpoint "
+        "the masks were selected on.")
+
+
 def mask_study(masks: Mapping[str, PyTree], pretrained: sparsity.Checkpoint | None = None, *,
-               log: Callable[[str], None] = logging.info) -> dict:
-  """Overlap of SH-PEFT masks across tasks, their task-agnostic share and layer distribution."""
+               include_head: bool = False, log: Callable[[str], None] = logging.info) -> dict:
+  """Overlap of SH-PEFT masks across tasks, their task-agnostic share and layer distribution.
+
+  By default only the encoder part of each mask is compared (see `encoder_only`).
+  """
   if not masks:
     raise ConfigError("mask_study needs at least one mask.")
+  if not include_head:
+    masks = {t: encoder_only(m) for t, m in masks.items()}
   tasks = list(masks)
   names = mask_names(masks[tasks[0]])
   for t in tasks[1:]:
@@ -254,6 +309,8 @@ def mask_study(masks: Mapping[str, PyTree], pretrained: sparsity.Checkpoint | No
     cache: dict = {}
     out["task_agnostic"] = {t: task_agnostic_overlap(masks[t], pretrained.params, cache)
                             for t in tasks}
+    if len(tasks) >= 2:
+      out["shared_task_agnostic"] = shared_task_agnostic(masks, cache)
     for t, d in out["task_agnostic"].items():
       log(f"[hybridity] mask {t}: {100 * d['overlap']:.1f}% of it is in the top-|M| by |w| "
           f"(chance {100 * d['chance']:.3g}%)")

@@ -83,19 +83,28 @@ def plot_overlap_heatmaps(panels: Sequence[tuple[str, Mapping[str, Any]]], path:
   if n == 0:
     raise ValueError("plot_overlap_heatmaps needs at least one panel.")
   size = max(len(m["tasks"]) for _, m in panels)
-  cell = max(1.0, 0.9 * size)
-  fig, axes = plt.subplots(1, n, figsize=(cell * n + 1.5, cell + 1.2), squeeze=False)
+  cell = max(1.6, 1.15 * size)
+  fig, axes = plt.subplots(1, n, figsize=(cell * n + 2.0, cell + 1.2), squeeze=False,
+                           gridspec_kw={"wspace": 0.45})
   im = None
   for ax, (label, mat) in zip(axes[0], panels):
     o = np.asarray(mat["overlap"], float)
     c = np.asarray(mat["chance"], float)
     tasks = mat["tasks"]
     im = ax.imshow(o, vmin=0.0, vmax=1.0, cmap="viridis")
+    same_chance = bool(np.allclose(c, c.flat[0]))
     for i in range(o.shape[0]):
       for j in range(o.shape[1]):
         color = "black" if o[i, j] > 0.6 else "white"
-        ax.text(j, i, f"{100 * o[i, j]:.1f}%\n(chance {100 * c[i, j]:.3g}%)", ha="center",
-                va="center", fontsize=7, color=color)
+        if i == j:
+          text = f"{100 * o[i, j]:.0f}%"
+        elif same_chance:  # The chance level is in the title; show the ratio to it.
+          text = f"{100 * o[i, j]:.1f}%\n{o[i, j] / c[i, j]:.3g}x chance"
+        else:
+          text = f"{100 * o[i, j]:.1f}%\n(chance {100 * c[i, j]:.2g}%)"
+        ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
+    if same_chance:
+      label = f"{label}\nchance overlap = {100 * c.flat[0]:.2g}%"
     ax.set_xticks(range(len(tasks)))
     ax.set_yticks(range(len(tasks)))
     ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
@@ -103,7 +112,7 @@ def plot_overlap_heatmaps(panels: Sequence[tuple[str, Mapping[str, Any]]], path:
     ax.set_title(label, fontsize=9)
   fig.colorbar(im, ax=list(axes[0]), fraction=0.025, pad=0.02,
                label="overlap |A ∩ B| / |A|")
-  fig.suptitle(title or "Positional overlap of key weights between tasks", fontsize=10)
+  fig.suptitle(title or "Positional overlap of key weights between tasks", fontsize=10, y=1.06)
   try:
     return _save(fig, path)
   finally:
@@ -132,8 +141,14 @@ def plot_overlap_vs_k(per_k: Sequence[Mapping[str, Any]], path: str, *,
   ax.plot(ks, np.asarray(means)[order], "o-", color="tab:blue",
           label="mean overlap between tasks")
   if len(ta) == len(ks):
-    ax.plot(ks, np.asarray(ta)[order], "s--", color="tab:orange",
-            label="overlap with top-k |w| of the pretrained model")
+    ta = np.asarray(ta, float)[order]
+    shown = np.where(ta > 0, ta, np.nan)  # log axis: a zero overlap is marked at the bottom.
+    ax.plot(ks, shown, "s--", color="tab:orange",
+            label="overlap with top-k |w| of the pretrained model (x: 0)")
+    zeros = ks[ta <= 0]
+    if zeros.size:
+      floor = 0.5 * min(np.nanmin(shown) if np.isfinite(shown).any() else 1.0, ks.min() / 100)
+      ax.plot(zeros, np.full(zeros.size, floor), "x", color="tab:orange", ms=9, mew=2)
   ax.plot(ks, ks / 100.0, "k:", label="chance (= k)")
   ax.set_xscale("log")
   ax.set_yscale("log")
@@ -172,7 +187,8 @@ def plot_layer_distribution(layers: Mapping[str, Mapping[str, Any]], path: str, 
     ax.set_xticks(x)
     ax.set_xticklabels(groups, rotation=60, ha="right", fontsize=8)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("% of the group's weights selected")
+    ax.set_ylabel("% of the group's weights selected (log)")
+    ax.set_yscale("log")  # Densities span 0.01%..100%: small layers would vanish on a linear axis.
     ax.legend(fontsize=8)
   fig.suptitle(title or "Per-layer distribution of selected weights (dashed: overall density)",
                fontsize=10)

@@ -116,6 +116,12 @@ def test_cli_errors(tmp_path, ckpts, capsys):
   rc = cli.main(["hybridity", "--pretrained", paths["pre"], "--finetuned", f"a={paths['a']}",
                  "--finetuned", f"a={paths['b']}", "--out", str(tmp_path / "o")])
   assert rc == 2 and "given twice" in capsys.readouterr().err
+  bad_mask = {"encoder": {"ln_post": {"scale": np.ones(7, bool), "bias": np.ones(32, bool)}}}
+  mask_io.save_mask(str(tmp_path / "bad_mask.npz"), bad_mask)
+  rc = cli.main(["hybridity", "--pretrained", paths["pre"], "--mask",
+                 f"x={tmp_path / 'bad_mask.npz'}", "--out", str(tmp_path / "o")])
+  err = capsys.readouterr().err
+  assert rc == 2 and "does not fit the pretrained encoder" in err and "(7,) vs (32,)" in err
   rc = cli.main(["sparsity", "--pretrained", paths["pre"], "--finetuned", paths["a"],
                  "--config", str(tmp_path / "nope.py"), "--out", str(tmp_path / "o")])
   assert rc == 2 and "Config file" in capsys.readouterr().err

@@ -167,7 +167,9 @@ def test_mask_study_on_mask_files(tmp_path, tiny_pair):
   m2, _ = sparsity.top_k_mask(rand, 2.0)
   paths = {}
   for name, m in (("task1", m1), ("task2", m2)):
-    tree = {"encoder": m, "head": {"bias": None, "kernel": None}}
+    # As the trainer writes it: the always-trained head is all True in the file.
+    tree = {"encoder": m, "head": jax.tree_util.tree_map(lambda x: np.ones(x.shape, bool),
+                                                          ft["head"])}
     paths[name] = str(tmp_path / f"{name}_mask.npz")
     mask_io.save_mask(paths[name], tree)
   masks = {t: mask_io.load_mask(p, pre) for t, p in paths.items()}
@@ -178,6 +180,20 @@ def test_mask_study_on_mask_files(tmp_path, tiny_pair):
   assert result["overlap"]["n"] == v1.size
   assert set(result["task_agnostic"]) == {"task1", "task2"}
   assert result["layers"]["task1"]["total"]["selected"] == int(v1.sum())
+  # Positions both masks share, and which of them are in the top-|M| by |w|, by brute force.
+  top_w = np.argsort(-np.concatenate([np.abs(v).reshape(-1) for v in flatten_names(
+      pre["encoder"]).values()]), kind="stable")[:int(v1.sum())]
+  in_top = np.zeros(v1.size, bool)
+  in_top[top_w] = True
+  shared = result["shared_task_agnostic"]
+  assert shared["shared"] == int(np.count_nonzero(v1 & v2))
+  assert shared["shared_in_top_abs_w"] == int(np.count_nonzero(v1 & v2 & in_top))
+  assert result["task_agnostic"]["task1"]["intersection"] == int(np.count_nonzero(v1 & in_top))
+  # The head is left out unless asked for: with it, both masks share every head weight.
+  with_head = hybridity.mask_study(masks, _ckpt(pre), include_head=True, log=lambda s: None)
+  n_head = sum(x.size for x in jax.tree_util.tree_leaves(ft["head"]))
+  assert with_head["overlap"]["n"] == v1.size + n_head
+  assert with_head["overlap"]["intersection"][0][1] == int(np.count_nonzero(v1 & v2)) + n_head
   # A mask over other parameters cannot be compared.
   other = {"encoder": {"ln_post": m1["ln_post"]}}
   with pytest.raises(CheckpointError, match="different parameters"):
