@@ -63,7 +63,8 @@ def machine() -> dict:
 # JAX
 
 
-def run_jax(args, mode: str, dtype: str) -> dict:
+def build_jax(args, mode: str, dtype: str):
+  """(run_step() -> loss, info) for a jitted, donated train step of `mode`."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -132,24 +133,24 @@ def run_jax(args, mode: str, dtype: str) -> dict:
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  times = []
-  for i in range(args.warmup + args.steps):
-    t0 = time.perf_counter()
-    state, loss = compiled(state, batch)
-    loss.block_until_ready()
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t0)
-  return {"num_params": count_params(params), "opt_state_bytes": opt_bytes,
-          "compile_s": compile_s, "step_times_s": times, "loss": float(loss),
-          "xla_temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else None,
-          "rss_before_mb": rss0}
+  box = {"state": state}
+
+  def run_step() -> float:
+    box["state"], loss = compiled(box["state"], batch)
+    return float(loss)  # Blocks until the step is done.
+
+  return run_step, {"num_params": count_params(params), "opt_state_bytes": opt_bytes,
+                    "compile_s": compile_s,
+                    "xla_temp_mb": getattr(mem, "temp_size_in_bytes", 0) / 2**20 if mem else None,
+                    "rss_before_mb": rss0}
 
 
 # ------------------------------------------------------------------------------------------------
 # PyTorch
 
 
-def run_torch(args, mode: str, dtype: str) -> dict:
+def build_torch(args, mode: str, dtype: str):
+  """(run_step() -> loss, info) for an eager PyTorch train step of `mode`."""
   import contextlib
 
   import numpy as np
@@ -214,9 +215,8 @@ def run_torch(args, mode: str, dtype: str) -> dict:
   labels = torch.from_numpy(rng.integers(0, args.num_classes, args.batch))
   autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16"
               else contextlib.nullcontext())
-  times = []
-  for i in range(args.warmup + args.steps):
-    t0 = time.perf_counter()
+
+  def run_step() -> float:
     opt.zero_grad(set_to_none=True)
     with autocast:
       logits = model(images)
@@ -225,27 +225,80 @@ def run_torch(args, mode: str, dtype: str) -> dict:
     for name, m in masks.items():
       named[name].grad.mul_(m)
     opt.step()
-    if i >= args.warmup:
-      times.append(time.perf_counter() - t0)
+    return loss.item()
+
+  run_step()  # Creates the momentum buffers, so that their size can be reported.
   opt_bytes = sum(s["momentum_buffer"].numel() * s["momentum_buffer"].element_size()
                   for s in opt.state.values() if s.get("momentum_buffer") is not None)
-  return {"num_params": sum(p.numel() for p in model.parameters()), "opt_state_bytes": opt_bytes,
-          "compile_s": 0.0, "step_times_s": times, "loss": float(loss), "xla_temp_mb": None,
-          "rss_before_mb": rss0}
+  return run_step, {"num_params": sum(p.numel() for p in model.parameters()),
+                    "opt_state_bytes": opt_bytes, "compile_s": 0.0, "xla_temp_mb": None,
+                    "rss_before_mb": rss0}
 
 
 # ------------------------------------------------------------------------------------------------
 # Driver
 
 
+def _build(args, entry: str):
+  fw, mode, dtype = entry.split(":")
+  return (build_jax if fw == "jax" else build_torch)(args, mode, dtype)
+
+
+def _timed(run_step) -> tuple[float, float, float]:
+  """(wall seconds, CPU seconds of this process over all threads, loss) of one step.
+
+  The machine may be shared: CPU seconds are what the step itself consumed, wall seconds include
+  time spent waiting for cores that other processes hold.
+  """
+  w, c = time.perf_counter(), time.process_time()
+  loss = run_step()
+  return time.perf_counter() - w, time.process_time() - c, loss
+
+
+def _summary(args, times: list[tuple[float, float, float]]) -> dict:
+  wall = statistics.median(t[0] for t in times)
+  cpu = statistics.median(t[1] for t in times)
+  return {"step_times_s": [t[0] for t in times], "step_cpu_s": [t[1] for t in times],
+          "step_s": wall, "cpu_s": cpu, "images_per_s": args.batch / wall,
+          "images_per_cpu_s": args.batch / cpu, "loss": times[-1][2]}
+
+
 def single(args) -> dict:
+  """One configuration in this process: its peak RSS is its own."""
   fw, mode, dtype = args.single.split(":")
-  run = run_jax if fw == "jax" else run_torch
-  r = run(args, mode, dtype)
-  med = statistics.median(r["step_times_s"])
-  r.update(framework=fw, mode=mode, dtype=dtype, step_s=med,
-           images_per_s=args.batch / med, peak_rss_mb=_peak_rss_mb())
+  run_step, info = _build(args, args.single)
+  for _ in range(args.warmup):
+    run_step()
+  r = {**info, **_summary(args, [_timed(run_step) for _ in range(args.steps)])}
+  r.update(framework=fw, mode=mode, dtype=dtype, peak_rss_mb=_peak_rss_mb())
   return r
+
+
+def paired(args) -> dict:
+  """Several configurations in ONE process, their steps interleaved round by round.
+
+  On a shared machine the load changes from minute to minute; interleaving exposes every
+  configuration to the same load, and the ratio of two configurations is taken per round (then
+  the median), which is far steadier than a ratio of two runs made minutes apart.
+  """
+  entries = args.paired.split(",")
+  steps = {}
+  for e in entries:
+    steps[e] = _build(args, e)
+  for _ in range(args.warmup):
+    for e in entries:
+      steps[e][0]()
+  rounds = []
+  for _ in range(args.steps):
+    rounds.append({e: _timed(steps[e][0]) for e in entries})
+  out = {e: {**steps[e][1], **_summary(args, [r[e] for r in rounds])} for e in entries}
+  ratios = {}
+  for a in entries:
+    for b in entries:
+      if a != b:
+        ratios[f"{a}/{b}:wall"] = statistics.median(r[a][0] / r[b][0] for r in rounds)
+        ratios[f"{a}/{b}:cpu"] = statistics.median(r[a][1] / r[b][1] for r in rounds)
+  return {"entries": out, "step_time_ratios": ratios}
 
 
 def parse(argv=None):
@@ -262,6 +315,9 @@ def parse(argv=None):
   ap.add_argument("--frameworks", default="jax,torch")
   ap.add_argument("--threads", type=int, default=os.cpu_count())
   ap.add_argument("--single", default="", help=argparse.SUPPRESS)
+  ap.add_argument("--paired", default="",
+                  help="comma-separated fw:mode:dtype entries timed interleaved in one process, "
+                       "e.g. jax:full:float32,jax:shpeft:float32 (prints one JSON line)")
   return ap.parse_args(argv)
 
 
@@ -269,6 +325,16 @@ def main(argv=None):
   args = parse(argv)
   if args.single:
     print("RESULT " + json.dumps(single(args)), flush=True)
+    return
+  if args.paired:
+    pr = paired(args)
+    for e, r in pr["entries"].items():
+      print(f"  {e:28s} {r['images_per_s']:7.2f} img/s  {r['images_per_cpu_s']:7.2f} img/CPU-s  "
+            f"step {r['step_s']:.2f}s wall {r['cpu_s']:.2f}s CPU", file=sys.stderr)
+    for k, v in pr["step_time_ratios"].items():
+      print(f"  {k:70s} {v:7.3f}", file=sys.stderr)
+    print(json.dumps({"benchmark": "train_step_paired", "machine": machine(),
+                      "config": {k: v for k, v in vars(args).items() if k != "single"}, **pr}))
     return
   results = []
   passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -290,7 +356,7 @@ def main(argv=None):
         results.append(r)
         ok = "error" not in r
         print(f"  {fw:5s} {mode:13s} {dtype:8s} " + (
-            f"{r['images_per_s']:7.2f} img/s  step {r['step_s']:.3f}s  peak RSS "
+            f"{r['images_per_s']:7.2f} img/s {r['images_per_cpu_s']:7.2f} img/CPU-s  peak RSS "
             f"{r['peak_rss_mb']:7.0f} MB  opt state {r['opt_state_bytes'] / 2**20:8.2f} MB"
             if ok else "ERROR " + r["error"].strip().splitlines()[-1]), file=sys.stderr, flush=True)
 
@@ -308,12 +374,15 @@ def main(argv=None):
         r = get(fw, mode, dtype)
         if full and r:
           ratios[f"{fw}/{dtype}/{mode}_over_full_step_time"] = r["step_s"] / full["step_s"]
+          ratios[f"{fw}/{dtype}/{mode}_over_full_step_cpu"] = r["cpu_s"] / full["cpu_s"]
           ratios[f"{fw}/{dtype}/full_over_{mode}_opt_state_bytes"] = (
               full["opt_state_bytes"] / max(r["opt_state_bytes"], 1))
     for mode in ("full", "shpeft", "lora"):
       j, t = get("jax", mode, dtype), get("torch", mode, dtype)
       if j and t:
         ratios[f"{dtype}/{mode}/jax_over_torch_images_per_s"] = j["images_per_s"] / t["images_per_s"]
+        ratios[f"{dtype}/{mode}/jax_over_torch_images_per_cpu_s"] = (
+            j["images_per_cpu_s"] / t["images_per_cpu_s"])
   print("\n".join(f"  {k:55s} {v:8.3f}" for k, v in ratios.items()), file=sys.stderr)
   out = {"benchmark": "train_step", "machine": machine(),
          "config": {k: v for k, v in vars(args).items() if k != "single"},
