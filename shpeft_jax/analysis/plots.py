@@ -62,7 +62,7 @@ def plot_sparsity(result: Mapping[str, Any], path: str, *, title: str | None = N
   ax.set_xticks(ks)
   ax.set_xticklabels([f"{k:g}" for k in ks], fontsize=8)
   ax.grid(True, which="major", alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
+  ax.legend(fontsize=8, loc="upper left")  # The curve rises left to right: upper left is free.
   ax.set_title(title or f"Sparsity: {result.get('model', '')}, "
                f"{result.get('num_encoder_weights', '?')} encoder weights")
   try:
