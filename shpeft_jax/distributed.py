@@ -7,8 +7,9 @@ decides, before any JAX computation, whether this process is part of such a worl
   1. explicit settings: `config.distributed.*` (or an args object with the same field names);
   2. our environment variables, set by the scripts in `launch/`:
      SHPEFT_COORDINATOR=host:port, SHPEFT_NUM_PROCESSES, SHPEFT_PROCESS_ID,
-     SHPEFT_LOCAL_DEVICE_IDS (optional, e.g. "0" or "0,1"), SHPEFT_INIT_TIMEOUT (seconds),
-     SHPEFT_DISTRIBUTED=off (force a single process);
+     SHPEFT_LOCAL_DEVICE_IDS (optional, e.g. "0" or "0,1"), SHPEFT_INIT_TIMEOUT,
+     SHPEFT_HEARTBEAT_TIMEOUT, SHPEFT_SHUTDOWN_TIMEOUT (seconds), SHPEFT_DISTRIBUTED=off (force a
+     single process);
   3. SLURM (`srun`): SLURM_NTASKS > 1, coordinator = first host of SLURM_JOB_NODELIST;
   4. JAX's own detection (`jax.distributed.initialize()` without arguments) for Cloud TPU VMs
      and pod slices (TPU chips on PCI, TPU_WORKER_HOSTNAMES, MEGASCALE_COORDINATOR_ADDRESS for
@@ -59,7 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
       "initialization_timeout": _DEFAULT_TIMEOUT,  # seconds to wait for all processes to arrive
       "preflight": True,              # TCP rendezvous before jax's own (aborting) initialisation
       "heartbeat_timeout": 100,       # seconds before a silent process is declared dead
-      "shutdown_timeout": 60,         # seconds a finishing process waits for the others at exit
+      # Seconds a finishing process waits at JAX's shutdown barrier for the others (also how long
+      # a failed process lingers before the world stops). Must cover process 0's final writes.
+      "shutdown_timeout": 300,
   })
 
 
@@ -74,7 +77,7 @@ class DistributedSpec:
   initialization_timeout: int = _DEFAULT_TIMEOUT
   preflight: bool = True
   heartbeat_timeout: int = 100
-  shutdown_timeout: int = 60
+  shutdown_timeout: int = 300
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,11 +238,13 @@ def resolve(config: Any = None, environ: Mapping[str, str] | None = None) -> Dis
   timeout = s.get("initialization_timeout")
   if env.get("SHPEFT_INIT_TIMEOUT"):
     timeout = _parse_int(env["SHPEFT_INIT_TIMEOUT"], "SHPEFT_INIT_TIMEOUT")
+  heartbeat = env.get("SHPEFT_HEARTBEAT_TIMEOUT") or s.get("heartbeat_timeout") or 100
+  shutdown = env.get("SHPEFT_SHUTDOWN_TIMEOUT") or s.get("shutdown_timeout") or 300
   common = dict(
       initialization_timeout=int(timeout) if _is_set(timeout) else _DEFAULT_TIMEOUT,
       preflight=bool(s["preflight"]) if s.get("preflight") is not None else True,
-      heartbeat_timeout=int(s.get("heartbeat_timeout") or 100),
-      shutdown_timeout=int(s.get("shutdown_timeout") or 60),
+      heartbeat_timeout=_parse_int(heartbeat, "heartbeat_timeout"),
+      shutdown_timeout=_parse_int(shutdown, "shutdown_timeout"),
   )
 
   addr, n, i = s.get("coordinator_address"), s.get("num_processes"), s.get("process_id")

@@ -47,11 +47,18 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
 
 def run_processes(argv: list[str], envs: list[dict[str, str]], logdir: pathlib.Path,
                   timeout: float) -> list[tuple[int, str]]:
-  """Starts one process per env, waits for all (at most `timeout` s); returns (rc, output)."""
+  """Starts `argv` once per env, waits for all (at most `timeout` s); returns (rc, output)."""
+  return run_processes_each([argv] * len(envs), envs, logdir, timeout)
+
+
+def run_processes_each(argvs: list[list[str]], envs: list[dict[str, str]], logdir: pathlib.Path,
+                       timeout: float) -> list[tuple[int, str]]:
+  """Starts argvs[i] with envs[i]; waits for all (at most `timeout` s); returns (rc, output)."""
   logdir.mkdir(parents=True, exist_ok=True)
   procs, logs = [], []
   try:
-    for i, extra in enumerate(envs):
+    for argv, extra in zip(argvs, envs):
+      i = len(procs)
       log = open(logdir / f"process_{i}.log", "w+")
       logs.append(log)
       procs.append(subprocess.Popen(argv, env=_child_env(extra), stdout=log,
@@ -415,33 +422,17 @@ def test_trainer_two_processes_match_one_process_and_checkpoint_restores(tmp_pat
   """SH-PEFT (score -> select -> 6 SGD steps, evals, checkpoints) in a 2-process world equals the
   single-process run with the same global batch; its step-3 checkpoint resumes in one process."""
   single, multi, resumed = tmp_path / "single", tmp_path / "multi", tmp_path / "resumed"
-  # The single-process reference runs alongside the 2-process world (3 processes at once).
-  envs = world_envs(2, timeout=60) + [{}]
-  argvs = [_train_argv(multi)] * 2 + [_train_argv(single)]
-  procs_out = []
-  logdir = tmp_path / "logs"
-  logdir.mkdir()
-  procs = []
-  try:
-    for i, (argv, extra) in enumerate(zip(argvs, envs)):
-      log = open(logdir / f"run_{i}.log", "w+")
-      procs.append((subprocess.Popen(argv, env=_child_env(extra), stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=str(REPO),
-                                     start_new_session=True), log))
-    deadline = time.monotonic() + 600
-    for p, _ in procs:
-      p.wait(timeout=max(0.1, deadline - time.monotonic()))
-  finally:
-    for p, log in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-      log.seek(0)
-      procs_out.append((p.returncode, log.read()))
-      log.close()
-  for rc, out in procs_out:
+  # The 2-process world comes from launch/local_multiprocess.sh (as a user would start it); the
+  # single-process reference runs alongside (3 processes at once).
+  mp_logs = tmp_path / "mp_logs"
+  launcher = [str(LAUNCH / "local_multiprocess.sh"), "-n", "2", "-t", "120", "-l", str(mp_logs),
+              "--", *_train_argv(multi)[3:]]
+  outs = run_processes_each([launcher, _train_argv(single)],
+                            [{"PYTHON": sys.executable}, {}], tmp_path / "logs", timeout=600)
+  for rc, out in outs:
     assert rc == 0, out[-5000:]
-  assert "process 1 of 2" in procs_out[1][1]  # main.py's start-up line: it really was 2 processes.
+  log1 = (mp_logs / "process_1.log").read_text()
+  assert "process 1 of 2" in log1, log1[-3000:]  # main.py's start-up line.
 
   # Same trainable mask (scores from the same data), same loss at every step, same params.
   from shpeft_jax.peft import mask_io  # pylint: disable=g-import-not-at-top
@@ -475,3 +466,156 @@ def test_trainer_two_processes_match_one_process_and_checkpoint_restores(tmp_pat
   assert "Resumed from the checkpoint at step 3" in out
   assert [l["step"] for l in _train_lines(resumed)] == [4, 5, 6]
   _assert_same_params(p_single, _flat_params(resumed), "2-process checkpoint resumed in 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# launch/ scripts: syntax, usage, and their wiring run against stand-ins for python / srun /
+# gcloud (the real commands cannot run here; the stand-ins record or execute what they get).
+
+LAUNCH = REPO / "launch"
+SCRIPTS = ["local_multiprocess.sh", "multi_gpu.sh", "slurm.sbatch", "tpu_vm.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_script_syntax_and_usage(script):
+  path = LAUNCH / script
+  assert os.access(path, os.X_OK), f"{script} is not executable"
+  subprocess.run(["bash", "-n", str(path)], check=True)
+  if shutil.which("shellcheck"):
+    res = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+  res = subprocess.run(["bash", str(path), "-h"], capture_output=True, text=True, timeout=30,
+                       env=_child_env({}))
+  assert res.returncode == 0 and "Usage:" in res.stdout, res.stdout + res.stderr
+  assert "Data:" in res.stdout and "Checkpoints:" in res.stdout  # Placement is documented.
+
+
+def _fake_python(tmp_path) -> str:
+  """A `python3` stand-in that runs the init worker (joins the world, prints argv)."""
+  worker = tmp_path / "init_worker.py"
+  worker.write_text(_INIT_WORKER + "print('ARGV', sys.argv[1:], flush=True)\n")
+  fake = tmp_path / "fake_python"
+  fake.write_text(f'#!/bin/bash\nexec {sys.executable} {worker} "$@"\n')
+  fake.chmod(0o755)
+  return str(fake)
+
+
+def test_local_multiprocess_script_starts_a_world(tmp_path):
+  env = _child_env({"PYTHON": _fake_python(tmp_path)})
+  logs = tmp_path / "logs"
+  res = subprocess.run([str(LAUNCH / "local_multiprocess.sh"), "-n", "2", "-d", "2", "-l",
+                        str(logs), "--", "--config", "c.py", "--workdir", "/tmp/w"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO))
+  assert res.returncode == 0, res.stderr[-3000:]
+  for i in range(2):
+    out = (logs / f"process_{i}.log").read_text()
+    assert f"JOINED process {i} of 2" in out, out[-2000:]
+    assert "'-m', 'shpeft_jax.main', '--config', 'c.py', '--workdir', '/tmp/w'" in out
+
+
+def test_local_multiprocess_script_reports_a_failed_process(tmp_path):
+  """Process 1 exits with an error: the script stops the others and fails, within seconds."""
+  worker = tmp_path / "fail_worker.py"
+  worker.write_text(_INIT_WORKER + textwrap.dedent("""
+      if jax.process_index() == 1:
+        sys.exit(5)
+      time.sleep(300)
+  """))
+  fake = tmp_path / "fake_python"
+  fake.write_text(f'#!/bin/bash\nexec {sys.executable} {worker} "$@"\n')
+  fake.chmod(0o755)
+  env = _child_env({"PYTHON": str(fake), "SHPEFT_SHUTDOWN_TIMEOUT": "3"})
+  t0 = time.monotonic()
+  res = subprocess.run([str(LAUNCH / "local_multiprocess.sh"), "-n", "2", "-l",
+                        str(tmp_path / "logs"), "--", "--x"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO),
+                       start_new_session=True)
+  assert res.returncode == 1
+  assert "Process 1 failed" in res.stderr
+  assert time.monotonic() - t0 < 60
+
+
+def test_slurm_sbatch_with_stand_in_srun(tmp_path):
+  """slurm.sbatch under a fake `srun` (runs SLURM_NTASKS local tasks) and `scontrol`."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "scontrol").write_text('#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && '
+                                    'echo localhost && echo otherhost\n')
+  (bin_dir / "srun").write_text(textwrap.dedent("""\
+      #!/bin/bash
+      while [[ "$1" == --* ]]; do echo "srun option $1" >&2; shift; done
+      pids=()
+      for ((i = 0; i < SLURM_NTASKS; i++)); do
+        SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$SRUN_LOGS/task_$i.log" 2>&1 &
+        pids+=($!)
+      done
+      status=0
+      for p in "${pids[@]}"; do wait $p || status=1; done
+      exit $status
+  """))
+  for f in ("scontrol", "srun"):
+    (bin_dir / f).chmod(0o755)
+  env = _child_env({
+      "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": _fake_python(tmp_path),
+      "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost,otherhost", "SLURM_NTASKS": "2",
+      "SLURM_JOB_NUM_NODES": "1", "SHPEFT_PORT": str(distributed.free_port()),
+      "SHPEFT_INIT_TIMEOUT": "30", "SRUN_LOGS": str(tmp_path)})
+  res = subprocess.run([str(LAUNCH / "slurm.sbatch"), "--config", "c.py", "--workdir", "/w"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO))
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "srun option --kill-on-bad-exit=1" in res.stderr
+  assert f"coordinator localhost:{env['SHPEFT_PORT']}" in res.stderr
+  for i in range(2):
+    out = (tmp_path / f"task_{i}.log").read_text()
+    assert f"JOINED process {i} of 2" in out, out[-2000:]
+    assert "'--config', 'c.py', '--workdir', '/w'" in out
+
+
+def test_tpu_vm_script_issues_the_gcloud_commands(tmp_path):
+  """tpu_vm.sh `all` against a recording `gcloud`: create, copy + install, run on all, fetch."""
+  record = tmp_path / "gcloud.jsonl"
+  copies = tmp_path / "copied"
+  copies.mkdir()
+  fake = tmp_path / "gcloud"
+  fake.write_text(textwrap.dedent(f"""\
+      #!{sys.executable}
+      import json, os, shutil, sys
+      with open({str(record)!r}, "a") as f:
+        f.write(json.dumps(sys.argv[1:]) + "\\n")
+      if sys.argv[4] == "scp":
+        src = sys.argv[5] if not sys.argv[5].startswith("--") else sys.argv[6]
+        if os.path.isfile(src):
+          shutil.copy(src, {str(copies)!r})
+  """))
+  fake.chmod(0o755)
+  config = tmp_path / "my_config.py"
+  config.write_text("def get_config():\n  pass\n")
+  env = _child_env({"GCLOUD": str(fake), "TPU_NAME": "shpeft-test", "ZONE": "us-central2-b",
+                    "ACCELERATOR_TYPE": "v4-32", "PROJECT": "my-proj"})
+  res = subprocess.run([str(LAUNCH / "tpu_vm.sh"), "all", str(config), "/mnt/gcs/runs/busi",
+                        str(tmp_path / "back"), "--config.train.num_steps=5"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO))
+  assert res.returncode == 0, res.stderr
+  calls = [json.loads(l) for l in record.read_text().splitlines()]
+  subs = [c[3] for c in calls]
+  assert subs == ["create", "scp", "ssh", "scp", "ssh", "scp"]
+  assert all(c[:3] == ["compute", "tpus", "tpu-vm"] for c in calls)
+  assert all("--zone=us-central2-b" in c and "--project=my-proj" in c for c in calls)
+  assert "--accelerator-type=v4-32" in calls[0] and "shpeft-test" in calls[0]
+  # Source archive to every worker, then install on every worker.
+  assert "--worker=all" in calls[1] and "--worker=all" in calls[2]
+  install = next(a for a in calls[2] if a.startswith("--command="))
+  assert "jax[tpu]==0.10.2" in install and "pip install -q -e shpeft_jax" in install
+  archive = next(copies.glob("shpeft_src*.tar.gz"))
+  listing = subprocess.run(["tar", "-tzf", str(archive)], capture_output=True, text=True).stdout
+  assert "shpeft_jax/distributed.py" in listing and "launch/tpu_vm.sh" in listing
+  # The config goes to every worker; the trainer runs on every worker at once.
+  assert "shpeft-test:shpeft_jax/configs/launch_my_config.py" in calls[3]
+  assert (copies / "my_config.py").exists()
+  run = next(a for a in calls[4] if a.startswith("--command="))
+  assert "--worker=all" in calls[4] and "$HOME/shpeft_venv/bin/python" in run
+  assert ("-m shpeft_jax.main --config configs/launch_my_config.py "
+          "--workdir /mnt/gcs/runs/busi --config.train.num_steps=5 2>&1 | tee") in run
+  # The workdir comes back from worker 0.
+  assert calls[5][4:7] == ["--recurse", "shpeft-test:/mnt/gcs/runs/busi", str(tmp_path / "back")]
+  assert "--worker=0" in calls[5]
