@@ -247,16 +247,24 @@ def make_optimizer(optim_cfg, num_steps: int, mask: PyTree) -> optax.GradientTra
     if optim_cfg.schedule != "cosine":
       raise ConfigError("optim.name='sgd' uses the paper's cosine schedule; set "
                         "optim.schedule='cosine'.")
-    return masking.optimizer(dict(
+    return _mask_optimizer(optim_cfg, masking.optimizer(dict(
         lr=float(optim_cfg.lr), total_steps=int(num_steps),
         warmup_steps=int(optim_cfg.get("warmup_steps", 0)),
         momentum=optim_cfg.get("momentum", 0.9),
         weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
-        grad_clip_norm=clip or None), mask).tx
+        grad_clip_norm=clip or None)).tx, mask)
   parts = [optax.clip_by_global_norm(clip)] if clip else []
   parts.append(optax.adamw(make_optimizer_schedule(optim_cfg, num_steps),
                            weight_decay=float(optim_cfg.get("weight_decay", 0.0))))
-  return masking.masked_update(optax.chain(*parts), mask)
+  return _mask_optimizer(optim_cfg, optax.chain(*parts), mask)
+
+
+def _mask_optimizer(optim_cfg, tx, mask) -> optax.GradientTransformation:
+  """`optim.sparse_state=True`: state for the selected weights only (peft/sparse_optim.py)."""
+  if optim_cfg.get("sparse_state", False):
+    from shpeft_jax.peft import sparse_optim  # pylint: disable=g-import-not-at-top
+    return sparse_optim.sparse_masked_optimizer(tx, mask)
+  return masking.masked_update(tx, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +541,10 @@ def run_single(config: ml_collections.ConfigDict, workdir: str) -> dict:
   init_opt = lambda p, m: make_optimizer(config.optim, t.num_steps, m).init(p)
   abstract_opt = jax.eval_shape(init_opt, abstract_params, host_mask)
   opt_sh = tree_shardings(mesh, abstract_opt)
-  opt = jax.jit(init_opt, in_shardings=(param_sh, mask_sh), out_shardings=opt_sh)(params, mask)
+  if config.optim.get("sparse_state", False):  # Indices come from the host mask in `tx`.
+    opt = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)(params)
+  else:
+    opt = jax.jit(init_opt, in_shardings=(param_sh, mask_sh), out_shardings=opt_sh)(params, mask)
   del mask
   state = {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32), "rng": rng_state}
   state_sh = {"params": param_sh, "opt": opt_sh, "step": repl, "rng": repl}
@@ -751,9 +762,9 @@ def _pretrain_config(config) -> ml_collections.ConfigDict:
     sub.train.num_steps = pre.num_steps
     sub.train.report_best = False
     sub.train.eval_every = pre.get("eval_every", 0)
-    del sub["pretrain"]
-    if "methods" in sub:
-      del sub["methods"]
+    for key in ("pretrain", "methods", "method_overrides"):
+      if key in sub:
+        del sub[key]
   return sub
 
 
@@ -779,6 +790,27 @@ def _enable_compilation_cache(config, workdir: str):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def method_config(config, method: str) -> ml_collections.ConfigDict:
+  """`config` with peft.method = method and `config.method_overrides[method]` merged in.
+
+  Overrides are nested like the config ({'optim': {'lr': 3.0}}); an unknown field is an error.
+  """
+  c = copy.deepcopy(config)
+  c.peft.method = method
+  overrides = config.get("method_overrides") or {}
+  if method in overrides:
+    try:
+      c.update(overrides[method])
+    except (AttributeError, KeyError) as e:
+      raise ConfigError(f"method_overrides.{method} names a field the config does not have: "
+                        f"{e}.") from e
+  for key in ("methods", "method_overrides"):
+    if key in c:
+      with c.unlocked():
+        del c[key]
+  return c
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The entry point of `python -m shpeft_jax.main`. Returns the results (per method)."""
   config = copy.deepcopy(config)
@@ -789,11 +821,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if pretrain:
     validate_config(_pretrain_config(config))
   for method in methods or (config.peft.method,):
-    c = copy.deepcopy(config)
-    with c.unlocked():
-      c.peft.method = method
-      if pretrain:
-        c.model.init_checkpoint = ""  # Does not exist yet.
+    c = method_config(config, method)
+    if pretrain:
+      c.model.init_checkpoint = ""  # Does not exist yet.
     validate_config(c)
   if pretrain:
     init = _pretrain(config, workdir)
@@ -803,9 +833,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return run_single(config, workdir)
   results = {}
   for method in methods:
-    c = copy.deepcopy(config)
-    with c.unlocked():
-      c.peft.method = method
+    c = method_config(config, method)
     results[method] = run_single(c, os.path.join(workdir, method.replace("/", "_")))
   table = format_table(results)
   if jax.process_index() == 0:
