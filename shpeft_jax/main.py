@@ -46,14 +46,18 @@ def main(argv):
   _hide_accelerators_from_tf()
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax import distributed  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.errors import ShpeftError  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   # Multi-host (TPU pods, SLURM, several GPU hosts): join the world before any JAX computation.
-  distributed.maybe_initialize(config)
+  try:
+    distributed.maybe_initialize(config)
+  except ShpeftError as e:  # A wrong coordinator / process count: say so, exit, never hang.
+    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(2)
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
   from shpeft_jax import train  # pylint: disable=g-import-not-at-top
-  from shpeft_jax.errors import ShpeftError  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
   except ShpeftError as e:

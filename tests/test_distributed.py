@@ -397,7 +397,10 @@ _TRAIN_FLAGS = [
 
 
 def _train_argv(workdir) -> list[str]:
-  return [sys.executable, "-m", "shpeft_jax.main", *_TRAIN_FLAGS, "--workdir", str(workdir)]
+  # One XLA cache for all runs of the test: the resumed run reuses the single run's programs.
+  cache = pathlib.Path(workdir).parent / "xla_cache"
+  return [sys.executable, "-m", "shpeft_jax.main", *_TRAIN_FLAGS,
+          f"--config.compilation_cache_dir={cache}", "--workdir", str(workdir)]
 
 
 def _train_lines(workdir) -> list[dict]:
@@ -619,3 +622,15 @@ def test_tpu_vm_script_issues_the_gcloud_commands(tmp_path):
   # The workdir comes back from worker 0.
   assert calls[5][4:7] == ["--recurse", "shpeft-test:/mnt/gcs/runs/busi", str(tmp_path / "back")]
   assert "--worker=0" in calls[5]
+
+
+def test_main_reports_a_missing_process_as_an_error(tmp_path):
+  """`python -m shpeft_jax.main` as process 0 of a 2-process world nobody else joins."""
+  env = world_envs(2, timeout=3)[0]
+  t0 = time.monotonic()
+  (rc, out), = run_processes(_train_argv(tmp_path / "w"), [env], tmp_path / "logs", timeout=120)
+  assert rc == 2, out[-3000:]
+  assert "error: ConfigError: Distributed start-up failed" in out
+  assert "missing process ids [1]" in out and env["SHPEFT_COORDINATOR"] in out
+  assert time.monotonic() - t0 < 90
+  assert not (tmp_path / "w").exists()  # Nothing was started.
