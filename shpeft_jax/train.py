@@ -539,12 +539,11 @@ def run_single(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ----- Optimizer and train state (the mask lives in the optimizer state).
   tx = make_optimizer(config.optim, t.num_steps, host_mask)
   init_opt = lambda p, m: make_optimizer(config.optim, t.num_steps, m).init(p)
+  if config.optim.get("sparse_state", False):  # Its indices come from the concrete host mask.
+    init_opt = lambda p, m: tx.init(p)
   abstract_opt = jax.eval_shape(init_opt, abstract_params, host_mask)
   opt_sh = tree_shardings(mesh, abstract_opt)
-  if config.optim.get("sparse_state", False):  # Indices come from the host mask in `tx`.
-    opt = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)(params)
-  else:
-    opt = jax.jit(init_opt, in_shardings=(param_sh, mask_sh), out_shardings=opt_sh)(params, mask)
+  opt = jax.jit(init_opt, in_shardings=(param_sh, mask_sh), out_shardings=opt_sh)(params, mask)
   del mask
   state = {"params": params, "opt": opt, "step": jnp.zeros((), jnp.int32), "rng": rng_state}
   state_sh = {"params": param_sh, "opt": opt_sh, "step": repl, "rng": repl}
