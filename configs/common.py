@@ -49,7 +49,7 @@ def get_config(arg=None):
   config.optim.schedule = "cosine"  # 'cosine' | 'constant' (constant: adamw only)
   config.optim.warmup_steps = 0
   config.optim.grad_clip = 0.0     # global-norm clipping; 0 = off
-  config.optim.sparse_state = False  # momentum etc. kept for the selected weights only (docs/PERFORMANCE.md)
+  config.optim.sparse_state = False  # optimizer state for selected weights only
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 64     # global, over all devices and processes
