@@ -39,6 +39,14 @@ def parse_k_list(text: str) -> list[float]:
   return ks
 
 
+def _default_name(path: str) -> str:
+  """A task name from a path: the run's folder, skipping the trainer's export/model, best, mask."""
+  parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+  while len(parts) > 1 and parts[-1] in ("model", "export", "best", "mask.npz", "shpeft", "full"):
+    parts.pop()
+  return parts[-1]
+
+
 def parse_named(items: Sequence[str] | None, flag: str) -> dict[str, str]:
   """['A=dir', 'B=dir'] -> {'A': 'dir', 'B': 'dir'}; a bare path is named after its folder."""
   out: dict[str, str] = {}
@@ -47,7 +55,7 @@ def parse_named(items: Sequence[str] | None, flag: str) -> dict[str, str]:
       name, path = item.split("=", 1)
     else:
       path = item
-      name = os.path.basename(os.path.normpath(path))
+      name = _default_name(path)
     if not name or not path:
       raise ConfigError(f"{flag} expects NAME=PATH, got {item!r}.")
     if name in out:

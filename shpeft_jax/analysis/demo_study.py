@@ -56,9 +56,12 @@ def main(argv=None) -> int:
       base.train.num_steps = args.steps
       base.train.eval_every = min(base.train.eval_every, args.steps)
       base.train.checkpoint_every = min(base.train.checkpoint_every, args.steps)
+      base.optim.warmup_steps = min(base.optim.warmup_steps, args.steps // 2)
     if args.pretrain_steps:
       base.pretrain.num_steps = args.pretrain_steps
       base.pretrain.eval_every = min(base.pretrain.eval_every, args.pretrain_steps)
+      base.pretrain.optim.warmup_steps = min(base.pretrain.optim.warmup_steps,
+                                             args.pretrain_steps // 2)
   os.makedirs(args.workdir, exist_ok=True)
 
   t0 = time.time()

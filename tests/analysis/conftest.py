@@ -1,6 +1,5 @@
 """Tiny pretrained / fine-tuned params fixtures for the analysis tests (test_tiny, no data)."""
 
-import jax
 import numpy as np
 import pytest
 

@@ -127,6 +127,18 @@ def test_cli_errors(tmp_path, ckpts, capsys):
   assert rc == 2 and "Config file" in capsys.readouterr().err
 
 
+def test_task_names():
+  assert cli.parse_named(["a=/x/y", "/runs/busi/full/export/model", "/runs/cxr/shpeft/mask.npz",
+                          "/runs/oct/best"], "--finetuned") == {
+                              "a": "/x/y", "busi": "/runs/busi/full/export/model",
+                              "cxr": "/runs/cxr/shpeft/mask.npz", "oct": "/runs/oct/best"}
+  with pytest.raises(cli.ConfigError, match="given twice"):
+    cli.parse_named(["/r/busi/full/export/model", "/r/busi/shpeft"], "--mask")
+  assert cli.parse_k_list("5, 1,0.1") == [5.0, 1.0, 0.1]
+  with pytest.raises(cli.ConfigError, match="comma-separated"):
+    cli.parse_k_list("5%")
+
+
 def test_module_entry_point(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "shpeft_jax.analysis", "sparsity", "--pretrained",
