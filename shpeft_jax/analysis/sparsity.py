@@ -227,8 +227,9 @@ def sparsity_curve(pretrained: Checkpoint, finetuned: Checkpoint,
     k_grid: percentages in (0, 100].
 
   Returns:
-    A JSON-ready dict: 'reference' {pretrained_encoder, finetuned} metrics, 'points' (one per k,
-    with the selection info, the metrics and F1 as % of the fine-tuned F1), 'num_encoder_weights'.
+    A JSON-ready dict: 'reference' {'finetuned', 'pretrained_encoder_finetuned_head'} metrics
+    ({'f1', 'accuracy', 'auc'}), 'points' (one per k, in increasing k: the selection info, the
+    metrics, each metric as % of the fine-tuned one, per-layer counts), 'num_encoder_weights'.
   """
   check_same_encoder(pretrained, finetuned)
   k_grid = sorted({float(k) for k in k_grid})
