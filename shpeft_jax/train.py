@@ -284,10 +284,12 @@ class MetricWriter:
     self._tb = None
     if not self.enabled:
       return
-    # Drop lines a killed run wrote after its last checkpoint: the resumed run rewrites them.
+    # Drop lines a killed run wrote after its last checkpoint (and a previous final test line):
+    # the resumed run rewrites them.
     if os.path.exists(self.path):
       with open(self.path) as f:
-        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+        keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step
+                and json.loads(l).get("kind") != "test"]
       with open(self.path, "w") as f:
         f.writelines(keep)
     try:

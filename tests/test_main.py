@@ -3,10 +3,15 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
-from conftest import REPO_ROOT, XLA_CACHE
+import numpy as np
+
+from conftest import REPO_ROOT, TINY_OVERRIDES, XLA_CACHE, cli_overrides, make_tiny_config
+from shpeft_jax import checkpoints, train, utils
 
 
 def _main(*args, timeout=600):
@@ -83,3 +88,45 @@ def test_bad_input_exits_with_the_message(tmp_path):
   assert "error: ConfigError: Unknown peft.method 'magic'" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_params(tmp_path):
+  """SIGKILL mid-training (async checkpoints on), rerun the same command: bit-identical params."""
+  steps = 160
+  overrides = dict(TINY_OVERRIDES, **{"train.num_steps": steps, "train.checkpoint_every": 10,
+                                      "train.async_checkpoints": True})
+  workdir = tmp_path / "killed"
+  args = ["--config", "configs/common.py", "--workdir", str(workdir), *cli_overrides(overrides)]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen([sys.executable, "-m", "shpeft_jax.main", *args], cwd=REPO_ROOT,
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = workdir / "checkpoints"
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
+      if done and max(done) >= 20:
+        break
+      time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  assert 20 <= killed_at < steps and not (workdir / "results.json").exists()
+
+  rerun = _main(*args)
+  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert f"Resumed from the checkpoint at step {killed_at}" in rerun.stderr
+
+  config = make_tiny_config("shpeft", num_steps=steps)
+  config.train.checkpoint_every = 10
+  train.train_and_evaluate(config, str(tmp_path / "reference"))
+  resumed, _ = checkpoints.load_params(str(workdir / "export" / "model"))
+  reference, _ = checkpoints.load_params(str(tmp_path / "reference" / "export" / "model"))
+  resumed, reference = utils.flatten_names(resumed), utils.flatten_names(reference)
+  assert resumed.keys() == reference.keys()
+  for name in reference:
+    np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
