@@ -93,7 +93,7 @@ def test_vit_b16_spt_budget_and_mergeable_extras(vit_b16_rows):
 def _tiny_params(peft_cfg, num_classes=3, seed=0):
   model = clip_vit.build_model("test_tiny", num_classes,
                                additive=methods.additive_config_for(peft_cfg))
-  params = jax.jit(lambda k: clip_vit.init_params(model, k))(jax.random.PRNGKey(seed))
+  params = clip_vit.init_params(model, jax.random.PRNGKey(seed))
   return model, jax.tree_util.tree_map(np.asarray, params)
 
 
@@ -319,16 +319,17 @@ def test_zero_init_additive_leaves_pretrained_outputs_unchanged(method, extra):
   if extra:
     cfg.lora.targets = extra["targets"]
   plain = clip_vit.build_model("test_tiny", 3)
-  pretrained = jax.tree_util.tree_map(
-      np.asarray, jax.jit(lambda k: clip_vit.init_params(plain, k))(jax.random.PRNGKey(7)))
+  pretrained = jax.tree_util.tree_map(np.asarray,
+                                      clip_vit.init_params(plain, jax.random.PRNGKey(7)))
   model, params = _tiny_params(cfg, seed=8)
   flat, pre = utils.flatten_names(params), utils.flatten_names(pretrained)
   added = [n for n in flat if n not in pre]
   assert added and all(_is_additive(n) for n in added)
   merged = utils.unflatten_names({n: pre.get(n, v) for n, v in flat.items()})
   x = jax.random.normal(jax.random.PRNGKey(9), (4, 16, 16, 3))
-  y0, f0 = jax.jit(lambda p: plain.apply({"params": p}, x, return_features=True))(pretrained)
-  y1, f1 = jax.jit(lambda p: model.apply({"params": p}, x, return_features=True))(merged)
+  # Eager: on tiny models op-by-op dispatch is cheaper than compiling.
+  y0, f0 = plain.apply({"params": pretrained}, x, return_features=True)
+  y1, f1 = model.apply({"params": merged}, x, return_features=True)
   np.testing.assert_allclose(np.asarray(f1), np.asarray(f0), rtol=0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=0, atol=1e-6)
   # And the added parameters are not all zero (LoRA's `a`, the adapter's `down` are random), so
