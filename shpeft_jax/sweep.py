@@ -105,8 +105,13 @@ def build_variants(methods: Sequence[str], ablations: Sequence[str]) -> list[Var
 
 def variant_config(base: ml_collections.ConfigDict, variant: Variant,
                    dataset: str | None = None) -> ml_collections.ConfigDict:
-  """The base config with this variant's peft fields (and data.name) replaced; single run."""
+  """The base config for one run: `method_overrides[method]` applied (as `train` does for
+  `config.methods`), then this variant's peft fields and data.name; `methods` emptied."""
   cfg = copy.deepcopy(base)
+  if cfg.get("method_overrides"):
+    # Per-method settings of the config (e.g. the demo's learning rates), as `main` applies them.
+    from shpeft_jax import train  # pylint: disable=g-import-not-at-top
+    cfg = train.method_config(cfg, variant.method)
   with cfg.unlocked():
     cfg.peft.method = variant.method
     for field, value in variant.overrides:

@@ -41,9 +41,15 @@ def test_variant_config_replaces_only_the_variant_fields():
   cfg = sweep.variant_config(base, v, "other_data")
   assert (cfg.peft.method, cfg.peft.mode, cfg.peft.estimator, cfg.peft.lam) == (
       "shpeft", "td", "l1", 1.0)
-  assert cfg.data.name == "other_data" and tuple(cfg.methods) == ()
+  assert cfg.data.name == "other_data" and not cfg.get("methods")
   assert base.peft.mode == "hybrid" and base.data.name == "digits"  # The base is untouched.
-  assert cfg.optim.lr == base.optim.lr and cfg.model.name == base.model.name
+  assert cfg.model.name == base.model.name
+  # The config's per-method overrides apply as in `main` (the demo tunes lr per method).
+  overrides = base.method_overrides.to_dict()
+  assert cfg.optim.lr == overrides["shpeft"]["optim"]["lr"]
+  lin = sweep.variant_config(base, sweep.method_variant("linear"))
+  assert lin.optim.lr == overrides["linear"]["optim"]["lr"] and lin.peft.method == "linear"
+  assert sweep.variant_config(base, sweep.method_variant("adapter")).optim.lr == base.optim.lr
 
 
 def _records():
