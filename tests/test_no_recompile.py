@@ -53,6 +53,9 @@ def test_counter_counts_a_real_recompile():
     probe_fn(jnp.ones(4))
   assert names.count("jit(probe_fn)") == 2
   assert probe_fn._cache_size() == 2
+  # And the transfer guard used below does catch an implicit host -> device copy.
+  with pytest.raises(Exception, match="[Dd]isallowed"), jax.transfer_guard("disallow"):
+    probe_fn(np.ones(3, np.float32))
 
 
 def _tiny_state(sparse: bool):
@@ -81,16 +84,19 @@ def _tiny_state(sparse: bool):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_masked_step_compiles_once_and_donates(sparse):
   step, state = _tiny_state(sparse)
+  batches = [{"image": jax.random.normal(jax.random.PRNGKey(i), (4, 16, 16, 3)),
+              "label": jnp.arange(4, dtype=jnp.int32) % 3} for i in range(4)]
   with count_compiles() as names, warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    for i in range(4):
-      batch = {"image": jax.random.normal(jax.random.PRNGKey(i), (4, 16, 16, 3)),
-               "label": jnp.arange(4, dtype=jnp.int32) % 3}
+    for i, batch in enumerate(batches):
       old = jax.tree.leaves(state)
-      state, m = step(state, batch)
+      # After the first step, no implicit host<->device copy may happen in the loop.
+      guard = jax.transfer_guard("disallow") if i else contextlib.nullcontext()
+      with guard:
+        state, m = step(state, batch)
+        jax.device_get(m["loss"])  # The trainer's explicit fetch on logging steps.
       # Donation worked: every input buffer of the state was consumed (reused for the outputs).
       assert all(x.is_deleted() for x in old), i
-      float(m["loss"])
   assert names.count("jit(train_step)") == 1, names
   assert step._cache_size() == 1
   assert int(state["step"]) == 4
