@@ -423,19 +423,23 @@ def _assert_same_params(a: dict, b: dict, what: str):
 @pytest.mark.slow
 def test_trainer_two_processes_match_one_process_and_checkpoint_restores(tmp_path):
   """SH-PEFT (score -> select -> 6 SGD steps, evals, checkpoints) in a 2-process world equals the
-  single-process run with the same global batch; its step-3 checkpoint resumes in one process."""
+  single-process run with the same global batch; its step-3 checkpoint (FSDP-sharded over 4
+  devices) resumes in one process on one device."""
   single, multi, resumed = tmp_path / "single", tmp_path / "multi", tmp_path / "resumed"
   # The 2-process world comes from launch/local_multiprocess.sh (as a user would start it); the
   # single-process reference runs alongside (3 processes at once).
   mp_logs = tmp_path / "mp_logs"
-  launcher = [str(LAUNCH / "local_multiprocess.sh"), "-n", "2", "-t", "120", "-l", str(mp_logs),
-              "--", *_train_argv(multi)[3:]]
+  # 2 processes x 2 CPU devices, mesh data=2 (across processes) x fsdp=2 (within a process):
+  # data parallelism between hosts and FSDP-sharded params/optimizer state inside each.
+  launcher = [str(LAUNCH / "local_multiprocess.sh"), "-n", "2", "-d", "2", "-t", "120",
+              "-l", str(mp_logs), "--", *_train_argv(multi)[3:], "--config.mesh.fsdp=2"]
   outs = run_processes_each([launcher, _train_argv(single)],
                             [{"PYTHON": sys.executable}, {}], tmp_path / "logs", timeout=600)
   for rc, out in outs:
     assert rc == 0, out[-5000:]
   log1 = (mp_logs / "process_1.log").read_text()
   assert "process 1 of 2" in log1, log1[-3000:]  # main.py's start-up line.
+  assert "Mesh {'data': 2, 'fsdp': 2} over 4 devices (2 processes)" in log1
 
   # Same trainable mask (scores from the same data), same loss at every step, same params.
   from shpeft_jax.peft import mask_io  # pylint: disable=g-import-not-at-top
