@@ -92,8 +92,8 @@ def test_bad_input_exits_with_the_message(tmp_path):
 
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_params(tmp_path):
   """SIGKILL mid-training (async checkpoints on), rerun the same command: bit-identical params."""
-  steps = 160
-  overrides = dict(TINY_OVERRIDES, **{"train.num_steps": steps, "train.checkpoint_every": 10,
+  steps = 60
+  overrides = dict(TINY_OVERRIDES, **{"train.num_steps": steps, "train.checkpoint_every": 5,
                                       "train.async_checkpoints": True})
   workdir = tmp_path / "killed"
   args = ["--config", "configs/common.py", "--workdir", str(workdir), *cli_overrides(overrides)]
@@ -106,7 +106,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_params(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
       done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
-      if done and max(done) >= 20:
+      if done and max(done) >= 10:
         break
       time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
@@ -115,14 +115,14 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_params(tmp_path):
     proc.kill()
     proc.wait()
   killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
-  assert 20 <= killed_at < steps and not (workdir / "results.json").exists()
+  assert 10 <= killed_at < steps and not (workdir / "results.json").exists()
 
   rerun = _main(*args)
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert f"Resumed from the checkpoint at step {killed_at}" in rerun.stderr
 
   config = make_tiny_config("shpeft", num_steps=steps)
-  config.train.checkpoint_every = 10
+  config.train.checkpoint_every = 5
   train.train_and_evaluate(config, str(tmp_path / "reference"))
   resumed, _ = checkpoints.load_params(str(workdir / "export" / "model"))
   reference, _ = checkpoints.load_params(str(tmp_path / "reference" / "export" / "model"))

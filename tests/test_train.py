@@ -55,8 +55,13 @@ def test_stop_and_resume_gives_exactly_the_uninterrupted_params(tmp_path):
   init = _init_checkpoint(str(tmp_path / "init"))
   config = make_tiny_config("shpeft", num_steps=6)
   config.model.init_checkpoint = str(tmp_path / "init")
+  config.optim.grad_clip = 0.05
 
   full = train.train_and_evaluate(config, str(tmp_path / "a"))
+  # Step 1 (no momentum yet, cosine at its peak): the update is lr * the clipped gradient.
+  first = json.loads(open(tmp_path / "a" / "metrics.jsonl").readline())
+  assert first["step"] == 1 and first["grad_norm"] > 0.05
+  assert first["update_norm"] == pytest.approx(0.05 * 0.05, rel=1e-4)
   config.train.stop_after_steps = 3
   stopped = train.train_and_evaluate(config, str(tmp_path / "b"))
   assert stopped == {"stopped_at": 3}
@@ -97,7 +102,10 @@ def test_stop_and_resume_gives_exactly_the_uninterrupted_params(tmp_path):
 
 def test_rerun_skips_finished_stages(tmp_path):
   config = make_tiny_config("shpeft", num_steps=2)
+  config.model.dtype = "bfloat16"  # The bfloat16 compute path, on the way.
   first = train.train_and_evaluate(config, str(tmp_path))
+  losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl") if '"train"' in l]
+  assert len(losses) == 2 and all(np.isfinite(losses)) and 1.0 < losses[0] < 2.5
   stamp = {p: os.path.getmtime(tmp_path / p) for p in ("mask.npz", "results.json", "scores")}
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again == first
