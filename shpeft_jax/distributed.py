@@ -10,7 +10,7 @@ decides, before any JAX computation, whether this process is part of such a worl
      SHPEFT_LOCAL_DEVICE_IDS (optional, e.g. "0" or "0,1"), SHPEFT_INIT_TIMEOUT,
      SHPEFT_HEARTBEAT_TIMEOUT, SHPEFT_SHUTDOWN_TIMEOUT (seconds), SHPEFT_DISTRIBUTED=off (force a
      single process);
-  3. SLURM (`srun`): SLURM_NTASKS > 1, coordinator = first host of SLURM_JOB_NODELIST;
+  3. SLURM (inside `srun`): SLURM_NTASKS > 1, coordinator = first host of SLURM_STEP_NODELIST;
   4. JAX's own detection (`jax.distributed.initialize()` without arguments) for Cloud TPU VMs
      and pod slices (TPU chips on PCI, TPU_WORKER_HOSTNAMES, MEGASCALE_COORDINATOR_ADDRESS for
      multislice), Open MPI (OMPI_COMM_WORLD_SIZE > 1), JAX_COORDINATOR_ADDRESS, or
@@ -263,7 +263,10 @@ def resolve(config: Any = None, environ: Mapping[str, str] | None = None) -> Dis
   keys = ("SHPEFT_COORDINATOR", "SHPEFT_NUM_PROCESSES", "SHPEFT_PROCESS_ID")
   present = [k for k in keys if env.get(k, "") != ""]
   slurm_n = env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS")
-  in_slurm = bool(slurm_n) and "SLURM_PROCID" in env and _parse_int(slurm_n, "SLURM_NTASKS") > 1
+  # Only inside an `srun` step (SLURM_STEP_NODELIST, as JAX's own detection): a batch script
+  # itself also sees SLURM_NTASKS and SLURM_PROCID=0 but is one process.
+  in_slurm = (bool(slurm_n) and "SLURM_PROCID" in env and "SLURM_STEP_NODELIST" in env
+              and _parse_int(slurm_n, "SLURM_NTASKS") > 1)
   if present and (len(present) == 3 or not in_slurm):
     missing = [k for k in keys if k not in present]
     if missing:
@@ -281,9 +284,9 @@ def resolve(config: Any = None, environ: Mapping[str, str] | None = None) -> Dis
     # process count and ids always come from SLURM, so they cannot disagree with srun.
     addr = env.get("SHPEFT_COORDINATOR")
     if not addr:
-      nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+      nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
       if not nodelist:
-        raise ConfigError("SLURM job without SLURM_JOB_NODELIST: set SHPEFT_COORDINATOR=host:port.")
+        raise ConfigError("SLURM step without a node list: set SHPEFT_COORDINATOR=host:port.")
       port = _SLURM_PORT_BASE + _parse_int(env.get("SLURM_JOB_ID", "0"), "SLURM_JOB_ID") % 10000
       addr = f"{parse_slurm_nodelist(nodelist)[0]}:{port}"
     return validate(DistributedSpec(

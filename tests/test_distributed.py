@@ -168,7 +168,7 @@ def test_resolve_rejects_bad_env(env, fragment):
 
 def test_resolve_slurm():
   env = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-         "SLURM_JOB_NODELIST": "gpu[07-08]"}
+         "SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_STEP_NODELIST": "gpu[07-08]"}
   spec = distributed.resolve(None, environ=env)
   # Port 20000 + job id % 10000: the same on every task of the job, different across jobs.
   assert spec.coordinator_address == "gpu07:23456"
@@ -177,8 +177,10 @@ def test_resolve_slurm():
   spec = distributed.resolve(None, environ={**env, "SHPEFT_COORDINATOR": "10.1.1.1:999",
                                              "SHPEFT_LOCAL_DEVICE_IDS": "1"})
   assert spec.coordinator_address == "10.1.1.1:999" and spec.local_device_ids == (1,)
-  # A one-task allocation is a plain single process.
+  # A one-task allocation is a plain single process; so is the batch script itself (no step).
   assert distributed.resolve(None, environ={**env, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+  batch_script = {k: v for k, v in env.items() if k != "SLURM_STEP_NODELIST"}
+  assert distributed.resolve(None, environ={**batch_script, "SLURM_PROCID": "0"}) is None
 
 
 def test_resolve_config_wins_and_must_be_complete():
@@ -373,6 +375,7 @@ def test_two_processes_join_through_slurm_variables(tmp_path):
   port = distributed.free_port()
   envs = [{"SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
            "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_STEP_NODELIST": "localhost",
            "SHPEFT_COORDINATOR": f"127.0.0.1:{port}", "SHPEFT_INIT_TIMEOUT": "30"}
           for i in range(2)]
   outs = run_processes([sys.executable, str(script)], envs, tmp_path / "logs", timeout=60)
@@ -553,7 +556,8 @@ def test_slurm_sbatch_with_stand_in_srun(tmp_path):
       while [[ "$1" == --* ]]; do echo "srun option $1" >&2; shift; done
       pids=()
       for ((i = 0; i < SLURM_NTASKS; i++)); do
-        SLURM_PROCID=$i SLURM_LOCALID=$i "$@" > "$SRUN_LOGS/task_$i.log" 2>&1 &
+        SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST \
+          "$@" > "$SRUN_LOGS/task_$i.log" 2>&1 &
         pids+=($!)
       done
       status=0
