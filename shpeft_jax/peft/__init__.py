@@ -10,7 +10,7 @@ Pipeline (see docs/SHPEFT.md):
 
 from shpeft_jax.peft.importance import (
     accumulate_gradients, chunk_sharding, cross_entropy_loss_fn, hybrid_importance,
-    score_dataset, scored_mask_tree, task_agnostic, task_dependent)
+    score_dataset, scored_mask_tree, task_agnostic, task_dependent, warm_up_head)
 from shpeft_jax.peft.mask_io import (
     build_mask_stats, load_mask, load_mask_stats, plot_mask_stats, save_mask, save_mask_stats)
 from shpeft_jax.peft.masking import (
@@ -20,7 +20,7 @@ from shpeft_jax.peft.selection import (
 
 __all__ = [
     "accumulate_gradients", "chunk_sharding", "cross_entropy_loss_fn", "hybrid_importance",
-    "score_dataset", "scored_mask_tree", "task_agnostic", "task_dependent",
+    "score_dataset", "scored_mask_tree", "task_agnostic", "task_dependent", "warm_up_head",
     "build_mask_stats", "load_mask", "load_mask_stats", "plot_mask_stats", "save_mask",
     "save_mask_stats", "MaskedUpdateState", "Optimizer", "apply_updates", "masked_update",
     "optimizer", "state_masks",

@@ -127,16 +127,21 @@ def select_top_k(scores_tree: PyTree, *, k_percent: float | None = None,
   n = int(sum(a.size for a in live))
   k = resolve_k(n, k_percent=k_percent, k_count=k_count)
 
-  tau, num_above, num_tied = _kth_largest(live, n, k)
+  tau, num_above, tied = _kth_largest(live, n, k)
+  num_tied = sum(tied)
   need = k - num_above
   take_all_ties = need == num_tied  # The common case: one pass `>= tau` builds the masks.
   masks = [None if a is None else (a >= tau if take_all_ties else a > tau) for a in arrays]
   tied_selected = num_tied if take_all_ties else 0
   if not take_all_ties:
-    for i, a in enumerate(arrays):
-      if a is None or tied_selected == need:
+    # Ties at tau are taken in flat order; only the arrays that hold ties are scanned.
+    live_index = [i for i, a in enumerate(arrays) if a is not None and a.size]
+    for i, t in zip(live_index, tied):
+      if t == 0:
         continue
-      eq = np.flatnonzero(a == tau)[:need - tied_selected]
+      if tied_selected == need:
+        break
+      eq = np.flatnonzero(arrays[i] == tau)[:need - tied_selected]
       masks[i][eq] = True
       tied_selected += eq.size
   selected = num_above + tied_selected
@@ -157,10 +162,11 @@ def select_top_k(scores_tree: PyTree, *, k_percent: float | None = None,
   return jax.tree_util.tree_unflatten(treedef, out), info
 
 
-def _kth_largest(arrays: list[np.ndarray], n: int, k: int) -> tuple[float, int, int]:
-  """(tau, #values > tau, #values == tau) over the concatenation of `arrays`, 1 <= k <= n, O(n).
+def _kth_largest(arrays: list[np.ndarray], n: int, k: int) -> tuple[float, int, list[int]]:
+  """(tau, #values > tau, #values == tau per array) over `arrays` together, 1 <= k <= n, O(n).
 
-  tau is the exact k-th largest value. Every value >= tau is a candidate, so both counts are exact.
+  tau is the exact k-th largest value. Every value >= tau is a candidate, so the counts are exact;
+  the per-array tie counts let the tie pass visit only the arrays that hold ties.
   """
   stride = max(1, n // SAMPLE_SIZE)
   sample = np.sort(np.concatenate([a[::stride] for a in arrays]))[::-1]  # Descending.
@@ -170,20 +176,17 @@ def _kth_largest(arrays: list[np.ndarray], n: int, k: int) -> tuple[float, int, 
   while True:
     rank = int(math.ceil(expected + margin))
     lo = sample[rank] if rank < s else -np.inf
-    if lo == -np.inf:
-      candidates = np.concatenate(arrays)
-    else:
-      candidates = np.concatenate([a[a >= lo] for a in arrays])
-    if candidates.size >= k:
+    per_array = arrays if lo == -np.inf else [a[a >= lo] for a in arrays]
+    if sum(c.size for c in per_array) >= k:
       break
     margin = max(4.0 * margin, 64.0)  # The sample was unlucky: widen and retry (rare).
+  candidates = np.concatenate(per_array)
   pos = candidates.size - k
   part = np.partition(candidates, pos)
   tau = part[pos]
-  above = part[pos + 1:]
-  num_above = int(np.count_nonzero(above > tau))
-  num_tied = int(np.count_nonzero(part == tau))
-  return tau, num_above, num_tied
+  num_above = int(np.count_nonzero(part[pos + 1:] > tau))
+  tied = [int(np.count_nonzero(c == tau)) for c in per_array]
+  return tau, num_above, tied
 
 
 # ----------------------------------------------------------------------------------------------

@@ -288,3 +288,29 @@ def test_data_parallel_over_8_devices():
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["devices"] == 8 and result["num_batches"] == 3
   assert result["num_tensors"] > 10 and result["rel_err"] < 1e-5, result
+
+
+def test_warm_up_head_matches_manual_sgd(tiny):
+  """Head-only SGD with momentum == a hand-written numpy loop; the encoder is not touched."""
+  _, params, loss_fn, batches = tiny
+  feed = [batches[0], batches[1]] * 3
+  new, losses = imp.warm_up_head(loss_fn, params, iter(feed), steps=6, lr=0.5, momentum=0.9)
+  assert new["encoder"] is params["encoder"] and len(losses) == 6
+  grad = _GRADS.setdefault(id(loss_fn), jax.jit(jax.grad(loss_fn)))
+  head = {k: np.asarray(v, np.float64) for k, v in params["head"].items()}
+  vel = {k: np.zeros_like(v) for k, v in head.items()}
+  for batch in feed:
+    p = dict(params, head={k: jnp.asarray(v, jnp.float32) for k, v in head.items()})
+    g = grad(p, batch)["head"]
+    for k in head:
+      vel[k] = 0.9 * vel[k] + np.asarray(g[k], np.float64)
+      head[k] = head[k] - 0.5 * vel[k]
+  for k in head:
+    np.testing.assert_allclose(np.asarray(new["head"][k]), head[k], rtol=1e-4, atol=1e-6)
+  assert losses[4] + losses[5] < losses[0] + losses[1]  # The same two batches, lower loss.
+  same, none = imp.warm_up_head(loss_fn, params, iter(feed), steps=0)
+  assert same is params and none == []
+  with pytest.raises(ConfigError, match="steps"):
+    imp.warm_up_head(loss_fn, params, iter(feed), steps=-1)
+  with pytest.raises(DataError, match="ended after 2"):
+    imp.warm_up_head(loss_fn, params, iter(batches[:2]), steps=3)
