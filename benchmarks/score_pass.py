@@ -21,12 +21,10 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from shpeft_jax.models import clip_vit
 from shpeft_jax.peft import importance
-from shpeft_jax.utils import flatten_names
 
 
 def make_batches(n, batch, size, num_classes, seed=0):
