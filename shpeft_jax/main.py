@@ -8,7 +8,6 @@ is an error (lock_config=True), reported with the list of fields that do exist.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app

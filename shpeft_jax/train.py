@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ import orbax.checkpoint as ocp
 
 from shpeft_jax import checkpoints as ckpt_lib
 from shpeft_jax import utils
-from shpeft_jax.errors import CheckpointError, ConfigError, DataError
+from shpeft_jax.errors import CheckpointError, ConfigError
 from shpeft_jax.models import clip_vit
 from shpeft_jax.peft import mask_io
 from shpeft_jax.peft import masking
@@ -688,6 +687,11 @@ def run_single(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           "test": report, "merged_additive": merged}, overwrite=True)
     _json_dump(results_path, results)
   writer.close()
+  if jax.process_count() > 1:
+    # The other processes wait for process 0's writes: a next stage (the demo's pre-trained
+    # encoder as init_checkpoint) reads export/ right away.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"run_single done {workdir}")
   logging.info("%s test: %s", config.peft.method, _fmt(report))
   return results
 

@@ -7,7 +7,6 @@ on logits recomputed from the exported model for the reported metrics.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -122,6 +121,7 @@ def test_reported_metrics_match_sklearn_on_the_exported_model(tmp_path):
   from shpeft_jax.data import input_pipeline
   config = make_tiny_config("full", num_steps=4)
   config.train.eval_every = 2
+  config.train.report_best = True  # Report (and export) the best-validation model.
   results = train.train_and_evaluate(config, str(tmp_path))
   params, meta = checkpoints.load_params(str(tmp_path / "export" / "model"))
   model = clip_vit.build_model(meta["model"], meta["num_classes"], image_size=meta["image_size"])
@@ -149,6 +149,7 @@ def test_reported_metrics_match_sklearn_on_the_exported_model(tmp_path):
   best = json.load(open(tmp_path / "best.json"))
   assert best["f1_macro"] == max(v["f1_macro"] for v in vals)
   assert checkpoints.load_meta(str(tmp_path / "best"))["step"] == best["step"]
+  assert results["reported"] == "best" and results["best_step"] == best["step"] == meta["step"]
 
   # TensorBoard event files carry the same training loss as metrics.jsonl.
   import tensorflow as tf
