@@ -25,7 +25,7 @@
 #   not build the same data_dir at once.
 # Checkpoints: --workdir is shared by all processes (same filesystem); orbax writes one
 #   checkpoint from all of them, process 0 writes logs, metrics, best/ and export/.
-# A failing process lingers up to SHPEFT_SHUTDOWN_TIMEOUT (here 30 s) at JAX's shutdown barrier
+# A failing process lingers up to SHPEFT_SHUTDOWN_TIMEOUT (here 120 s) at JAX's shutdown barrier
 #   before the world stops; this script then stops the others and shows each log's tail.
 # Environment: PYTHON (default python3), SHPEFT_SHUTDOWN_TIMEOUT.
 set -euo pipefail
@@ -77,7 +77,7 @@ for ((i = 0; i < num; i++)); do
   (
     export SHPEFT_COORDINATOR="127.0.0.1:$port" SHPEFT_NUM_PROCESSES="$num" \
            SHPEFT_PROCESS_ID="$i" SHPEFT_INIT_TIMEOUT="$timeout" \
-           SHPEFT_SHUTDOWN_TIMEOUT="${SHPEFT_SHUTDOWN_TIMEOUT:-30}"
+           SHPEFT_SHUTDOWN_TIMEOUT="${SHPEFT_SHUTDOWN_TIMEOUT:-120}"
     if [[ "$gpu" == 1 ]]; then
       export SHPEFT_LOCAL_DEVICE_IDS="$i"
     else
