@@ -110,8 +110,13 @@ def variant_config(base: ml_collections.ConfigDict, variant: Variant,
   cfg = copy.deepcopy(base)
   if cfg.get("method_overrides"):
     # Per-method settings of the config (e.g. the demo's learning rates), as `main` applies them.
+    # The random-mask control shares SH-PEFT's settings unless it has its own: it must differ
+    # from SH-PEFT in the selection only.
     from shpeft_jax import train  # pylint: disable=g-import-not-at-top
-    cfg = train.method_config(cfg, variant.method)
+    source = variant.method
+    if source == "random" and "random" not in cfg.method_overrides:
+      source = "shpeft"
+    cfg = train.method_config(cfg, source)
   with cfg.unlocked():
     cfg.peft.method = variant.method
     for field, value in variant.overrides:

@@ -50,6 +50,8 @@ def test_variant_config_replaces_only_the_variant_fields():
   lin = sweep.variant_config(base, sweep.method_variant("linear"))
   assert lin.optim.lr == overrides["linear"]["optim"]["lr"] and lin.peft.method == "linear"
   assert sweep.variant_config(base, sweep.method_variant("adapter")).optim.lr == base.optim.lr
+  rnd = sweep.variant_config(base, sweep.method_variant("random"))  # The control = SH-PEFT's.
+  assert rnd.peft.method == "random" and rnd.optim.lr == overrides["shpeft"]["optim"]["lr"]
 
 
 def _records():
