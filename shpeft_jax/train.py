@@ -360,29 +360,10 @@ def evaluate(eval_fn, params, config, split: str, mesh: Mesh, num_classes: int) 
 
 
 def classification_metrics(logits, labels, num_classes, valid=None) -> dict:
-  """{f1_macro, accuracy, auc_macro} via shpeft_jax.evaluation.metrics (scikit-learn fallback)."""
-  try:
-    from shpeft_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    metrics = None
-  if metrics is not None:
-    out = metrics.classification_metrics(logits, labels, num_classes, valid=valid)
-    return {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
-  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
-  if valid is not None:
-    logits, labels = logits[valid], labels[valid]
-  pred = np.argmax(logits, -1)
-  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1), np.float64)
-  probs = probs / probs.sum(-1, keepdims=True)
-  classes = list(range(num_classes))
-  try:
-    auc = (skm.roc_auc_score(labels, probs[:, 1]) if num_classes == 2 else
-           skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=classes))
-  except ValueError:
-    auc = float("nan")
-  return {"f1_macro": float(skm.f1_score(labels, pred, average="macro", labels=classes,
-                                         zero_division=0)),
-          "accuracy": float(skm.accuracy_score(labels, pred)), "auc_macro": float(auc)}
+  """{f1_macro, accuracy, auc_macro} as floats (shpeft_jax.evaluation.metrics)."""
+  from shpeft_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  out = metrics.classification_metrics(logits, labels, num_classes, valid=valid)
+  return {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
 
 
 # ---------------------------------------------------------------------------------------------
