@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from conftest import REPO_ROOT, TINY_OVERRIDES, XLA_CACHE, cli_overrides, make_tiny_config
+from train_fixtures import REPO_ROOT, TINY_OVERRIDES, XLA_CACHE, cli_overrides, make_tiny_config
 from shpeft_jax import checkpoints, train, utils
 
 

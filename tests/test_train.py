@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from conftest import REPO_ROOT, make_tiny_config
+from train_fixtures import REPO_ROOT, make_tiny_config
 from shpeft_jax import checkpoints, train, utils
 from shpeft_jax.errors import CheckpointError, ConfigError, DataError
 from shpeft_jax.models import clip_vit
@@ -171,7 +171,7 @@ def test_reported_metrics_match_sklearn_on_the_exported_model(tmp_path):
 _EIGHT_DEVICES = textwrap.dedent("""
     import json, os, shutil, sys
     sys.path.insert(0, {tests!r})
-    from conftest import make_tiny_config
+    from train_fixtures import make_tiny_config
     import jax
     assert jax.device_count() == 8, jax.devices()
     from shpeft_jax import train
