@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import make_tiny_config
+from train_fixtures import make_tiny_config
 from shpeft_jax import train
 from shpeft_jax.models.clip_vit import build_model, init_params
 from shpeft_jax.peft import masking
@@ -104,10 +104,15 @@ def test_masked_step_compiles_once_and_donates(sparse):
       str(w.message) for w in caught]
 
 
-@pytest.mark.parametrize("sparse_state", [False, True])
-def test_trainer_train_step_compiles_once(tmp_path, sparse_state):
-  """The real trainer (score, select, 6 steps with checkpoints, eval, export) on the tiny ViT."""
-  config = make_tiny_config("shpeft", num_steps=6)
+@pytest.mark.parametrize("method,sparse_state",
+                         [("shpeft", False), ("shpeft", True), ("linear", True)])
+def test_trainer_train_step_compiles_once(tmp_path, method, sparse_state):
+  """The real trainer (score, select, 6 steps with checkpoints, eval, export) on the tiny ViT.
+
+  ("linear", True): a mask without partially-trained leaves, whose sparse state must still
+  checkpoint (orbax refuses zero-size arrays).
+  """
+  config = make_tiny_config(method, num_steps=6)
   if sparse_state:
     config.optim.sparse_state = True
   with count_compiles() as names, warnings.catch_warnings(record=True) as caught:

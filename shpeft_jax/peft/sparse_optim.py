@@ -116,8 +116,8 @@ def sparse_masked_optimizer(base_tx: optax.GradientTransformation,
     """The small tree the inner chain sees: selected elements (one flat vector) + dense leaves."""
     parts = [jnp.ravel(x)[i] for x, i in zip(
         (x for x, k in zip(leaves, kinds) if k == SPARSE), indices)]
-    if not parts:
-      selected = jnp.zeros((0,), jnp.float32)
+    if not parts:  # No partially-masked leaf (full fine-tuning, linear probe): no flat vector.
+      selected = None  # (not a zero-size array: orbax refuses to checkpoint those)
     else:
       selected = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
     return {"selected": selected, "dense": tuple(x for x, k in zip(leaves, kinds) if k == DENSE)}

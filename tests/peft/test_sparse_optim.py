@@ -140,6 +140,26 @@ def test_frozen_updates_are_negative_zero_and_mask_forms():
     np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(dense_u[k]))
 
 
+def test_no_partial_leaf_gives_no_empty_arrays(tmp_path):
+  """Full fine-tuning / linear probe masks (all-ones, all-zeros, None, False leaves): the state has
+  no flat vector at all (orbax cannot checkpoint zero-size arrays) and updates equal the dense path."""
+  import orbax.checkpoint as ocp
+  params = {"a": jnp.ones((3, 2)), "b": jnp.arange(4.0), "c": jnp.ones((2,)), "d": jnp.ones((5,))}
+  mask = {"a": np.ones((3, 2), bool), "b": None, "c": False, "d": np.zeros((5,), bool)}
+  tx = optax.sgd(0.5, momentum=0.9)
+  opt = sparse_masked_optimizer(tx, mask)
+  state = opt.init(params)
+  assert all(x.size > 0 for x in jax.tree.leaves(state))
+  g = {k: jnp.full_like(v, 2.0) for k, v in params.items()}
+  u, state = opt.update(g, state, params)
+  ref, _ = masking.masked_update(tx, mask).update(g, masking.masked_update(tx, mask).init(params),
+                                                  params)
+  for k in params:
+    np.testing.assert_array_equal(np.asarray(u[k]), np.asarray(ref[k]))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(str(tmp_path / "opt"), state)
+
+
 def test_adam_state_is_also_sparse():
   """Any elementwise chain works: Adam's two moments (and count) match the dense masked path.
 
