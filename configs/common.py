@@ -40,6 +40,8 @@ def get_config(arg=None):
   config.peft.score_batches = -1   # -1: one epoch of the training split
   config.peft.score_chunk = 8      # batches per jitted lax.scan call
   config.peft.include_head = False  # the head is not ranked; it is always trained
+  config.peft.head_warmup_steps = 0  # > 0: linear-probe the head this many steps before scoring
+  config.peft.head_warmup_lr = 0.1   # SGD(momentum 0.9) lr of that warm-up
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "sgd"        # 'sgd' | 'adamw'

@@ -720,6 +720,18 @@ def _score_stage(config, workdir, loss_fn, params, mesh) -> PyTree:
       image_size=config.model.image_size, seed=config.seed + 1, start_step=0)
   # Chunks of stacked batches [chunk, B, ...] are sharded along the batch axis.
   chunk_sh = NamedSharding(mesh, P(None, BATCH_AXES))
+  warmup_steps = int(config.peft.get("head_warmup_steps", 0))
+  if warmup_steps > 0:
+    # Optional linear probe of the head before scoring (off by default: the paper scores with the
+    # fresh head). It only changes the head used for scoring; training starts from the fresh head.
+    warm_it = input_pipeline.make_train_iterator(
+        config.data, split=train_split, global_batch_size=t.batch_size,
+        image_size=config.model.image_size, seed=config.seed + 2, start_step=0)
+    params, losses = importance.warm_up_head(
+        loss_fn, params, warm_it, steps=warmup_steps,
+        lr=float(config.peft.get("head_warmup_lr", 0.1)))
+    logging.info("Head warm-up before scoring: %d steps, loss %.4f -> %.4f.", warmup_steps,
+                 losses[0], losses[-1])
   acc, info = importance.score_dataset(
       loss_fn, params, it, num_batches=num_batches, chunk_size=int(config.peft.score_chunk),
       scored=scored, shardings=chunk_sh, progress=False)
