@@ -536,7 +536,10 @@ def run_single(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = state["params"]
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt = tx.update(grads, state["opt"], params)
-    new_params = optax.apply_updates(params, updates)
+    # Frozen elements get an update of exactly zero; selecting p (not computing p + 0) keeps them
+    # bit-identical even where XLA flushes subnormal arithmetic to zero.
+    new_params = jax.tree.map(lambda p, u: jnp.where(u == 0, p, (p + u).astype(p.dtype)),
+                              params, updates)
     measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "update_norm": optax.tree.norm(updates),
                     "param_norm": optax.tree.norm(new_params)}
