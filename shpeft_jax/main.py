@@ -15,19 +15,13 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from shpeft_jax import utils
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py), optionally `file.py:arg`.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-def _hide_accelerators_from_tf():
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-  except (ImportError, RuntimeError, ValueError):
-    pass
 
 
 class _QuietLibraries:
@@ -42,7 +36,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  _hide_accelerators_from_tf()
+  utils.hide_accelerators_from_tf()
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax import distributed  # pylint: disable=g-import-not-at-top
   from shpeft_jax.errors import ShpeftError  # pylint: disable=g-import-not-at-top

@@ -40,6 +40,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from shpeft_jax import utils
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.peft import methods as methods_lib
 
@@ -279,20 +280,10 @@ def write_outputs(records: Sequence[dict], workdir: str) -> dict[str, str]:
   return paths
 
 
-def _hide_accelerators_from_tf():
-  """TensorFlow only feeds data; keep it off the accelerators JAX uses (as in main.py)."""
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-  except (ImportError, RuntimeError, ValueError):
-    pass
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  _hide_accelerators_from_tf()
+  utils.hide_accelerators_from_tf()
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax.errors import ShpeftError  # pylint: disable=g-import-not-at-top
   try:

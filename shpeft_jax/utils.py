@@ -46,3 +46,13 @@ def map_with_names(fn: Callable[[str, Any], Any], tree):
 
 def count_params(tree) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def hide_accelerators_from_tf():
+  """TensorFlow only feeds data: keep it off the GPUs/TPUs that JAX uses."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (ImportError, RuntimeError, ValueError):
+    pass
