@@ -144,6 +144,16 @@ class LoRA(nn.Module):
     return y.reshape(x.shape[:-1] + tuple(self.out_shape))
 
 
+def _with_additive(y, inp, name: str, target: str, out_shape, add: AdditiveConfig, dtype):
+  """A linear layer's output `y` (of input `inp`) plus the additive methods that wrap it:
+  LoRA (`lora_<name>`, when `target` is in add.lora_targets) and SSF (`ssf_<name>`)."""
+  if add.lora_rank and target in add.lora_targets:
+    y = y + LoRA(add.lora_rank, tuple(out_shape), add.lora_alpha, dtype, name=f"lora_{name}")(inp)
+  if add.ssf:
+    y = SSF(tuple(out_shape), add.ssf_init_std, name=f"ssf_{name}")(y)
+  return y
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention with separate q/k/v/out projections (OpenAI's fused in_proj split in three)."""
   width: int
@@ -158,14 +168,9 @@ class MultiHeadAttention(nn.Module):
     dense = lambda name, axis, features: nn.DenseGeneral(
         features=features, axis=axis, dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
-    def project(name, short):
+    def project(name, target):
       y = dense(name, -1, (self.heads, head_dim))(x)
-      if add.lora_rank and short in add.lora_targets:
-        y = y + LoRA(add.lora_rank, (self.heads, head_dim), add.lora_alpha, self.dtype,
-                     name=f"lora_{name}")(x)
-      if add.ssf:
-        y = SSF((self.heads, head_dim), add.ssf_init_std, name=f"ssf_{name}")(y)
-      return y
+      return _with_additive(y, x, name, target, (self.heads, head_dim), add, self.dtype)
 
     q, k, v = project("query", "q"), project("key", "k"), project("value", "v")
     q = q / jnp.sqrt(head_dim).astype(self.dtype)
@@ -173,13 +178,8 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     ctx = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     out = dense("out", (-2, -1), self.width)(ctx)
-    if add.lora_rank and "o" in add.lora_targets:
-      flat = ctx.reshape(ctx.shape[:-2] + (self.width,))
-      out = out + LoRA(add.lora_rank, (self.width,), add.lora_alpha, self.dtype,
-                       name="lora_out")(flat)
-    if add.ssf:
-      out = SSF((self.width,), add.ssf_init_std, name="ssf_out")(out)
-    return out
+    flat = ctx.reshape(ctx.shape[:-2] + (self.width,))
+    return _with_additive(out, flat, "out", "o", (self.width,), add, self.dtype)
 
 
 class MLP(nn.Module):
@@ -192,13 +192,9 @@ class MLP(nn.Module):
   def __call__(self, x):
     add = self.additive
 
-    def linear(name, short, features, inp):
+    def linear(name, target, features, inp):
       y = nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name)(inp)
-      if add.lora_rank and short in add.lora_targets:
-        y = y + LoRA(add.lora_rank, (features,), add.lora_alpha, self.dtype, name=f"lora_{name}")(inp)
-      if add.ssf:
-        y = SSF((features,), add.ssf_init_std, name=f"ssf_{name}")(y)
-      return y
+      return _with_additive(y, inp, name, target, (features,), add, self.dtype)
 
     h = quick_gelu(linear("c_fc", "fc1", self.mlp_dim, x))
     return linear("c_proj", "fc2", self.width, h)
