@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError
 
 META = "meta.json"
@@ -46,22 +45,13 @@ def save_params(path: str, params, meta: dict[str, Any], *, overwrite: bool = Fa
   if os.path.exists(path):
     if not overwrite:
       raise CheckpointError(f"{path} already exists; pass overwrite=True or choose another --out.")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-  try:
+  with utils.atomic_path(path, directory=True) as tmp:
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), params)
     with process_local_checkpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS), host)
       ckptr.wait_until_finished()
     with open(os.path.join(tmp, META), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return path
 
 

@@ -27,14 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
 from shpeft_jax import checkpoints
+from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError
 from shpeft_jax.utils import flatten_names, unflatten_names
 
@@ -156,21 +155,12 @@ def save_delta(path: str, params, base_path: str, *, base_params=None,
                 "sparse_leaves": sum(e["kind"] == "sparse" for e in leaves.values()),
                 "dense_leaves": sum(e["kind"] == "dense" for e in leaves.values())},
   }
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-  try:
+  with utils.atomic_path(path, directory=True) as tmp:
     with open(os.path.join(tmp, ARRAYS), "wb") as f:
       np.savez(f, **arrays)
     index["stats"]["bytes"] = _dir_bytes(tmp)
     with open(os.path.join(tmp, INDEX), "w") as f:
       json.dump(index, f, indent=1)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   stats = dict(index["stats"])
   stats["bytes"] = _dir_bytes(path)
   return stats

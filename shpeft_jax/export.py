@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from shpeft_jax import checkpoints
+from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError, ConfigError, ShpeftError
 from shpeft_jax.models import clip_vit
 from shpeft_jax.models.convert import flax_to_torch_state_dict  # noqa: F401  (re-exported)
@@ -47,22 +47,13 @@ def write_state_dict(path: str, sd: Mapping[str, np.ndarray], metadata: dict[str
     raise CheckpointError(f"{path} already exists; pass --overwrite or choose another --out.")
   if not path.endswith((".safetensors",) + _TORCH_SUFFIXES):
     raise ConfigError(f"--out {path}: use a .safetensors, .pt, .pth or .bin file name.")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-  os.close(fd)
-  try:
+  with utils.atomic_path(path) as tmp:
     if path.endswith(".safetensors"):
       from safetensors.numpy import save_file
       save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, tmp, metadata=metadata)
     else:
       import torch
       torch.save({k: torch.from_numpy(np.array(v, copy=True)) for k, v in sd.items()}, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
   return path
 
 

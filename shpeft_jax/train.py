@@ -325,10 +325,8 @@ class MetricWriter:
 
 
 def _json_dump(path: str, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with utils.atomic_path(path) as tmp, open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def _json_load(path: str):

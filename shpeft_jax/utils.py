@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from typing import Any, Callable, Mapping
 
 import jax
@@ -56,3 +60,32 @@ def hide_accelerators_from_tf():
     tf.config.set_visible_devices([], "TPU")
   except (ImportError, RuntimeError, ValueError):
     pass
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, *, directory: bool = False):
+  """Yields a temporary sibling of `path` (a file, or a directory) to write; on success it replaces
+  `path` in one rename, on any error it is removed. A crash never leaves half a file under `path`.
+
+  The temporary name keeps the file extension (matplotlib and np.savez choose formats by it).
+  """
+  path = os.path.abspath(path)
+  parent, base = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  if directory:
+    tmp = tempfile.mkdtemp(prefix=base + ".tmp-", dir=parent)
+  else:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + base + ".", suffix=os.path.splitext(base)[1],
+                               dir=parent)
+    os.close(fd)
+  try:
+    yield tmp
+    if directory and os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.exists(tmp):
+      os.remove(tmp)
+    raise

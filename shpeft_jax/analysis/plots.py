@@ -7,10 +7,10 @@ redrawn from the saved JSON without reloading checkpoints.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from shpeft_jax import utils
 
 
 def _plt():
@@ -21,10 +21,8 @@ def _plt():
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  os.replace(tmp, path)
+  with utils.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
   return path
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shpeft_jax import checkpoints
+from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError, ConfigError
 from shpeft_jax.peft import selection
 from shpeft_jax.utils import flatten_names
@@ -284,11 +285,8 @@ def _fmt(m: Mapping[str, float]) -> str:
 
 
 def write_json(obj: Any, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with utils.atomic_path(path) as tmp, open(tmp, "w") as f:
     json.dump(_finite(obj), f, indent=2, sort_keys=False, default=_json_default)
-  os.replace(tmp, path)
   return path
 
 

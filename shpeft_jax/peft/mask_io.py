@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
+from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError
 from shpeft_jax.peft.selection import SelectionInfo, mask_statistics
 from shpeft_jax.utils import flatten_names, path_name, unflatten_names
@@ -29,19 +29,10 @@ _is_none = lambda x: x is None
 
 
 def _atomic_write(path: str, write_fn, mode: str = "wb") -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_" + os.path.basename(path) + ".")
-  try:
-    with os.fdopen(fd, mode) as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with utils.atomic_path(path) as tmp, open(tmp, mode) as f:
+    write_fn(f)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def _named_leaves(tree) -> list[tuple[str, Any]]:
