@@ -77,6 +77,27 @@ def _smallest_uint(max_value: int) -> np.dtype:
   raise AssertionError(max_value)
 
 
+def changed_indices(new: np.ndarray, base: np.ndarray) -> np.ndarray:
+  """Flat (C-order) int64 indices of the elements whose bit patterns differ."""
+  return np.flatnonzero(_bits(new).reshape(-1) != _bits(base).reshape(-1))
+
+
+def encode_indices(idx: np.ndarray) -> tuple[int, np.ndarray]:
+  """Sorted flat indices -> (first, gaps) with the gaps in the smallest unsigned dtype that holds
+  them (uint16 for most leaves at 1%: 2 bytes per index instead of 8)."""
+  gaps = np.diff(idx)
+  return int(idx[0]), gaps.astype(_smallest_uint(int(gaps.max()) if gaps.size else 0))
+
+
+def decode_indices(first: int, gaps: np.ndarray, count: int) -> np.ndarray:
+  """Inverse of encode_indices."""
+  idx = np.empty(count, np.int64)
+  idx[0] = first
+  np.cumsum(gaps.astype(np.int64), out=idx[1:])
+  idx[1:] += first
+  return idx
+
+
 def _dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
@@ -120,21 +141,20 @@ def save_delta(path: str, params, base_path: str, *, base_params=None,
           f"base {base_path}; a delta needs the base the model was fine-tuned from.")
     entry: dict[str, Any] = {"shape": list(a.shape), "dtype": a.dtype.str}
     if not dense:
-      idx = np.flatnonzero(_bits(a).reshape(-1) != _bits(b).reshape(-1))
+      idx = changed_indices(a, b)
       changed_total += idx.size
       if idx.size == 0:
         continue  # Bit-identical to the base: nothing to store.
       if idx.size > DENSE_FRACTION * a.size:
         dense = True
       else:
-        gaps = np.diff(idx)
-        gaps_dtype = _smallest_uint(int(gaps.max()) if gaps.size else 0)
+        first, gaps = encode_indices(idx)
         arrays[f"l{i}_values"] = a.reshape(-1)[idx]
-        arrays[f"l{i}_gaps"] = gaps.astype(gaps_dtype)
-        entry.update(kind="sparse", key=f"l{i}", count=int(idx.size), first=int(idx[0]))
+        arrays[f"l{i}_gaps"] = gaps
+        entry.update(kind="sparse", key=f"l{i}", count=int(idx.size), first=first)
     if dense:
       if b is not None and b.shape == a.shape:
-        changed_total += int(np.count_nonzero(_bits(a).reshape(-1) != _bits(b).reshape(-1)))
+        changed_total += int(changed_indices(a, b).size)
       else:
         changed_total += a.size
       arrays[f"l{i}"] = a
@@ -227,11 +247,7 @@ def load_delta(path: str, *, base_path: str | None = None,
       elif e["kind"] == "dense":
         out[name] = z[e["key"]]
       else:
-        gaps = z[e["key"] + "_gaps"].astype(np.int64)
-        idx = np.empty(e["count"], np.int64)
-        idx[0] = e["first"]
-        np.cumsum(gaps, out=idx[1:])
-        idx[1:] += e["first"]
+        idx = decode_indices(e["first"], z[e["key"] + "_gaps"], e["count"])
         values = z[e["key"] + "_values"]
         flat = base[name].reshape(-1).copy()
         flat[idx] = values

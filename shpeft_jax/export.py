@@ -1,6 +1,10 @@
 """shpeft_jax params checkpoint -> PyTorch state dict of the classifier (encoder + trained head).
 
   python -m shpeft_jax.export CKPT_DIR --format openai|hf --out FILE [--overwrite]
+  python -m shpeft_jax.export ADAPTER_DIR --base BASE_DIR --format openai|hf|peft --out PATH
+
+An adapter (WORKDIR/export/adapter) is merged into its base first; --format peft writes a Hugging
+Face peft SHiRA adapter directory instead of a file (see docs/ADAPTERS.md).
 
 --format openai: OpenAI CLIP names without the `visual.` prefix (`conv1.weight`,
   `transformer.resblocks.N.attn.in_proj_weight`, ...) plus `head.weight` / `head.bias`; loads with
@@ -23,7 +27,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from shpeft_jax import checkpoints
 from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError, ConfigError, ShpeftError
 from shpeft_jax.models import clip_vit
@@ -90,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m shpeft_jax.export", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("ckpt_dir", help="params checkpoint (e.g. WORKDIR/export/model)")
-  parser.add_argument("--format", required=True, choices=LAYOUTS)
+  parser.add_argument("--format", required=True, choices=LAYOUTS + ("peft",))
+  parser.add_argument("--base", default=None,
+                      help="the base params checkpoint of an adapter CKPT_DIR (and of --format peft)")
   parser.add_argument("--out", required=True, help="FILE.safetensors, or FILE.pt / .pth / .bin")
   parser.add_argument("--overwrite", action="store_true")
   return parser
@@ -101,7 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if os.path.exists(args.out) and not args.overwrite:
       raise CheckpointError(f"{args.out} already exists; pass --overwrite or choose another --out.")
-    params, meta = checkpoints.load_params(args.ckpt_dir)
+    from shpeft_jax import adapter  # pylint: disable=g-import-not-at-top
+    if args.format == "peft":
+      print(adapter.export_peft(args.ckpt_dir, args.base, args.out, overwrite=args.overwrite))
+      return 0
+    params, meta = adapter.load_model(args.ckpt_dir, args.base)
     sd = export_params(params, meta, args.format, args.out, overwrite=args.overwrite)
   except ShpeftError as e:
     print(f"error: {e}", file=sys.stderr)
