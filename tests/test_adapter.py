@@ -145,3 +145,34 @@ def test_vit_b16_adapter_at_k_one_percent_is_under_two_percent(tmp_path):
   assert 6 * stats["changed"] < stats["bytes"] < 6 * stats["changed"] + 200_000
   params, _ = adapter.load_with_base(str(tmp_path / "a"), base_params=base)
   _assert_bit_equal(params, tuned)
+
+
+def test_analysis_reads_an_adapter_on_its_pretrained_base(saved, tmp_path, capsys):
+  from shpeft_jax.analysis import __main__ as cli
+  from shpeft_jax.analysis import hybridity, sparsity
+  base, tuned, base_dir, _, _ = saved
+  tuned = jax.tree.map(np.nan_to_num, tuned)  # The study refuses NaN weights.
+  adapter_dir = str(tmp_path / "adapter")
+  adapter.write_adapter(adapter_dir, tuned, base, base_name="tiny-base", meta=META)
+  pre = sparsity.load_checkpoint(base_dir)
+  ft = sparsity.load_checkpoint(adapter_dir, base=pre)
+  _assert_bit_equal(ft.params, tuned)
+  with pytest.raises(CheckpointError, match="--pretrained"):
+    sparsity.load_checkpoint(adapter_dir)
+
+  other = jax.tree.map(np.copy, tuned)
+  other["encoder"]["ln_pre"]["bias"] += 1.0
+  other_dir = checkpoints.save_params(str(tmp_path / "other"), other, META)
+  rc = cli.main(["hybridity", "--pretrained", base_dir, "--finetuned", f"a={adapter_dir}",
+                 "--finetuned", f"b={other_dir}", "--k", "5", "--out", str(tmp_path / "out")])
+  assert rc == 0
+  res = json.load(open(tmp_path / "out" / "hybridity_finetuned.json"))
+  direct = hybridity.finetuned_study(
+      pre, {"a": sparsity.Checkpoint(tuned, META, "a"), "b": sparsity.Checkpoint(other, META, "b")},
+      k_percents=(5.0,), log=lambda s: None)
+  assert res["per_k"][0]["overlap"]["intersection"] == direct["per_k"][0]["overlap"]["intersection"]
+  # The adapter on a pretrained checkpoint that is not its base: refused, naming both.
+  rc = cli.main(["hybridity", "--pretrained", other_dir, "--finetuned", f"a={adapter_dir}",
+                 "--finetuned", f"b={other_dir}", "--out", str(tmp_path / "out2")])
+  err = capsys.readouterr().err
+  assert rc == 2 and "Wrong base" in err and "tiny-base" in err and other_dir in err

@@ -7,7 +7,8 @@ r"""Command line of the statistical study.
   (hybridity also runs on masks alone: --mask A=FILE --mask B=FILE [--pretrained DIR] --out DIR)
 
 Checkpoints are params checkpoints (`shpeft_jax.checkpoints`: DIR/meta.json + DIR/params/), the
-format the trainer exports its best/final model in. Every command writes JSON and PNGs to --out.
+format the trainer exports its best/final model in; a fine-tuned one may also be a task adapter
+(WORKDIR/export/adapter), applied to --pretrained, which must be its base. Every command writes JSON and PNGs to --out.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def run_sparsity(args) -> dict:
   from shpeft_jax.analysis import plots, sparsity  # pylint: disable=g-import-not-at-top
   # Checkpoints first: a wrong path fails in a second, before TensorFlow is imported.
   pre = sparsity.load_checkpoint(args.pretrained, "pretrained checkpoint")
-  ft = sparsity.load_checkpoint(args.finetuned, "fine-tuned checkpoint")
+  ft = sparsity.load_checkpoint(args.finetuned, "fine-tuned checkpoint", base=pre)
   sparsity.check_same_encoder(pre, ft)
   config = load_config(args.config, args.set or ())
   if "data" not in config:
@@ -180,7 +181,7 @@ def run_hybridity(args) -> dict:
     ckpts = {}
     for name, path in finetuned.items():
       _log(f"[hybridity] loading {name} from {path}")
-      ckpts[name] = sparsity.load_checkpoint(path, f"fine-tuned checkpoint {name!r}")
+      ckpts[name] = sparsity.load_checkpoint(path, f"fine-tuned checkpoint {name!r}", base=pre)
     result = hybridity.finetuned_study(pre, ckpts, k_percents=parse_k_list(args.k), log=_log)
     sparsity.write_json(result, os.path.join(args.out, "hybridity_finetuned.json"))
     panels = [(f"top {e['k_percent']:g}%", e["overlap"]) for e in result["per_k"]]

@@ -57,8 +57,9 @@ class Checkpoint:
     return self.params[ENCODER]
 
 
-def load_checkpoint(path: str, what: str = "checkpoint") -> Checkpoint:
-  """Reads a params checkpoint (`shpeft_jax.checkpoints`) with errors that say which one failed."""
+def load_checkpoint(path: str, what: str = "checkpoint", base: Checkpoint | None = None) -> Checkpoint:
+  """Reads a params checkpoint (`shpeft_jax.checkpoints`), or a task adapter applied to `base`
+  (`shpeft_jax.adapter`; the pretrained checkpoint is its base), with errors naming which failed."""
   if not path:
     raise CheckpointError(f"No path given for the {what}.")
   if not os.path.isdir(path):
@@ -66,7 +67,13 @@ def load_checkpoint(path: str, what: str = "checkpoint") -> Checkpoint:
         f"The {what} directory {path!r} does not exist. Pass a params checkpoint directory (it "
         "holds meta.json and params/), e.g. the trainer's exported best/final model or the output "
         "of `python -m shpeft_jax.convert`.")
-  params, meta = checkpoints.load_params(path)
+  from shpeft_jax import adapter  # pylint: disable=g-import-not-at-top
+  if adapter.is_adapter(path):
+    if base is None:
+      raise CheckpointError(f"The {what} at {path} is a task adapter; give its base as --pretrained.")
+    params, meta = adapter.load_with_base(path, base.path, base_params=base.params)
+  else:
+    params, meta = checkpoints.load_params(path)
   if not isinstance(params, Mapping) or ENCODER not in params:
     raise CheckpointError(
         f"The {what} at {path} has no '{ENCODER}' subtree (top level: "
