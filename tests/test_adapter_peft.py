@@ -45,7 +45,9 @@ MODEL = "test_tiny"
 NUM_CLASSES = 3
 
 
-def _hf_base():
+@pytest.fixture(scope="module")
+def hf_base():
+  """(random transformers CLIPVisionModel, its Flax conversion), built once per module."""
   torch.manual_seed(0)
   hf = transformers.CLIPVisionModel(tr.hf_vision_config(clip_vit.get_model_config(MODEL))).eval()
   with torch.no_grad():  # LayerNorms start at (1, 0): make them non-trivial.
@@ -88,8 +90,8 @@ def _peft_logits(hf_base, out_dir, images):
   return logits.numpy(), model
 
 
-def test_peft_loaded_clip_vision_model_matches_flax(tmp_path):
-  hf, base = _hf_base()
+def test_peft_loaded_clip_vision_model_matches_flax(tmp_path, hf_base):
+  hf, base = hf_base
   tuned = _tuned(base)
   stats = adapter.write_peft(str(tmp_path / "peft"), tuned, base, base_name="random-hf",
                              meta={"model": MODEL, "num_classes": NUM_CLASSES})
@@ -118,8 +120,8 @@ def test_peft_loaded_clip_vision_model_matches_flax(tmp_path):
                                   err_msg=key)
 
 
-def test_dense_layer_goes_to_modules_to_save_and_nothing_is_dropped(tmp_path):
-  hf, base = _hf_base()
+def test_dense_layer_goes_to_modules_to_save_and_nothing_is_dropped(tmp_path, hf_base):
+  hf, base = hf_base
   # One linear layer trained in full (more than SHiRA's r*(m+n) can hold), nothing else but biases.
   tuned = _tuned(base, dense_linear="resblocks_1/mlp/c_fc/kernel",
                  skip=("ln_", "conv1", "embedding", "attn", "resblocks_0", "c_proj/kernel"))
@@ -132,9 +134,9 @@ def test_dense_layer_goes_to_modules_to_save_and_nothing_is_dropped(tmp_path):
   np.testing.assert_allclose(got, _flax_logits(tuned, images), atol=1e-5, rtol=0)
 
 
-def test_export_cli_peft_from_adapter_and_refusals(tmp_path, capsys):
+def test_export_cli_peft_from_adapter_and_refusals(tmp_path, capsys, hf_base):
   from shpeft_jax import checkpoints
-  hf, base = _hf_base()
+  hf, base = hf_base
   tuned = _tuned(base)
   base_dir = checkpoints.save_params(str(tmp_path / "base"), base,
                                      {"model": MODEL, "image_size": 16, "num_classes": None})
