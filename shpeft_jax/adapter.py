@@ -307,10 +307,11 @@ def hf_module_prefix() -> str:
 def exact_deltas(target: np.ndarray, base: np.ndarray) -> np.ndarray:
   """float32 d with base + d == target bit for bit where one exists (SHiRA adds d to the base
   weight), else the nearest: fl(target - base) misses by an ulp in some cases, so its neighbours
-  up to two ulps away are tried too."""
+  up to two ulps away are tried too. A zero delta is -0.0: x + -0.0 == x for every x, -0.0
+  included (x + +0.0 turns -0.0 into +0.0)."""
   t, b = target.astype(np.float32), base.astype(np.float32)
   d0 = (t - b).astype(np.float32)
-  d = d0.copy()
+  d = np.where(d0 == 0, np.float32(-0.0), d0)
   bad = changed_indices(b + d, t)
   up, down = d0[bad], d0[bad]
   for _ in range(2):
@@ -328,7 +329,7 @@ def _bits(a):
 
 def _choose_rank(counts: dict[str, tuple[int, int, int]]) -> tuple[int, set[str]]:
   """SHiRA has one r for all layers: each holds exactly r*(out+in) entries (the unused ones are
-  written as +0 deltas). Returns the r of the smallest file and the layers stored whole instead
+  written as -0.0 deltas). Returns the r of the smallest file and the layers stored whole instead
   (those with more changes than r*(out+in) or than peft allows, r*(out+in) <= out*in)."""
   best = None
   cap = min((o * i) // (o + i) for _, o, i in counts.values())
@@ -401,7 +402,7 @@ def write_peft(out_dir: str, params, base_params, *, base_name: str,
       o, i = w_new.shape
       n = r * (o + i)
       idx = changed[ps["weight"]]
-      if idx.size < n:  # Pad with unchanged positions (their delta is +0).
+      if idx.size < n:  # Pad with unchanged positions (their delta is -0.0: no change).
         free = np.setdiff1d(np.arange(min(o * i, idx.size + n), dtype=np.int64), idx,
                             assume_unique=True)[:n - idx.size]
         idx = np.sort(np.concatenate([idx, free]))
