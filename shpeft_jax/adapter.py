@@ -493,3 +493,42 @@ def export_peft(path: str, base_path: str | None, out_dir: str, *, overwrite: bo
           f"{stats['bytes'] / 2**20:.2f} MiB ({100 * stats['bytes'] / stats['full_bytes']:.2f}% of "
           "the full model). Load with peft.PeftModel.from_pretrained(CLIPVisionModel, DIR); the "
           f"head is {PEFT_HEAD} (docs/ADAPTERS.md).")
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer's hook.
+
+RUN_ADAPTER = os.path.join("export", "adapter")
+# Full fine-tuning changes every weight: its "adapter" would be a second full copy.
+NO_ADAPTER_METHODS = ("full",)
+
+
+def write_run_adapter(workdir: str, params, *, init_checkpoint: str | None, method: str,
+                      meta: Mapping[str, Any]) -> dict[str, Any]:
+  """Writes WORKDIR/export/adapter for a finished run (next to export/model); returns what the
+  run records: {"path", "bytes", "full_bytes", "ratio"}, or {"skipped": reason}.
+
+  The base is the run's init checkpoint (the pretrained encoder); the mask statistics come from
+  WORKDIR/mask_stats.json when the run selected a mask.
+  """
+  from shpeft_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.models.convert import ADDITIVE_PREFIXES  # pylint: disable=g-import-not-at-top
+  if method in NO_ADAPTER_METHODS:
+    return {"skipped": f"method {method!r} trains the whole encoder"}
+  if not init_checkpoint:
+    return {"skipped": "no model.init_checkpoint: the base encoder is not on disk"}
+  additive = [n for n in flatten_names(params)
+              if any(p.startswith(ADDITIVE_PREFIXES) for p in n.split("/"))]
+  if additive:
+    return {"skipped": f"unmerged additive parameters ({additive[0]}, ...) are not encoder weights"}
+  base_params, _ = checkpoints.load_params(init_checkpoint)
+  mask_stats = None
+  stats_file = os.path.join(workdir, "mask_stats.json")
+  if os.path.isfile(stats_file):
+    with open(stats_file) as f:
+      mask_stats = json.load(f)
+  out = os.path.join(workdir, RUN_ADAPTER)
+  stats = write_adapter(out, params, base_params, base_name=os.path.abspath(init_checkpoint),
+                        mask_stats=mask_stats, method=method, meta=meta, overwrite=True)
+  return {"path": out, "bytes": stats["bytes"], "full_bytes": stats["full_bytes"],
+          "ratio": stats["ratio"], "changed": stats["changed"]}
