@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from shpeft_jax import checkpoints
 from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError, ConfigError, ShpeftError
 from shpeft_jax.models import clip_vit
