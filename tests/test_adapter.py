@@ -32,9 +32,10 @@ def _assert_bit_equal(a_tree, b_tree):
 def tiny_base_and_tuned(frac=0.02, seed=0):
   """(base encoder params, fine-tuned classifier): `frac` of each encoder tensor moved, ln_1
   frozen, the head new, and the bit-level corner cases -0.0 over +0.0 and a NaN."""
-  params = jax.tree.map(np.array, init_params(build_model("test_tiny", 3), jax.random.PRNGKey(0)))
+  shapes = jax.eval_shape(lambda: init_params(build_model("test_tiny", 3), jax.random.PRNGKey(0)))
+  rng = np.random.default_rng(seed)  # numpy values: no init to compile.
+  params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
   base = {"encoder": params["encoder"]}
-  rng = np.random.default_rng(seed)
   tuned = {}
   for name, x in flatten_names(params).items():
     y = x.copy()

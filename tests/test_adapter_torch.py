@@ -51,7 +51,7 @@ def test_doc_apply_adapter_gives_the_flax_classifier(tmp_path):
   images = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
   with torch.no_grad():
     got = net.eval()(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-  flax_logits = clip_vit.build_model("test_tiny", 3).apply({"params": tuned}, images)
+  flax_logits = jax.jit(clip_vit.build_model("test_tiny", 3).apply)({"params": tuned}, images)
   np.testing.assert_allclose(got, np.asarray(flax_logits), atol=1e-5, rtol=0)
 
   # Another base is refused, naming the adapter's base.
