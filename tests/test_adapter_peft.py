@@ -96,8 +96,13 @@ def _peft_logits(hf_base, out_dir, images):
 def test_peft_loaded_clip_vision_model_matches_flax(tmp_path, hf_base):
   hf, base = hf_base
   tuned = _tuned(base)
+  tuned["encoder"]["class_embedding"][0] += 0.1  # Bare parameters: written into the base.
+  tuned["encoder"]["resblocks_0"]["attn"]["value"]["bias"][0, 0] += 0.1
   stats = adapter.write_peft(str(tmp_path / "peft"), tuned, base, base_name="random-hf",
                              meta={"model": MODEL, "num_classes": NUM_CLASSES})
+  info = json.load(open(tmp_path / "peft" / adapter.PEFT_META))
+  assert {"embeddings.class_embedding", "encoder.layers.0.self_attn.v_proj.bias"} <= set(
+      info["written_into_base"])
   cfg = json.load(open(tmp_path / "peft" / adapter.PEFT_CONFIG))
   assert cfg["peft_type"] == "SHIRA" and cfg["r"] == stats["r"]
   assert len(cfg["target_modules"]) == 12  # Every linear layer (2 blocks x 6).
