@@ -45,6 +45,7 @@ def method_config(config: ml_collections.ConfigDict, method: str,
   overrides = config.method_overrides
   source = method if method in overrides else spec.settings_of
   c = copy.deepcopy(config)
+  c.lock()  # An override may only change fields the config has.
   c.peft.method = method
   if source and source in overrides:
     try:

@@ -537,7 +537,7 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> Method:
   if name not in METHODS:
-    raise ConfigError(f"Unknown config.peft.method {name!r}; choose one of {method_names()}.")
+    raise ConfigError(f"Unknown peft.method {name!r}; choose one of {method_names()}.")
   return METHODS[name]
 
 
