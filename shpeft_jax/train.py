@@ -258,8 +258,9 @@ def restore_latest(manager, state) -> tuple[Any, int]:
   step = int(manager.latest_step())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           {"state": state})
-  logging.info("Resuming from the checkpoint at step %d.", step)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract))["state"], step
+  state = manager.restore(step, args=ocp.args.StandardRestore(abstract))["state"]
+  logging.info("Resumed from the checkpoint at step %d.", step)
+  return state, step
 
 
 # ---------------------------------------------------------------------------------------------
