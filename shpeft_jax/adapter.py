@@ -532,3 +532,11 @@ def write_run_adapter(workdir: str, params, *, init_checkpoint: str | None, meth
                         mask_stats=mask_stats, method=method, meta=meta, overwrite=True)
   return {"path": out, "bytes": stats["bytes"], "full_bytes": stats["full_bytes"],
           "ratio": stats["ratio"], "changed": stats["changed"]}
+
+
+def describe(record: Mapping[str, Any]) -> str:
+  """The log line of write_run_adapter's record."""
+  if "skipped" in record:
+    return f"No export/adapter: {record['skipped']}."
+  return (f"Wrote {record['path']}: {record['bytes'] / 2**20:.2f} MiB, {100 * record['ratio']:.2f}% "
+          f"of the full model ({record['changed']} changed elements incl. the head).")

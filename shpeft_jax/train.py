@@ -300,6 +300,13 @@ def evaluate_and_export(config, workdir, method, params, param_sh, eval_step, me
         os.path.join(workdir, "export", "model"), export_params,
         {**meta, "step": results.get("best_step") or num_steps, "test": report,
          "merged_additive": method.merges}, overwrite=True)
+    # The same model as a task adapter: changed encoder elements + head (docs/ADAPTERS.md).
+    from shpeft_jax import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
+    results["adapter"] = adapter_lib.write_run_adapter(
+        workdir, export_params, init_checkpoint=config.model.init_checkpoint, method=method.name,
+        meta={**meta, "step": results.get("best_step") or num_steps,
+              "merged_additive": method.merges})
+    logging.info("%s", adapter_lib.describe(results["adapter"]))
     params_io.json_dump(os.path.join(workdir, "results.json"), results)
   return results
 

@@ -51,3 +51,14 @@ def test_shpeft_run_writes_an_adapter_of_its_export(tmp_path, capsys):
   assert recorded["changed"] <= mask_stats["total"]["selected"] + head
   assert config_json["mask_stats"]["total"] == mask_stats["total"]
   assert config_json["base"]["sha256"] == adapter.base_hash(init)
+
+
+def test_runs_without_an_adapter_say_why(tmp_path):
+  params = {"encoder": {"w": np.zeros(3, np.float32)}, "head": {"bias": np.zeros(2, np.float32)}}
+  write = lambda **kw: adapter.write_run_adapter(str(tmp_path), params, meta={}, **kw)
+  assert "whole encoder" in write(init_checkpoint="/x", method="full")["skipped"]
+  assert "init_checkpoint" in write(init_checkpoint="", method="shpeft")["skipped"]
+  params["encoder"]["vpt_prompts_0"] = np.zeros((2, 3), np.float32)
+  skipped = write(init_checkpoint="/x", method="vpt_shallow")["skipped"]
+  assert "vpt_prompts_0" in skipped and "No export/adapter" in adapter.describe({"skipped": skipped})
+  assert not os.path.exists(tmp_path / "export")
