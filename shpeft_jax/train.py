@@ -15,6 +15,7 @@ restarts at the checkpointed step, see `shpeft_jax.data.input_pipeline`):
     tb/                    TensorBoard event files (clu.metric_writers)
     results.json           final test metrics (the evaluate stage's result)
     export/model/          params checkpoint of the reported model for `python -m shpeft_jax.export`
+    export/adapter/        the same model as a task adapter against model.init_checkpoint
 
 Around it: `sharding` (mesh and sharding rules), `optim` (the optimizer and its schedule),
 `peft.methods` (what a method trains, resolved once into a `PeftMethod`), `evaluation` (the eval
