@@ -121,6 +121,7 @@ def test_export_merges_adapter_into_base_bit_exactly(saved, tmp_path, capsys):
   assert "--base" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 86M weights through two layout conversions and two hashes: ~40 s here.
 def test_vit_b16_adapter_at_k_one_percent_is_under_two_percent(tmp_path):
   """ViT-B/16 shapes with random weights, 1% of every encoder tensor changed, the head new."""
   shapes = flatten_names(jax.eval_shape(
