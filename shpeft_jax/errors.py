@@ -1,4 +1,18 @@
-"""Errors raised for bad user input. Each message names the problem and the fix."""
+"""Errors raised for bad user input, and the one error handler of every command line.
+
+Each message names the problem and the fix. `cli_main` turns the project's errors and the usual
+operating-system / storage faults (disk full, read-only or forbidden path, corrupt checkpoint) into
+ONE line on stderr and exit code 2; the full traceback is printed only with `--verbosity=1` and is
+always appended to the log file when the command has one (a trainer workdir's `log.txt`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+from typing import Callable, Iterator
 
 
 class ShpeftError(ValueError):
@@ -15,3 +29,150 @@ class DataError(ShpeftError):
 
 class CheckpointError(ShpeftError):
   """A checkpoint that is missing, corrupt or belongs to another model."""
+
+
+class StageMismatchError(ConfigError):
+  """A cached stage of a workdir was made from other inputs than the current run's."""
+
+
+class WorkdirBusyError(ShpeftError):
+  """Another live process holds the workdir."""
+
+
+class NonFiniteError(ShpeftError, FloatingPointError):
+  """The model became non-finite (NaN / inf); nothing non-finite is saved or exported."""
+
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+# Where a long command currently is ("training step 120 of 300 in /w"), for Ctrl-C messages.
+_PROGRESS: list[str] = []
+
+
+def note_progress(text: str) -> None:
+  """Records where the command is; a Ctrl-C then says where it stopped."""
+  _PROGRESS[:] = [text]
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+  """exc, its causes / contexts and the members of exception groups, each once."""
+  seen, todo = set(), [exc]
+  while todo:
+    e = todo.pop(0)
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    yield e
+    todo.extend(getattr(e, "exceptions", ()) or ())
+    todo.extend((e.__cause__, e.__context__))
+
+
+_TENSORSTORE_HINTS = ("tensorstore", "zarr", "ocdbt", "_METADATA", "manifest.ocdbt", "checkpoint")
+
+
+def describe(exc: BaseException, hint_path: str | None = None) -> str | None:
+  """One line for a known fault (naming the path and the fix), or None for a real bug."""
+  chain = list(_chain(exc))
+  for e in chain:
+    if isinstance(e, ShpeftError):
+      return f"{type(e).__name__}: {e}"
+  for e in chain:
+    if isinstance(e, OSError) and e.errno is not None:
+      path = e.filename or hint_path or "the output"
+      if e.errno == errno.ENOSPC or e.errno == getattr(errno, "EDQUOT", -1):
+        return (f"disk full while writing {path} ({e.strerror}). Free space on that disk or "
+                "point the output (--workdir / --out) at another one; a rerun resumes from the "
+                "last complete checkpoint.")
+      if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write {path}: {e.strerror}. Choose a writable --workdir / --out, or fix "
+                "the permissions of that folder.")
+      if isinstance(e, FileNotFoundError):
+        return f"{path} does not exist ({e.strerror}); check the path."
+  # A corrupt or partial orbax checkpoint surfaces as a TensorStore / ValueError deep inside.
+  text = " ".join(str(e) for e in chain)
+  if any(h in text for h in _TENSORSTORE_HINTS) and any(
+      type(e).__module__.startswith(("tensorstore", "orbax", "jaxlib")) or "TensorStore" in str(e)
+      or "Checkpoint" in type(e).__name__ for e in chain):
+    where = hint_path or "the checkpoint"
+    return (f"cannot read {where}: the checkpoint is corrupt or incomplete "
+            f"({_first_line(chain[-1])}). Delete it (a trainer rerun resumes from the previous "
+            "checkpoint) or recreate it.")
+  return None
+
+
+def _first_line(e: BaseException) -> str:
+  s = str(e).strip().splitlines()
+  return (s[0][:200] if s else type(e).__name__)
+
+
+def _log_traceback(log_file: str | None, exc: BaseException) -> None:
+  if not log_file:
+    return
+  try:
+    with open(log_file, "a") as f:
+      traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
+  except OSError:
+    pass  # The log is on the disk that just failed: stderr has the message already.
+
+
+def handle(exc: BaseException, *, verbosity: int = 0, log_file: str | None = None,
+           hint_path: str | None = None, prog: str = "") -> int | None:
+  """Prints the one-line report of `exc` and returns the exit code; None for an unknown bug."""
+  if isinstance(exc, KeyboardInterrupt):
+    where = f" during {_PROGRESS[0]}" if _PROGRESS else ""
+    print(f"\ninterrupted{where}. Nothing finished was lost: rerun the same command to resume.",
+          file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+  line = describe(exc, hint_path)
+  if line is None:
+    return None
+  _log_traceback(log_file, exc)
+  if verbosity >= 1:
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+  tail = "" if verbosity >= 1 or not log_file else f" (traceback in {log_file})"
+  print(f"{prog + ': ' if prog else ''}error: {line}{tail}", file=sys.stderr, flush=True)
+  return EXIT_ERROR
+
+
+def cli_main(fn: Callable[[], int | None], *, verbosity: int = 0, log_file: str | None = None,
+             hint_path: str | None = None, prog: str = "") -> int:
+  """Runs fn() with the project's error handling; returns its exit code (0 when it returns None).
+
+  Known faults -> one line + exit 2; Ctrl-C -> where it stopped + exit 130; anything else is a
+  bug and keeps its traceback.
+  """
+  try:
+    rc = fn()
+    return 0 if rc is None else int(rc)
+  except (Exception, KeyboardInterrupt) as e:  # pylint: disable=broad-except
+    code = handle(e, verbosity=verbosity, log_file=log_file, hint_path=hint_path, prog=prog)
+    if code is None:
+      _log_traceback(log_file, e)
+      raise
+    return code
+
+
+def verbosity_from_argv(argv) -> int:
+  """--verbosity=N / -v N / --verbosity N from a raw argv (absl's flag, for the error handler)."""
+  argv = list(argv or ())
+  for i, a in enumerate(argv):
+    for flag in ("--verbosity", "-v"):
+      if a.startswith(flag + "="):
+        try:
+          return int(a.split("=", 1)[1])
+        except ValueError:
+          return 0
+      if a == flag and i + 1 < len(argv):
+        try:
+          return int(argv[i + 1])
+        except ValueError:
+          return 0
+  return 0
+
+
+def env_verbosity() -> int:
+  try:
+    return int(os.environ.get("SHPEFT_VERBOSITY", "0"))
+  except ValueError:
+    return 0
