@@ -68,6 +68,12 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
     todo.extend((e.__cause__, e.__context__))
 
 
+_OS_ERROR_TEXT = {
+    errno.ENOSPC: ("No space left on device", "os error 28", "RESOURCE_EXHAUSTED: Error writing"),
+    errno.EROFS: ("Read-only file system", "os error 30"),
+    errno.EACCES: ("Permission denied", "os error 13"),
+}
+
 _TENSORSTORE_HINTS = ("tensorstore", "zarr", "ocdbt", "_METADATA", "manifest.ocdbt", "checkpoint")
 
 
@@ -89,6 +95,12 @@ def describe(exc: BaseException, hint_path: str | None = None) -> str | None:
                 "the permissions of that folder.")
       if isinstance(e, FileNotFoundError):
         return f"{path} does not exist ({e.strerror}); check the path."
+  # Writers in Rust / C++ (safetensors, TensorStore) report the OS error in their message only.
+  for e in chain:
+    text = str(e)
+    for code, needles in _OS_ERROR_TEXT.items():
+      if any(n in text for n in needles):
+        return describe(OSError(code, os.strerror(code), hint_path), hint_path)
   # A corrupt or partial orbax checkpoint surfaces as a TensorStore / ValueError deep inside.
   text = " ".join(str(e) for e in chain)
   if any(h in text for h in _TENSORSTORE_HINTS) and any(
@@ -176,3 +188,22 @@ def env_verbosity() -> int:
     return int(os.environ.get("SHPEFT_VERBOSITY", "0"))
   except ValueError:
     return 0
+
+
+def exit_process(code: int) -> None:
+  """sys.exit, except that a failed command skips the interpreter's shutdown.
+
+  After a TensorStore read fails, its worker threads call back into orbax's closed event loop at
+  shutdown and print unrelated `Event loop is closed` tracebacks under the one-line error.
+  """
+  if code:
+    import logging  # pylint: disable=g-import-not-at-top
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:  # The one-line report is out: nothing written after it is ours.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    except (OSError, ValueError):
+      pass
+    logging.shutdown()
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)

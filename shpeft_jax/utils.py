@@ -98,6 +98,8 @@ def atomic_path(path: str, *, directory: bool = False):
     os.close(fd)
   try:
     yield tmp
+    if not directory:  # Some writers (safetensors) replace the file with an owner-only one.
+      os.chmod(tmp, 0o666 & ~current_umask())
     if directory and os.path.exists(path):
       shutil.rmtree(path)
     os.replace(tmp, path)
