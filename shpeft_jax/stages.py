@@ -195,3 +195,50 @@ def restart_from(workdir: str, stage: str, outputs: Mapping[str, Sequence[str]])
   if removed:
     logging.info("--restart_from=%s: removed %s from %s.", stage, ", ".join(removed), workdir)
   return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's stages: which config fields determine each result.
+
+# Fields that change how a run is carried out, never its numbers (resume is bit-identical across
+# checkpoint intervals and device counts), or that are replaced by an identity (data paths -> the
+# prepared source's id, init_checkpoint path -> its content id).
+NOT_INPUTS = (
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.async_checkpoints", "train.stop_after_steps", "train.progress_bar",
+    "data.data_dir", "data.manual_dir", "data.cache", "data.num_parallel_calls",
+    "model.init_checkpoint", "mesh", "distributed", "compilation_cache_dir", "methods",
+    "method_overrides", "pretrain",
+)
+
+# Result paths of each stage, relative to a run's workdir (for --restart_from).
+TRAINER_OUTPUTS = {
+    "data": [],
+    "pretrain": ["pretrain"],
+    "scores": ["scores"],
+    "mask": ["mask.npz", "mask_stats.json"],
+    "train": ["checkpoints", "best", "best.json", "metrics.jsonl", "tb"],
+    "export": ["export", "results.json", "results_table.txt"],
+}
+
+
+def _pick(flat: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, Any]:
+  return {k: v for k, v in flat.items()
+          if any(k == p or k.startswith(p + ".") for p in prefixes)
+          and not any(k == n or k.startswith(n + ".") for n in NOT_INPUTS)}
+
+
+def trainer_stages(config, workdir: str, *, source_id: str, init_id: str = "") -> dict[str, Stage]:
+  """{stage: Stage} of one trainer run, each stage's inputs holding the previous one's id."""
+  flat = flatten(canonical(config))
+  data = Stage(workdir, "data", {"source": source_id, **_pick(flat, ["data"])})
+  scores = Stage(workdir, "scores", {
+      "data": data.fingerprint, "init": init_id, "seed": flat.get("seed"),
+      "batch_size": flat.get("train.batch_size"), **_pick(flat, ["model", "peft"])})
+  mask = Stage(workdir, "mask", {"scores": scores.fingerprint, **_pick(flat, ["peft"])})
+  train = Stage(workdir, "train", {
+      "mask": mask.fingerprint,
+      **_pick(flat, ["optim", "train.batch_size", "train.num_steps", "train.eval_every",
+                     "train.eval_batch_size"])})
+  export = Stage(workdir, "export", {"train": train.fingerprint, **_pick(flat, ["train"])})
+  return {"data": data, "scores": scores, "mask": mask, "train": train, "export": export}

@@ -87,3 +87,30 @@ def test_restart_from_removes_that_stage_and_later_ones(tmp_path):
   assert stages.Stage(w, "mask", {"x": 2}).check_or_record() is False  # recomputed freely
   with pytest.raises(ConfigError, match="is not a stage"):
     stages.restart_from(w, "masks", outputs)
+
+
+def test_trainer_stages_follow_the_fields_each_stage_reads(tmp_path):
+  from train_fixtures import make_tiny_config  # pylint: disable=g-import-not-at-top
+  w = str(tmp_path)
+  base = stages.trainer_stages(make_tiny_config(), w, source_id="digits:x", init_id="i0")
+
+  def changed(**edits):
+    c = make_tiny_config()
+    for key, value in edits.items():
+      section, name = key.split("__")
+      c[section][name] = value
+    new = stages.trainer_stages(c, w, source_id="digits:x", init_id="i0")
+    return [n for n in stages.STAGES if n in new and new[n].fingerprint != base[n].fingerprint]
+
+  assert changed(peft__k_percent=10.0) == ["scores", "mask", "train", "export"]
+  assert changed(optim__lr=0.1) == ["train", "export"]
+  assert changed(train__report_best=True) == ["export"]
+  assert changed(data__augment=True) == ["data", "scores", "mask", "train", "export"]
+  # How a run is carried out does not change its results.
+  assert changed(train__checkpoint_every=4, train__log_every=1, train__progress_bar=True,
+                 data__manual_dir="/elsewhere") == []
+  other_src = stages.trainer_stages(make_tiny_config(), w, source_id="digits:y", init_id="i0")
+  assert other_src["data"].fingerprint != base["data"].fingerprint
+  other_init = stages.trainer_stages(make_tiny_config(), w, source_id="digits:x", init_id="i1")
+  assert other_init["scores"].fingerprint != base["scores"].fingerprint
+  assert other_init["data"].fingerprint == base["data"].fingerprint
