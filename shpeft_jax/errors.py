@@ -118,14 +118,16 @@ def _first_line(e: BaseException) -> str:
   return (s[0][:200] if s else type(e).__name__)
 
 
-def _log_traceback(log_file: str | None, exc: BaseException) -> None:
-  if not log_file:
-    return
+def _log_traceback(log_file: str | None, exc: BaseException) -> bool:
+  """Appends the traceback to an existing folder's log file; False if not written."""
+  if not log_file or not os.path.isdir(os.path.dirname(os.path.abspath(log_file))):
+    return False
   try:
     with open(log_file, "a") as f:
       traceback.print_exception(type(exc), exc, exc.__traceback__, file=f)
+    return True
   except OSError:
-    pass  # The log is on the disk that just failed: stderr has the message already.
+    return False  # The log is on the disk that just failed: stderr has the message already.
 
 
 def handle(exc: BaseException, *, verbosity: int = 0, log_file: str | None = None,
@@ -139,10 +141,11 @@ def handle(exc: BaseException, *, verbosity: int = 0, log_file: str | None = Non
   line = describe(exc, hint_path)
   if line is None:
     return None
-  _log_traceback(log_file, exc)
+  # Another run's workdir is not ours to write in.
+  logged = not isinstance(exc, WorkdirBusyError) and _log_traceback(log_file, exc)
   if verbosity >= 1:
     traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-  tail = "" if verbosity >= 1 or not log_file else f" (traceback in {log_file})"
+  tail = f" (traceback in {log_file})" if logged and verbosity < 1 else ""
   print(f"{prog + ': ' if prog else ''}error: {line}{tail}", file=sys.stderr, flush=True)
   return EXIT_ERROR
 
@@ -207,3 +210,23 @@ def exit_process(code: int) -> None:
     logging.shutdown()
     os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
+
+
+def config_file_error(exc: BaseException, argv) -> str:
+  """One line for a --config file that is missing or does not load (ml_collections' errors)."""
+  path = "?"
+  argv = list(argv or ())
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      path = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+  path = path.split(":", 1)[0]
+  if isinstance(exc, SyntaxError):
+    return (f"config file {exc.filename or path} line {exc.lineno}: {exc.msg}; fix the file "
+            "(configs/*.py are examples).")
+  if not os.path.isfile(path):
+    return (f"config file {path} does not exist; pass one of configs/*.py, e.g. "
+            "--config configs/busi.py.")
+  text = _first_line(exc.__cause__ or exc.__context__ or exc)
+  return f"config file {path} cannot be loaded ({type(exc).__name__}: {text}); fix the file."

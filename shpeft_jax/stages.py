@@ -159,6 +159,20 @@ class Stage:
         f"reusing it would mix results. Use a new --workdir, or pass --restart_from={self.name} "
         f"to redo '{self.name}' and the stages after it.")
 
+  def ensure(self, outputs_exist: bool, *, record: bool = True) -> bool:
+    """At a run's start: whether a result made from these inputs exists. Raises on changed inputs;
+    a result from before fingerprints existed is adopted (recorded, with a warning)."""
+    if self.check():
+      return outputs_exist
+    if outputs_exist:
+      logging.warning("%s: the '%s' stage has no fingerprint (made by an older version); assuming "
+                      "it was made from this run's inputs. Pass --restart_from=%s if not.",
+                      self.workdir, self.name, self.name)
+      if record:
+        self.record()
+      return True
+    return False
+
   def check_or_record(self) -> bool:
     """True: the stage's cached result may be reused. False: (re)compute it; inputs recorded."""
     if self.check():
@@ -232,9 +246,12 @@ def trainer_stages(config, workdir: str, *, source_id: str, init_id: str = "") -
   """{stage: Stage} of one trainer run, each stage's inputs holding the previous one's id."""
   flat = flatten(canonical(config))
   data = Stage(workdir, "data", {"source": source_id, **_pick(flat, ["data"])})
+  # The scores do not depend on how many weights are then selected.
+  scoring = {k: v for k, v in _pick(flat, ["peft"]).items()
+             if k not in ("peft.k_percent", "peft.k_count")}
   scores = Stage(workdir, "scores", {
-      "data": data.fingerprint, "init": init_id, "seed": flat.get("seed"),
-      "batch_size": flat.get("train.batch_size"), **_pick(flat, ["model", "peft"])})
+      "data": data.fingerprint, "model.init_checkpoint (content)": init_id, "seed": flat.get("seed"),
+      "batch_size": flat.get("train.batch_size"), **_pick(flat, ["model"]), **scoring})
   mask = Stage(workdir, "mask", {"scores": scores.fingerprint, **_pick(flat, ["peft"])})
   train = Stage(workdir, "train", {
       "mask": mask.fingerprint,

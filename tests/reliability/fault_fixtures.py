@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -47,7 +48,9 @@ def run_module(module: str, *args: str, timeout: int = 120) -> subprocess.Comple
 def error_lines(stderr: str) -> list[str]:
   """The non-empty stderr lines, without library start-up noise that precedes our output."""
   noise = ("WARNING: All log messages before absl::InitializeLog()", "E0000 ", "W0000 ", "I0000 ")
-  return [l for l in stderr.splitlines() if l.strip() and not l.startswith(noise)]
+  info = re.compile(r"^[IW]\d{4} \d\d:\d\d:\d\d")  # absl INFO / WARNING log lines
+  return [l for l in stderr.splitlines()
+          if l.strip() and not l.startswith(noise) and not info.match(l)]
 
 
 @contextlib.contextmanager

@@ -102,7 +102,8 @@ def test_trainer_stages_follow_the_fields_each_stage_reads(tmp_path):
     new = stages.trainer_stages(c, w, source_id="digits:x", init_id="i0")
     return [n for n in stages.STAGES if n in new and new[n].fingerprint != base[n].fingerprint]
 
-  assert changed(peft__k_percent=10.0) == ["scores", "mask", "train", "export"]
+  assert changed(peft__k_percent=10.0) == ["mask", "train", "export"]
+  assert changed(peft__lam=0.5) == ["scores", "mask", "train", "export"]
   assert changed(optim__lr=0.1) == ["train", "export"]
   assert changed(train__report_best=True) == ["export"]
   assert changed(data__augment=True) == ["data", "scores", "mask", "train", "export"]
