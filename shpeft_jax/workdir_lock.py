@@ -39,6 +39,7 @@ class WorkdirLock:
     self.workdir = os.path.abspath(workdir)
     self.path = os.path.join(self.workdir, LOCK_FILE)
     self._fd: int | None = None
+    self._created = False
     self.previous: dict | None = None
 
   def _read(self, fd: int) -> dict | None:
@@ -52,6 +53,7 @@ class WorkdirLock:
   def acquire(self) -> "WorkdirLock":
     if self._fd is not None:
       return self
+    self._created = not os.path.isdir(self.workdir)
     os.makedirs(self.workdir, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -89,6 +91,10 @@ class WorkdirLock:
       os.ftruncate(self._fd, 0)  # A clean exit leaves no holder to report.
     except OSError:
       pass
+    if self._created and os.listdir(self.workdir) == [LOCK_FILE]:
+      # A run that failed before writing anything (bad config) leaves no workdir behind.
+      os.remove(self.path)
+      os.rmdir(self.workdir)
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None

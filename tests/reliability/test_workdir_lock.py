@@ -63,3 +63,13 @@ def test_release_lets_the_next_run_in_silently(tmp_path, caplog):
     with workdir_lock.WorkdirLock(str(tmp_path)) as lock:
       assert lock.previous is None
   assert not [r for r in caplog.records if "Taking over" in r.getMessage()]
+
+
+def test_a_run_that_wrote_nothing_leaves_no_workdir(tmp_path):
+  w = tmp_path / "new"
+  with workdir_lock.WorkdirLock(str(w)):
+    assert os.listdir(w) == [".lock"]
+  assert not w.exists()
+  with workdir_lock.WorkdirLock(str(w)):
+    (w / "config.json").write_text("{}")
+  assert sorted(os.listdir(w)) == [".lock", "config.json"]
