@@ -119,6 +119,8 @@ class Stage:
   workdir: str
   name: str
   inputs: Mapping[str, Any]
+  # Set by the trainer's start-of-run check: a result made from these inputs exists.
+  done: bool = dataclasses.field(default=False, compare=False)
 
   def __post_init__(self):
     if self.name not in STAGES:
