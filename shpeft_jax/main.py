@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from shpeft_jax import stages
 from shpeft_jax import utils
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,7 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _RESTART_FROM = flags.DEFINE_enum(
-    "restart_from", None, ["data", "pretrain", "scores", "mask", "train", "export"],
+    "restart_from", None, list(stages.STAGES),
     "Redo this stage and every later one (their results in --workdir are deleted first).")
 flags.mark_flags_as_required(["config", "workdir"])
 
