@@ -152,10 +152,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   base = prepare(config, workdir, restart_pretrain=restart_from == "pretrain")
   if restart_from == "pretrain":
     restart_from = "data"  # Every run starts from the pre-trained encoder: all of it is redone.
+  restart = {"restart_from": restart_from} if restart_from else {}
   if not methods:
-    return run_one(method_config(base, base.peft.method), workdir, restart_from=restart_from)
+    return run_one(method_config(base, base.peft.method), workdir, **restart)
   results = {m: run_one(method_config(base, m), os.path.join(workdir, m.replace("/", "_")),
-                        restart_from=restart_from)
+                        **restart)
              for m in methods}
   table = format_table(results)
   if jax.process_index() == 0:
