@@ -61,8 +61,11 @@ def load_meta(path: str) -> dict[str, Any]:
     raise CheckpointError(
         f"{path} is not a shpeft_jax params checkpoint (no {META}). Create one with "
         f"`python -m shpeft_jax.convert SRC --out DIR` or point at a trainer workdir's exported model.")
-  with open(meta_file) as f:
-    return json.load(f)
+  try:
+    with open(meta_file) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise CheckpointError(f"{meta_file} is corrupt ({e}); recreate the checkpoint.") from e
 
 
 def load_params(path: str) -> tuple[dict, dict[str, Any]]:
@@ -72,7 +75,12 @@ def load_params(path: str) -> tuple[dict, dict[str, Any]]:
   params_dir = os.path.join(path, PARAMS)
   if not os.path.isdir(params_dir):
     raise CheckpointError(f"{path} has {META} but no {PARAMS}/ directory: the checkpoint is incomplete.")
-  with process_local_checkpointer() as ckptr:
-    params = ckptr.restore(params_dir)
+  try:
+    with process_local_checkpointer() as ckptr:
+      params = ckptr.restore(params_dir)
+  except (ValueError, OSError, KeyError) as e:  # TensorStore / orbax on missing or torn files.
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    raise CheckpointError(f"{path} is corrupt or incomplete ({detail}); recreate it (convert or "
+                          "export it again) or point at another checkpoint.") from e
   params = jax.tree_util.tree_map(np.asarray, params)
   return params, meta

@@ -20,7 +20,7 @@ import sys
 from typing import Sequence
 
 from shpeft_jax import checkpoints
-from shpeft_jax.errors import CheckpointError, ShpeftError
+from shpeft_jax.errors import CheckpointError, cli_main, exit_process
 from shpeft_jax.models import convert as convert_lib
 
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--no_antialias", action="store_true",
                       help="resample positional embeddings without antialiasing (default: as open_clip)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  parser.add_argument("--verbosity", type=int, default=0, help="1: full tracebacks of errors")
   return parser
 
 
@@ -56,11 +57,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
-  try:
-    meta = run(args)
-  except ShpeftError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli_main(lambda: _report(run(args), args), verbosity=args.verbosity, hint_path=args.out)
+
+
+def _report(meta: dict, args: argparse.Namespace) -> int:
   resized = (f", positional embedding resized from {meta['source_image_size']}"
              if meta["source_image_size"] != meta["image_size"] else "")
   print(f"wrote {args.out}: {meta['model']} at {meta['image_size']}px "
@@ -69,4 +69,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_process(main())

@@ -29,7 +29,7 @@ import numpy as np
 
 from shpeft_jax import checkpoints
 from shpeft_jax import utils
-from shpeft_jax.errors import CheckpointError, ConfigError, ShpeftError
+from shpeft_jax.errors import CheckpointError, ConfigError, cli_main, exit_process
 from shpeft_jax.models import clip_vit
 from shpeft_jax.models.convert import flax_to_torch_state_dict  # noqa: F401  (re-exported)
 from shpeft_jax.models.convert import LAYOUTS, flax_encoder_config
@@ -80,6 +80,10 @@ def export_params(params: Mapping[str, Any], meta: Mapping[str, Any], layout: st
     raise CheckpointError(f"The params are not a {model} at {image_size}px as meta.json says "
                           f"(they have patch {cfg.patch_size}, width {cfg.width}, {cfg.layers} layers, "
                           f"image size {cfg.image_size}).")
+  bad = [n for n, v in utils.flatten_names(params).items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise CheckpointError(f"{len(bad)} tensors hold NaN or inf (e.g. {bad[0]}): the model diverged "
+                          "and is not exported. Retrain with a lower optim.lr (or optim.grad_clip).")
   sd = flax_to_torch_state_dict(params, layout)  # Raises on additive leaves / incomplete trees.
   num_classes = int(meta["num_classes"])
   if sd["head.weight"].shape != (num_classes, cfg.width):
@@ -99,28 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the base params checkpoint of an adapter CKPT_DIR (and of --format peft)")
   parser.add_argument("--out", required=True, help="FILE.safetensors, or FILE.pt / .pth / .bin")
   parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--verbosity", type=int, default=0, help="1: full tracebacks of errors")
   return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    if os.path.exists(args.out) and not args.overwrite:
-      raise CheckpointError(f"{args.out} already exists; pass --overwrite or choose another --out.")
-    from shpeft_jax import adapter  # pylint: disable=g-import-not-at-top
-    if args.format == "peft":
-      print(adapter.export_peft(args.ckpt_dir, args.base, args.out, overwrite=args.overwrite))
-      return 0
-    params, meta = adapter.load_model(args.ckpt_dir, args.base)
-    sd = export_params(params, meta, args.format, args.out, overwrite=args.overwrite)
-  except ShpeftError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def run(args: argparse.Namespace) -> int:
+  if os.path.exists(args.out) and not args.overwrite:
+    raise CheckpointError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+  from shpeft_jax import adapter  # pylint: disable=g-import-not-at-top
+  if args.format == "peft":
+    print(adapter.export_peft(args.ckpt_dir, args.base, args.out, overwrite=args.overwrite))
+    return 0
+  params, meta = adapter.load_model(args.ckpt_dir, args.base)
+  sd = export_params(params, meta, args.format, args.out, overwrite=args.overwrite)
   cls = "TorchClipClassifier" if args.format == "openai" else "TorchHFClipClassifier"
   print(f"wrote {args.out}: {len(sd)} tensors, {meta['model']} at {meta['image_size']}px, "
         f"{meta['num_classes']} classes; load with shpeft_jax.models.torch_reference.{cls} (strict=True)")
   return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  return cli_main(lambda: run(args), verbosity=args.verbosity, hint_path=args.out)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_process(main())

@@ -10,6 +10,8 @@ is an error (lock_config=True), reported with the list of fields that do exist.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 from absl import app
@@ -17,12 +19,16 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from shpeft_jax import stages
 from shpeft_jax import utils
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py), optionally `file.py:arg`.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_RESTART_FROM = flags.DEFINE_enum(
+    "restart_from", None, list(stages.STAGES),
+    "Redo this stage and every later one (their results in --workdir are deleted first).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,8 +47,14 @@ def main(argv):
   utils.hide_accelerators_from_tf()
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax import distributed  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import errors  # pylint: disable=g-import-not-at-top
   from shpeft_jax.errors import ShpeftError  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
+  try:
+    config.get("model")  # A config file that failed to load raises here, on first use.
+  except (OSError, AttributeError) as e:
+    print(f"error: {errors.config_file_error(e, sys.argv)}", file=sys.stderr)
+    sys.exit(2)
   # Multi-host (TPU pods, SLURM, several GPU hosts): join the world before any JAX computation.
   try:
     distributed.maybe_initialize(config)
@@ -53,13 +65,20 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
   from shpeft_jax import runs  # pylint: disable=g-import-not-at-top
-  try:
-    runs.run(config, _WORKDIR.value)
-  except ShpeftError as e:
-    # Bad input: a one-paragraph message is more useful than a traceback.
-    logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(2)
+  from shpeft_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value
+
+  def run_locked():
+    # One run per workdir: a second one would interleave metrics and overwrite results.
+    lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+      runs.run(config, workdir, restart_from=_RESTART_FROM.value)
+  # Bad input and storage faults: one line (the traceback goes to workdir/log.txt).
+  code = errors.cli_main(run_locked, verbosity=flags.FLAGS.verbosity, hint_path=workdir,
+                         log_file=os.path.join(workdir, "log.txt"))
+  if code:
+    errors.exit_process(code)
 
 
 def _parse_flags(argv) -> list[str]:
@@ -77,6 +96,10 @@ def _parse_flags(argv) -> list[str]:
     sys.exit(2)
   except flags.Error as e:
     print(f"error: {e}\nPass --helpshort to see the flags.", file=sys.stderr)
+    sys.exit(2)
+  except (SyntaxError, OSError, ImportError, NameError, TypeError) as e:  # The --config file.
+    from shpeft_jax import errors  # pylint: disable=g-import-not-at-top
+    print(f"error: {errors.config_file_error(e, argv)}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -26,6 +26,7 @@ import jax
 import ml_collections
 
 from shpeft_jax import params_io
+from shpeft_jax import stages as stages_lib
 from shpeft_jax import train
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.evaluation import writers
@@ -64,12 +65,13 @@ def method_config(config: ml_collections.ConfigDict, method: str,
   return c
 
 
-def run_one(config: ml_collections.ConfigDict, workdir: str, *, seed: int | None = None) -> dict:
+def run_one(config: ml_collections.ConfigDict, workdir: str, *, seed: int | None = None,
+            restart_from: str | None = None) -> dict:
   """One run of a resolved config (`method_config`), optionally with another `seed`."""
   if seed is not None:
     config = copy.deepcopy(config)
     config.seed = int(seed)
-  return train.train_and_evaluate(config, workdir)
+  return train.train_and_evaluate(config, workdir, restart_from=restart_from)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,16 +96,17 @@ def pretrain_config(config) -> ml_collections.ConfigDict:
   return sub
 
 
-def pretrain(config, workdir: str) -> str:
+def pretrain(config, workdir: str, restart_from: str | None = None) -> str:
   """Trains the demo's encoder on the source task (cached: reused when its export exists)."""
   out = os.path.join(workdir, "pretrain")
-  res = train.train_and_evaluate(pretrain_config(config), out)
+  res = train.train_and_evaluate(pretrain_config(config), out, restart_from=restart_from)
   logging.info("Pre-trained encoder on %s: test %s", config.pretrain.data.task,
                writers.format_metrics(res["test"]))
   return os.path.join(out, "export", "model")
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+def prepare(config: ml_collections.ConfigDict, workdir: str,
+            restart_pretrain: bool = False) -> ml_collections.ConfigDict:
   """The base config of a group of runs in `workdir`: one XLA cache for all of them (they share
   model shapes, hence compiled programs), and the pre-trained encoder as init (run once)."""
   config = copy.deepcopy(config)
@@ -113,7 +116,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
       config.compilation_cache_dir = os.path.abspath(os.path.join(workdir, cache))
   train.enable_compilation_cache(config, workdir)
   if config.pretrain.enabled:
-    init = pretrain(config, workdir)
+    init = pretrain(config, workdir, restart_from="data" if restart_pretrain else None)
     with config.unlocked():
       config.model.init_checkpoint = init
       config.pretrain.enabled = False
@@ -135,15 +138,25 @@ def validate_runs(config, method_names: Sequence[str]) -> None:
 # What `main` runs.
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        restart_from: str | None = None) -> dict:
   """`config.methods` empty: the run of `peft.method` in workdir (its results). Otherwise one run
-  per method in workdir/<method>, then a table ({method: results})."""
+  per method in workdir/<method>, then a table ({method: results}).
+
+  restart_from: a stage (`shpeft_jax.stages.STAGES`) to redo with every later one, in every run;
+  'pretrain' redoes the demo's pre-training and everything that starts from it.
+  """
+  restart_from = stages_lib.validate_restart_from(restart_from)
   methods = tuple(config.methods)
   validate_runs(config, methods or (config.peft.method,))
-  base = prepare(config, workdir)
+  base = prepare(config, workdir, restart_pretrain=restart_from == "pretrain")
+  if restart_from == "pretrain":
+    restart_from = "data"  # Every run starts from the pre-trained encoder: all of it is redone.
+  restart = {"restart_from": restart_from} if restart_from else {}
   if not methods:
-    return run_one(method_config(base, base.peft.method), workdir)
-  results = {m: run_one(method_config(base, m), os.path.join(workdir, m.replace("/", "_")))
+    return run_one(method_config(base, base.peft.method), workdir, **restart)
+  results = {m: run_one(method_config(base, m), os.path.join(workdir, m.replace("/", "_")),
+                        **restart)
              for m in methods}
   table = format_table(results)
   if jax.process_index() == 0:

@@ -26,12 +26,12 @@ Ablation presets (`--ablation`, comma-separated, added after `--methods`):
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Any, Callable, Sequence
 
 from absl import app
@@ -41,7 +41,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from shpeft_jax import utils
-from shpeft_jax.errors import ConfigError
+from shpeft_jax.errors import ConfigError, ShpeftError
 from shpeft_jax.peft import methods as methods_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -111,13 +111,34 @@ def variant_config(base: ml_collections.ConfigDict, variant: Variant,
   return runs.method_config(base, variant.method, variant.overrides, dataset)
 
 
+def _validate_all(config, variants: Sequence[Variant], datasets: Sequence[str]) -> None:
+  """Every (dataset, variant) config is checked before the first run: a typo in the last dataset
+  must not wait for hours of earlier runs."""
+  from shpeft_jax import runs  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import train  # pylint: disable=g-import-not-at-top
+  if config.pretrain.enabled:
+    train.validate_config(runs.pretrain_config(config))
+  for dataset in datasets:
+    for v in variants:
+      cfg = variant_config(config, v, dataset)
+      if config.pretrain.enabled:
+        cfg.model.init_checkpoint = ""  # Made by the pretrain stage.
+      try:
+        train.validate_config(cfg)
+      except ShpeftError as e:
+        raise type(e)(f"{dataset} / {v.key}: {e}") from e
+
+
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequence[Variant],
               datasets: Sequence[str] | None = None,
               run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> list[dict]:
   """Runs every (dataset, variant); returns one record per run (see `_record`)."""
   from shpeft_jax import runs  # pylint: disable=g-import-not-at-top  (imports jax)
+  validate = run_fn is None
   run_fn = run_fn or runs.run_one
   datasets = list(datasets or [config.data.name])
+  if validate:
+    _validate_all(config, variants, datasets)
   base = runs.prepare(config, workdir)
   records = []
   for dataset in datasets:
@@ -243,13 +264,21 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   utils.hide_accelerators_from_tf()
   import jax  # pylint: disable=g-import-not-at-top
-  from shpeft_jax.errors import ShpeftError  # pylint: disable=g-import-not-at-top
-  try:
+  from shpeft_jax import errors  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value
+  records = []
+
+  def run():
     variants = build_variants(_METHODS.value, _ABLATION.value)
-    records = run_sweep(_CONFIG.value, _WORKDIR.value, variants, _DATASETS.value)
-  except ShpeftError as e:
-    print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(2)
+    lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+      records.extend(run_sweep(_CONFIG.value, workdir, variants, _DATASETS.value))
+  code = errors.cli_main(run, verbosity=flags.FLAGS.verbosity, hint_path=workdir,
+                         log_file=os.path.join(workdir, "log.txt"))
+  if code:
+    errors.exit_process(code)
   if jax.process_index() == 0:
     paths = write_outputs(records, _WORKDIR.value)
     with open(paths["md"]) as f:

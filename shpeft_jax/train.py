@@ -29,6 +29,7 @@ import functools
 import json
 import os
 from typing import Any
+import zipfile
 
 from absl import logging
 import jax
@@ -38,11 +39,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from shpeft_jax import errors
 from shpeft_jax import optim
 from shpeft_jax import params_io
+from shpeft_jax import run_checks
 from shpeft_jax import sharding
+from shpeft_jax import stages as stages_lib
 from shpeft_jax import utils
-from shpeft_jax.errors import ConfigError
+from shpeft_jax.errors import CheckpointError, ConfigError
 from shpeft_jax.evaluation import evaluator
 from shpeft_jax.evaluation import writers
 from shpeft_jax.models import clip_vit
@@ -69,17 +73,21 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   if config.train.num_steps <= 0:
     raise ConfigError(f"train.num_steps must be positive, got {config.train.num_steps}.")
   optim.validate(config.optim, config.train.num_steps)
+  run_checks.check_run_settings(config)  # Numbers first: no data, model or compile work yet.
   sharding.mesh_shape(config.mesh)
   # Data: opening the source raises DataError for a missing / misplaced dataset.
   info = input_pipeline.dataset_info(config.data)
   for split in split_names(config):
     if split is not None:
       input_pipeline.get_source(config.data).split_size(split)
+  run_checks.check_run_settings(config, dict(info.split_sizes),
+                                train_split=split_names(config)[0])
   if config.model.init_checkpoint:
     params_io.check_init_checkpoint(config.model.init_checkpoint, config.model.name,
                                     vit.image_size)
   return {"vit": vit, "num_classes": info.num_classes, "class_names": info.class_names,
-          "dataset": info.name, "split_sizes": dict(info.split_sizes), "method": method}
+          "dataset": info.name, "split_sizes": dict(info.split_sizes), "method": method,
+          "source_id": info.source_id}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +123,8 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation):
     measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "update_norm": optax.tree.norm(updates),
                     "param_norm": optax.tree.norm(new_params)}
+    # Every step, on device: read with the logged metrics and before anything is written.
+    measurements["finite"] = run_checks.step_finite(loss, measurements["param_norm"])
     return {**state, "params": new_params, "opt": opt, "step": state["step"] + 1}, measurements
   return train_step
 
@@ -151,7 +161,11 @@ def score(config, method, workdir, loss_fn, params, mesh) -> PyTree:
   scored = methods_lib.scoring_eligible(method, params)
   if os.path.isdir(scores_dir):
     logging.info("Reusing importance scores in %s.", scores_dir)
-    flat = utils.flatten_names(params_io.restore_tree(scores_dir))
+    try:
+      flat = utils.flatten_names(params_io.restore_tree(scores_dir))
+    except (ValueError, OSError, KeyError) as e:
+      raise CheckpointError(f"the importance scores in {scores_dir} are corrupt or incomplete "
+                            f"({_first_line(e)}); rerun with --restart_from=scores.") from e
     return utils.map_with_names(lambda n, s: flat.get(n) if s else None, scored)
   # Multi-process: every process reads the same whole global batches (no process slice), so the
   # `device_put` of each chunk onto the global sharding sees identical data everywhere.
@@ -190,7 +204,11 @@ def select(config, method, workdir, loss_fn, params, mesh, rng) -> PyTree:
   host_params = params_io.host(params)
   if os.path.exists(mask_path):
     logging.info("Reusing the trainable mask in %s.", mask_path)
-    return masking.full_mask(mask_io.load_mask(mask_path, host_params), host_params)
+    try:
+      return masking.full_mask(mask_io.load_mask(mask_path, host_params), host_params)
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
+      raise CheckpointError(f"{mask_path} is corrupt ({_first_line(e)}); rerun with "
+                            "--restart_from=mask to recompute it.") from e
   scores = score(config, method, workdir, loss_fn, params, mesh) if method.scored else None
   mask, info = methods_lib.build_mask(method, host_params, scores=scores, rng=rng)
   mask = masking.full_mask(mask, host_params)
@@ -233,20 +251,27 @@ def train_loop(config, state, train_step, schedule, manager, validation, writer,
   progress = writers.Progress(num_steps, start_step, t.batch_size, config.peft.method,
                               bool(t.progress_bar))
   batch_sh = sharding.batch_sharding(mesh)
+  # A non-finite step is caught before anything is written (`run_checks`); each step's flag stays
+  # on the device until then, so the hot path has no host sync.
+  watch = run_checks.FiniteWatch()
+  lr_at = lambda s: schedule(s - 1)
   for step in range(start_step + 1, end_step + 1):
     state, measurements = train_step(state, sharding.to_global(next(it), batch_sh))
+    watch.add(step, measurements.pop("finite"))
     if step % t.log_every == 0 or step == end_step or step == start_step + 1:
+      watch.check(before=f"the metrics of step {step}", lr_at=lr_at)
       m = jax.device_get(measurements)
-      if not np.isfinite(m["loss"]):
-        raise FloatingPointError(f"The loss is {m['loss']} at step {step}; lower optim.lr or "
-                                 "set optim.grad_clip.")
+      errors.note_progress(f"training step {step} of {num_steps} in {manager.directory} "
+                           f"(last checkpoint: step {manager.latest_step() or 'none'})")
       ips = progress.log(step, float(m["loss"]))
       writer.write(step, "train", {**m, "lr": float(schedule(step - 1)), "images_per_s": ips})
     elif progress.bar is not None and step % 10 == 0:
       progress.update(step)
     if t.eval_every > 0 and (step % t.eval_every == 0 or step == num_steps):
+      watch.check(before=f"the validation at step {step} (and best/)", lr_at=lr_at)
       validation(step, state["params"])
     if step % t.checkpoint_every == 0 or step == end_step:
+      watch.check(before=f"the checkpoint at step {step}", lr_at=lr_at)
       manager.save(step, args=ocp.args.StandardSave({"state": state}))
   progress.close()
   return state
@@ -259,9 +284,19 @@ def restore_latest(manager, state) -> tuple[Any, int]:
   step = int(manager.latest_step())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           {"state": state})
-  state = manager.restore(step, args=ocp.args.StandardRestore(abstract))["state"]
+  try:
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))["state"]
+  except (ValueError, OSError, KeyError) as e:
+    raise CheckpointError(
+        f"the training checkpoint {os.path.join(str(manager.directory), str(step))} is corrupt or "
+        f"incomplete ({_first_line(e)}); delete that folder to resume from the checkpoint before "
+        "it, or rerun with --restart_from=train.") from e
   logging.info("Resumed from the checkpoint at step %d.", step)
   return state, step
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +332,11 @@ def evaluate_and_export(config, workdir, method, params, param_sh, eval_step, me
     export_params = params_io.host(report_params)
     if method.merges:
       export_params = merge_lib.merge_additive(export_params, method.additive)
+    bad = [n for n, v in utils.flatten_names(export_params).items() if not np.isfinite(v).all()]
+    if bad:  # Only a model restored from an older, unguarded checkpoint can get here.
+      raise errors.NonFiniteError(
+          f"{len(bad)} tensors of the reported model hold NaN/inf (e.g. {bad[0]}); it is not "
+          "exported. Lower optim.lr or set optim.grad_clip and rerun with --restart_from=train.")
     checkpoints.save_params(
         os.path.join(workdir, "export", "model"), export_params,
         {**meta, "step": results.get("best_step") or num_steps, "test": report,
@@ -329,16 +369,46 @@ def enable_compilation_cache(config, workdir: str):
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """score -> select -> train -> evaluate -> export for one config; returns results.json."""
+def _check_stages(config, workdir: str, facts: dict, restart_from: str | None) -> dict:
+  """The run's stage fingerprints, checked upstream first (the error then names the fields that
+  changed); each Stage gets `.done`: a result made from the same inputs exists."""
+  is_main = jax.process_index() == 0
+  if restart_from and is_main:
+    stages_lib.restart_from(workdir, restart_from, stages_lib.TRAINER_OUTPUTS)
+  if jax.process_count() > 1:  # The others wait for process 0's deletions.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"restart {workdir}")
+  init = config.model.init_checkpoint
+  stages = stages_lib.trainer_stages(config, workdir, source_id=facts["source_id"],
+                                     init_id=stages_lib.checkpoint_id(init) if init else "")
+  if is_main:
+    stages["data"].check_or_record()
+  else:
+    stages["data"].check()
+  for name in ("scores", "mask", "train", "export"):
+    exists = any(os.path.exists(os.path.join(workdir, p)) for p in stages_lib.TRAINER_OUTPUTS[name])
+    stages[name].done = stages[name].ensure(exists, record=is_main)
+  return stages
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restart_from: str | None = None) -> dict:
+  """score -> select -> train -> evaluate -> export for one config; returns results.json.
+
+  Each stage's result is reused only if it was made from the same inputs (`shpeft_jax.stages`);
+  `restart_from` deletes that stage's and the later stages' results first.
+  """
   os.makedirs(workdir, exist_ok=True)
   enable_compilation_cache(config, workdir)
   results_path = os.path.join(workdir, "results.json")
-  if os.path.exists(results_path) and os.path.isdir(os.path.join(workdir, "export", "model")):
-    logging.info("%s: results.json and the export exist; nothing to do.", workdir)
-    return params_io.json_load(results_path)
   facts = validate_config(config)  # Before any long work.
   method, num_classes = facts["method"], facts["num_classes"]
+  stages = _check_stages(config, workdir, facts, restart_from)
+  if stages["export"].done and os.path.exists(results_path) and os.path.isdir(
+      os.path.join(workdir, "export", "model")):
+    logging.info("%s: results.json and the export exist (same inputs); nothing to do.", workdir)
+    return params_io.json_load(results_path)
+  is_main = jax.process_index() == 0
   if jax.process_index() == 0:
     params_io.json_dump(os.path.join(workdir, "config.json"),
                         json.loads(config.to_json_best_effort()))
@@ -353,6 +423,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Model %s: %d parameters, %d classes.", config.model.name, n_params, num_classes)
   loss_fn = make_loss_fn(model)
   host_mask = select(config, method, workdir, loss_fn, params, mesh, rng_mask)
+  if is_main:
+    for name in ("scores", "mask"):
+      if os.path.exists(os.path.join(workdir, stages_lib.TRAINER_OUTPUTS[name][0])):
+        stages[name].record()
   n_trainable = methods_lib.trainable_count(host_mask)
   logging.info("Trainable: %d of %d (%.4f%%).", n_trainable, n_params,
                100.0 * n_trainable / n_params)
@@ -382,6 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     start_step)
   end_step = min(num_steps, t.stop_after_steps) if t.stop_after_steps else num_steps
   if start_step < end_step:
+    if is_main:
+      stages["train"].record()
     state = train_loop(config, state, train_step, schedule, manager, validation, writer, mesh,
                        start_step, end_step)
   manager.wait_until_finished()
@@ -394,6 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   results = evaluate_and_export(config, workdir, method, state["params"], param_sh, eval_step,
                                 mesh, validation.final(), meta, writer)
+  if is_main:
+    stages["export"].record()
   writer.close()
   if jax.process_count() > 1:
     # The other processes wait for process 0's writes: a next stage (the demo's pre-trained

@@ -62,6 +62,20 @@ def hide_accelerators_from_tf():
     pass
 
 
+def current_umask() -> int:
+  """The process umask, read without changing it (os.umask can only be read by setting it)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, *, directory: bool = False):
   """Yields a temporary sibling of `path` (a file, or a directory) to write; on success it replaces
@@ -72,14 +86,20 @@ def atomic_path(path: str, *, directory: bool = False):
   path = os.path.abspath(path)
   parent, base = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
+  # mkstemp / mkdtemp create owner-only entries (0600 / 0700); results must follow the user's
+  # umask like any file they write, or a colleague on a shared cluster cannot read them.
   if directory:
     tmp = tempfile.mkdtemp(prefix=base + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~current_umask())
   else:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + base + ".", suffix=os.path.splitext(base)[1],
                                dir=parent)
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
   try:
     yield tmp
+    if not directory:  # Some writers (safetensors) replace the file with an owner-only one.
+      os.chmod(tmp, 0o666 & ~current_umask())
     if directory and os.path.exists(path):
       shutil.rmtree(path)
     os.replace(tmp, path)

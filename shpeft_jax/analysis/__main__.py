@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from shpeft_jax.errors import CheckpointError, ConfigError, ShpeftError
+from shpeft_jax.errors import CheckpointError, ConfigError, cli_main, exit_process
 
 
 def _log(msg: str) -> None:
@@ -31,12 +31,17 @@ def _log(msg: str) -> None:
 
 
 def parse_k_list(text: str) -> list[float]:
-  try:
-    ks = [float(x) for x in text.split(",") if x.strip()]
-  except ValueError as e:
-    raise ConfigError(f"--k must be comma-separated percentages like 5,1,0.1; got {text!r}.") from e
-  if not ks:
-    raise ConfigError("--k is empty.")
+  """'5,1,0.1' -> [5.0, 1.0, 0.1]; every entry must be a percentage in (0, 100]."""
+  ks = []
+  for item in text.split(","):
+    try:
+      k = float(item)
+    except ValueError:
+      k = float("nan")
+    if not 0 < k <= 100:  # Also catches empty entries, 'abc', nan and inf.
+      raise ConfigError(f"--k {text!r}: {item.strip()!r} is not a percentage in (0, 100]; pass "
+                        "comma-separated values like 5,1,0.1.")
+    ks.append(k)
   return ks
 
 
@@ -72,10 +77,15 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
     raise ConfigError(f"Config file {path!r} does not exist; pass e.g. --config configs/demo.py.")
   mod_spec = importlib.util.spec_from_file_location("_analysis_config", path)
   module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} has no get_config().")
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"{path} has no get_config().")
+    config = module.get_config(arg) if arg else module.get_config()
+  except (SyntaxError, NameError, ImportError, AttributeError, TypeError, KeyError) as e:
+    where = f" line {e.lineno}" if getattr(e, "lineno", None) else ""
+    raise ConfigError(f"Config file {path}{where} cannot be loaded ({type(e).__name__}: "
+                      f"{getattr(e, 'msg', None) or e}); fix it or pass another --config.") from e
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
@@ -258,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
   hp.add_argument("--out", required=True)
   hp.add_argument("--title", default=None)
   hp.set_defaults(fn=run_hybridity)
+  for p in (sp, hp):
+    p.add_argument("--verbosity", type=int, default=0, help="1: full tracebacks of errors")
   return parser
 
 
@@ -265,14 +277,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   logging.basicConfig(level=logging.WARNING)
   t0 = time.time()
-  try:
+
+  def run():
+    parse_k_list(args.k)  # Before any loading: a bad --k must not wait for (or be skipped by) it.
     args.fn(args)
-  except ShpeftError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  _log(f"done in {time.time() - t0:.1f}s")
-  return 0
+    _log(f"done in {time.time() - t0:.1f}s")
+  return cli_main(run, verbosity=args.verbosity, hint_path=args.out)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  exit_process(main())

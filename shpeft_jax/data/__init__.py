@@ -7,7 +7,8 @@ Data config fields (`config.data`, an ml_collections.ConfigDict; `default_data_c
   task                      digits only: 'source' (digits 0-4) or 'target' (digits 5-9 as 0-4);
                             'even' / 'odd' (relabelled 0-4) for the analysis' hybridity study.
   data_dir                  tfds data directory where prepared datasets live (None: tfds default,
-                            ~/tensorflow_datasets). Use one data_dir per image_folder dataset.
+                            ~/tensorflow_datasets). Prepared records are keyed by their source
+                            (<data_dir>/<name>/src_<id>/), see docs/DATASETS.md.
   manual_dir                folder holding the user-downloaded dataset in its published layout
                             (see docs/DATASETS.md); for image_folder, the image root. None: tfds'
                             default <data_dir>/downloads/manual.

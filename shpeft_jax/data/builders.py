@@ -12,9 +12,14 @@ decodes them itself (`decode_and_crop_jpeg` is the fast path of random resized c
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
+import time
 from typing import Callable
+
+from absl import logging
 
 from etils import epath
 import tensorflow_datasets as tfds
@@ -79,9 +84,12 @@ class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
           "tfds.download.DownloadConfig(manual_dir=...) (data.manual_dir in the config).") from e
     return manual_dir
 
+  # Set by `open_builder`, which parsed the source already to compute its id.
+  _parsed: splits_lib.Splits | None = None
+
   def _split_generators(self, dl_manager):
     manual_dir = self._manual_dir(dl_manager)
-    parsed = self._parse(manual_dir)
+    parsed = self._parsed if self._parsed is not None else self._parse(manual_dir)
     return {split: self._generate_examples(exs, manual_dir) for split, exs in parsed.items()}
 
   def _generate_examples(self, examples, manual_dir):
@@ -227,7 +235,7 @@ class ImageFolder(_ManualImageBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put your images in:\n{LAYOUT}"
 
   def __init__(self, *, root_dir: str | None = None, **kwargs):
-    self._root_dir = root_dir
+    self._root_dir = os.path.abspath(root_dir) if root_dir else None
     super().__init__(**kwargs)
 
   def _class_names(self):
@@ -250,3 +258,111 @@ BUILDERS: dict[str, Callable[..., _ManualImageBuilder]] = {
     "limuc": Limuc,
     "image_folder": ImageFolder,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Prepared data keyed by its source.
+#
+# tfds stores a builder's records under <data_dir>/<name>/<config>/<version>. The config name is
+# `src_<id>`, the id a hash of the parsed source: every (split, file, label, size) and, for an
+# image folder, its root and class list. Two image folders, or a named dataset re-prepared from a
+# corrected manual_dir, get their own records; a run never reads another source's.
+
+SOURCE_FILE = "shpeft_source.json"
+
+_PARSERS: dict[str, Callable[[str], splits_lib.Splits]] = {
+    "chaoyang": splits_lib.chaoyang_splits,
+    "covid_ct": splits_lib.covid_ct_splits,
+    "busi": splits_lib.busi_splits,
+    "cxr": splits_lib.cxr_splits,
+    "oct": splits_lib.oct_splits,
+    "limuc": splits_lib.limuc_splits,
+    "image_folder": splits_lib.image_folder_splits,
+}
+
+
+def source_id(name: str, manual_dir: str, parsed: splits_lib.Splits,
+              class_names: list[str]) -> str:
+  h = hashlib.sha256(json.dumps([name, list(class_names)]).encode())
+  if name == "image_folder":
+    h.update(os.path.abspath(manual_dir).encode())
+  for split in sorted(parsed):
+    for path, label in parsed[split]:
+      rel = splits_lib.relative_name(path, manual_dir)
+      h.update(f"{split}\t{rel}\t{label}\t{os.path.getsize(path)}\n".encode())
+  return h.hexdigest()[:12]
+
+
+def _default_data_dir(data_dir: str | None) -> str:
+  if data_dir:
+    return os.path.abspath(os.path.expanduser(data_dir))
+  return os.path.expanduser(tfds.core.constants.DATA_DIR)
+
+
+def prepared_sources(name: str, data_dir: str | None) -> dict[str, dict]:
+  """{config name: source record} of the prepared, source-keyed copies of `name` in data_dir."""
+  base = os.path.join(_default_data_dir(data_dir), BUILDERS[name].name)
+  out = {}
+  if os.path.isdir(base):
+    for cfg in sorted(os.listdir(base)):
+      rec = os.path.join(base, cfg, str(_VERSION), SOURCE_FILE)
+      if cfg.startswith("src_") and os.path.isfile(rec):
+        with open(rec) as f:
+          out[cfg] = json.load(f)
+  return out
+
+
+def _config(cfg_name: str, description: str = "") -> tfds.core.BuilderConfig:
+  return tfds.core.BuilderConfig(name=cfg_name, description=description or cfg_name)
+
+
+def open_builder(name: str, data_dir: str | None, manual_dir: str | None
+                 ) -> tuple[_ManualImageBuilder, str]:
+  """(prepared builder, source id) for the source in manual_dir, preparing it on first use.
+
+  Without a readable manual_dir, the one prepared copy in data_dir is used (several: an error that
+  lists them and asks for data.manual_dir).
+  """
+  from shpeft_jax.utils import atomic_path  # pylint: disable=g-import-not-at-top
+  cls = BUILDERS[name]
+  data_dir = _default_data_dir(data_dir)
+  manual = manual_dir or os.path.join(data_dir, "downloads", "manual")
+  prepared = prepared_sources(name, data_dir)
+  if not os.path.isdir(manual) and prepared:
+    if len(prepared) > 1:
+      listed = "; ".join(f"{c} from {r.get('manual_dir')} ({r.get('num_examples')} images, "
+                         f"prepared {r.get('prepared')})" for c, r in prepared.items())
+      raise DataError(f"{name}: data_dir {data_dir} holds {len(prepared)} prepared sources "
+                      f"({listed}) and data.manual_dir={manual_dir!r} is not readable; set "
+                      "data.manual_dir to the source to use.")
+    cfg, rec = next(iter(prepared.items()))
+    (logging.warning if manual_dir else logging.info)(
+        "%s: manual_dir %s not found; reading the copy prepared from %s.", name, manual,
+        rec.get("manual_dir"))
+    return cls(data_dir=data_dir, config=_config(cfg)), rec["source_id"]
+  parsed = _PARSERS[name](manual)  # DataError for a missing / misplaced / empty source.
+  class_names = (splits_lib.image_folder_classes(manual) if name == "image_folder"
+                 else list(cls.CLASS_NAMES))
+  sid = source_id(name, manual, parsed, class_names)
+  cfg = f"src_{sid}"
+  kwargs = {"root_dir": manual} if name == "image_folder" else {}
+  builder = cls(data_dir=data_dir, config=_config(cfg, f"prepared from {manual}"), **kwargs)
+  if not builder.is_prepared():
+    others = {c: r for c, r in prepared.items() if c != cfg}
+    if others:
+      logging.warning(
+          "%s: the source in %s differs from the one(s) prepared before in %s (%s); preparing it "
+          "as %s. Runs made from the old records keep their fingerprints and will say so.", name,
+          manual, data_dir, ", ".join(f"{c} from {r.get('manual_dir')}" for c, r in others.items()),
+          cfg)
+    builder._parsed = parsed  # pylint: disable=protected-access
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    record = {"name": name, "source_id": sid, "manual_dir": os.path.abspath(manual),
+              "class_names": class_names, "num_examples": sum(len(v) for v in parsed.values()),
+              "split_sizes": {k: len(v) for k, v in parsed.items()},
+              "prepared": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with atomic_path(os.path.join(os.fspath(builder.data_dir), SOURCE_FILE)) as tmp, \
+        open(tmp, "w") as f:
+      json.dump(record, f, indent=1)
+  return builder, sid

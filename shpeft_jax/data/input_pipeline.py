@@ -47,6 +47,8 @@ class DatasetInfo:
   num_classes: int
   class_names: tuple[str, ...]
   split_sizes: dict[str, int]
+  # Identity of the records (the prepared source's id): part of every stage's fingerprint.
+  source_id: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +77,8 @@ class _DigitsSource(_Source):
     self._splits = demo.encoded_digits_splits(task)
     names = tuple(demo.class_names(task))
     self.info = DatasetInfo(f"digits_{task}", len(names), names,
-                            {s: len(l) for s, (_, l) in self._splits.items()})
+                            {s: len(l) for s, (_, l) in self._splits.items()},
+                            source_id=f"digits_{task}:sklearn")
 
   def split_size(self, split):
     self._check_split(split)
@@ -99,20 +102,15 @@ class _TfdsSource(_Source):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     from shpeft_jax.data import builders  # pylint: disable=g-import-not-at-top
     self._tfds = tfds
-    kwargs: dict[str, Any] = {"data_dir": data_dir}
-    if name == "image_folder":
-      kwargs["root_dir"] = manual_dir
     try:
-      self._builder = builders.BUILDERS[name](**kwargs)
+      self._builder, sid = builders.open_builder(name, data_dir, manual_dir)
     except tf.errors.OpError as e:
       raise DataError(f"{name}: cannot open data_dir={data_dir!r}: {e}") from e
-    if not self._builder.is_prepared():
-      self._builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     info = self._builder.info
     names = tuple(info.features["label"].names)
     self.info = DatasetInfo(name, len(names), names,
-                            {s: info.splits[s].num_examples for s in info.splits.keys()})
+                            {s: info.splits[s].num_examples for s in info.splits.keys()},
+                            source_id=f"{name}:{sid}")
 
   def split_size(self, split):
     self._check_split(split)

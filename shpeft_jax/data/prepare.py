@@ -12,6 +12,7 @@ import argparse
 import json
 
 from shpeft_jax.data import DATASET_NAMES, default_data_config
+from shpeft_jax.errors import cli_main, exit_process
 
 
 def main(argv=None):
@@ -20,14 +21,18 @@ def main(argv=None):
   parser.add_argument("--data_dir", required=True, help="tfds data directory to write")
   parser.add_argument("--manual_dir", required=True,
                       help="the downloaded dataset in its published layout (docs/DATASETS.md)")
+  parser.add_argument("--verbosity", type=int, default=0, help="1: full tracebacks of errors")
   args = parser.parse_args(argv)
-  from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  config = default_data_config()
-  config.name, config.data_dir, config.manual_dir = args.name, args.data_dir, args.manual_dir
-  info = input_pipeline.dataset_info(config)
-  print(json.dumps({"name": info.name, "class_names": list(info.class_names),
-                    "split_sizes": info.split_sizes}))
+
+  def run():
+    from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    config = default_data_config()
+    config.name, config.data_dir, config.manual_dir = args.name, args.data_dir, args.manual_dir
+    info = input_pipeline.dataset_info(config)
+    print(json.dumps({"name": info.name, "class_names": list(info.class_names),
+                      "split_sizes": info.split_sizes, "source_id": info.source_id}))
+  return cli_main(run, verbosity=args.verbosity, hint_path=args.data_dir)
 
 
 if __name__ == "__main__":
-  main()
+  exit_process(main())

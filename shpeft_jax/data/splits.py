@@ -18,12 +18,16 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from absl import logging
+
 from shpeft_jax.errors import DataError
 
 Example = tuple[str, int]
 Splits = dict[str, list[Example]]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+# Files that are never images of a dataset (a skipped one of any other kind is reported).
+_NOT_DATA = (".txt", ".json", ".csv", ".md", ".xml", ".db", ".ini", ".zip", ".tar", ".gz")
 
 # Seed of every carved split. Changing it changes the published numbers in docs/DATASETS.md.
 SPLIT_SEED = 0
@@ -121,24 +125,80 @@ def list_images(folder: str) -> list[str]:
       if is_image_file(f) and os.path.isfile(os.path.join(folder, f)))
 
 
+def _resolve(base: str, rel: str) -> tuple[str, list[str]]:
+  """base/rel where each component may differ by surrounding whitespace (a Kaggle copy's
+  `OCT2017 `); returns the path (or '' if absent) and the components that needed it."""
+  path, fuzzy = base, []
+  for part in os.path.normpath(rel).split(os.sep):
+    if part in ("", "."):
+      continue
+    exact = os.path.join(path, part)
+    if os.path.exists(exact):
+      path = exact
+      continue
+    near = sorted(e for e in _listdir(path) if e.strip() == part) if os.path.isdir(path) else []
+    if len(near) != 1:
+      return "", fuzzy
+    fuzzy.append(near[0])
+    path = os.path.join(path, near[0])
+  return path, fuzzy
+
+
+def _listdir(path: str) -> list[str]:
+  try:
+    return sorted(os.listdir(path))
+  except OSError:
+    return []
+
+
 def _find_root(manual_dir: str | None, candidates: Sequence[str], markers: Sequence[str],
                name: str, layout: str, url: str) -> str:
-  """The first `manual_dir/candidate` that holds every marker path."""
+  """The first `manual_dir/candidate` that holds every marker path.
+
+  Folder names that differ only by leading / trailing whitespace are matched (with a warning that
+  shows the name with repr, where the whitespace is visible).
+  """
   if not manual_dir or not os.path.isdir(manual_dir):
     raise _missing(name, str(manual_dir), layout, url, "the manual download directory does not exist")
   for cand in candidates:
-    root = os.path.normpath(os.path.join(manual_dir, cand))
-    if all(os.path.exists(os.path.join(root, m)) for m in markers):
-      return root
+    root, fuzzy = _resolve(manual_dir, cand)
+    if not root:
+      continue
+    found = [_resolve(root, m) for m in markers]
+    if all(p for p, _ in found):
+      fuzzy += [f for _, fs in found for f in fs]
+      if fuzzy:
+        logging.warning("%s: using %s; the folder name%s %s differ%s from the published layout "
+                        "by whitespace.", name, root, "s" if len(fuzzy) > 1 else "",
+                        ", ".join(repr(f) for f in fuzzy), "" if len(fuzzy) > 1 else "s")
+      return os.path.normpath(root)
+  entries = _listdir(manual_dir)
+  shown = ", ".join(repr(e) for e in entries[:12]) + (", ..." if len(entries) > 12 else "")
   raise _missing(name, manual_dir, layout, url,
-                 f"could not find {', '.join(markers)} (looked in {', '.join(candidates)})")
+                 f"could not find {', '.join(markers)} (looked in {', '.join(candidates)}; "
+                 f"{manual_dir} holds [{shown}])")
 
 
 def _class_folder_examples(folder: str, label: int, name: str,
                            exclude: re.Pattern | None = None) -> list[Example]:
-  """(path, label) for every image in one class folder; an empty class is an error."""
+  """(path, label) for every image in one class folder; an empty class is an error.
+
+  Files that are neither images nor known non-data files are counted and reported, never dropped
+  without a word.
+  """
   files = [p for p in list_images(folder)
            if exclude is None or not exclude.search(os.path.basename(p))]
+  other = [f for f in _listdir(folder) if not f.startswith(".") and not is_image_file(f)
+           and os.path.isfile(os.path.join(folder, f)) and not f.lower().endswith(_NOT_DATA)]
+  if other:
+    by_ext: dict[str, int] = {}
+    for f in other:
+      ext = os.path.splitext(f)[1].lower() or "(no extension)"
+      by_ext[ext] = by_ext.get(ext, 0) + 1
+    logging.warning("%s: skipped %d file(s) in %s that are not images of a supported format "
+                    "(%s: %s); supported: %s. Convert them to PNG to include them.", name,
+                    len(other), folder, ", ".join(f"{k} x{v}" for k, v in sorted(by_ext.items())),
+                    ", ".join(repr(f) for f in other[:3]), " ".join(IMAGE_EXTENSIONS))
   if not files:
     raise DataError(f"{name}: class folder {folder!r} holds no images; an empty class is not "
                     "skipped silently. Check that the archive was extracted completely.")
@@ -408,6 +468,20 @@ def _limuc_examples(parent: str, recursive: bool = False) -> list[Example]:
 
 def limuc_splits(manual_dir: str, seed: int = SPLIT_SEED) -> Splits:
   """The published train_and_validation_sets / test_set, else a seeded 9,590 / 1,686 split."""
+  if manual_dir and os.path.basename(os.path.normpath(manual_dir)).strip() in (
+      "train_and_validation_sets", "test_set"):
+    # Pointed at one half of the published split: carving a test set out of it would test on
+    # other images than the paper's. Use the folder that holds both halves.
+    parent = os.path.dirname(os.path.normpath(manual_dir))
+    if _resolve(parent, "train_and_validation_sets")[0] and _resolve(parent, "test_set")[0]:
+      logging.warning("limuc: data.manual_dir=%s is one half of the published split; using %s, "
+                      "which holds train_and_validation_sets/ and test_set/.", manual_dir, parent)
+      manual_dir = parent
+    else:
+      raise DataError(
+          f"limuc: data.manual_dir={manual_dir!r} is one half of the published split but "
+          f"{parent} does not hold both train_and_validation_sets/ and test_set/; point "
+          "data.manual_dir at the folder that holds both (the extracted LIMUC archive).")
   root = None
   for cand in (".", "LIMUC", "limuc"):
     r = os.path.normpath(os.path.join(manual_dir, cand)) if manual_dir else None

@@ -37,7 +37,9 @@ def test_busi_prepared_and_read_through_pipeline(tmp_path):
   assert info.class_names == ("benign", "malignant", "normal")
   # 13 images in the paper's 559:79:160 ratio -> 9 / 1 / 3 (largest remainder of 9.1 / 1.3 / 2.6).
   assert info.split_sizes == {"train": 9, "validation": 1, "test": 3}
-  assert os.path.isdir(tmp_path / "tfds" / "busi" / "1.0.0")
+  (cfg, rec), = builders.prepared_sources("busi", str(tmp_path / "tfds")).items()
+  assert os.path.isdir(tmp_path / "tfds" / "busi" / cfg / "1.0.0") and rec["num_examples"] == 13
+  assert info.source_id == "busi:" + rec["source_id"]
   seen = []
   for split in ("train", "validation", "test"):
     for b in ip.make_eval_iterator(c, split=split, global_batch_size=4, image_size=16):
@@ -63,7 +65,7 @@ def test_cxr_jpeg_train_stream_and_labels(tmp_path):
   b = next(ip.make_train_iterator(c, split="train", global_batch_size=8, image_size=24, seed=0))
   assert b["image"].shape == (8, 24, 24, 3) and np.isfinite(b["image"]).all()
   assert set(b["label"].tolist()) <= {0, 1, 2}
-  builder = builders.PediatricCxr(data_dir=str(tmp_path / "tfds"))
+  builder, _ = builders.open_builder("cxr", str(tmp_path / "tfds"), None)  # the prepared copy
   names = {ex["file_name"].numpy().decode(): int(ex["label"]) for ex in
            builder.as_dataset(split="test")}
   for name, label in names.items():
@@ -77,7 +79,7 @@ def test_image_folder_builder_reads_class_names_back(tmp_path):
   info = ip.dataset_info(c)
   assert info.class_names == ("a", "b", "c")
   assert info.split_sizes == {"train": 6, "validation": 6, "test": 6}
-  again = builders.ImageFolder(data_dir=str(tmp_path / "tfds"))  # no root: read back from disk
+  again, _ = builders.open_builder("image_folder", str(tmp_path / "tfds"), None)  # read back
   assert again.is_prepared() and again.info.features["label"].names == ["a", "b", "c"]
 
 

@@ -1,0 +1,68 @@
+"""kill -9 of a run that holds the workdir: the rerun takes the lock over, keeps the fingerprints
+and ends bit-identical to an uninterrupted run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from fault_fixtures import ROOT  # pylint: disable=g-bad-import-order
+from shpeft_jax import checkpoints
+from shpeft_jax import utils
+from train_fixtures import TINY_OVERRIDES, cli_overrides  # pylint: disable=g-bad-import-order
+
+STEPS = 40
+OVERRIDES = dict(TINY_OVERRIDES, **{"train.num_steps": STEPS, "train.checkpoint_every": 4,
+                                    "train.async_checkpoints": True, "train.log_every": 100})
+
+
+def _cmd(workdir):
+  return [sys.executable, "-m", "shpeft_jax.main", "--config", "configs/common.py", "--workdir",
+          str(workdir), *cli_overrides(OVERRIDES)]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def test_kill_9_then_rerun_takes_over_and_is_bit_identical(tmp_path):
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = workdir / "checkpoints"
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
+      if done and max(done) >= 8:
+        break
+      time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert not (workdir / "results.json").exists()
+  fingerprints = sorted(os.listdir(workdir / "fingerprints"))
+  assert {"data.json", "mask.json", "train.json"} <= set(fingerprints)
+
+  rerun = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert f"its previous holder, process {proc.pid}" in rerun.stderr
+  assert "Resum" in rerun.stderr
+
+  ref = subprocess.run(_cmd(tmp_path / "reference"), cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-4000:]
+  resumed, _ = checkpoints.load_params(str(workdir / "export" / "model"))
+  reference, _ = checkpoints.load_params(str(tmp_path / "reference" / "export" / "model"))
+  resumed, reference = utils.flatten_names(resumed), utils.flatten_names(reference)
+  assert resumed.keys() == reference.keys()
+  for name in reference:
+    np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
