@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from shpeft_jax import checkpoints
 from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError, ConfigError, cli_main, exit_process
 from shpeft_jax.models import clip_vit
