@@ -1041,6 +1041,10 @@ def convert_file(path: str, *, fmt: str = "auto", model: str | None = None,
   if hf_cfg is not None and any(k.startswith(("vision_model.", "embeddings.")) for k in sd):
     heads = int(hf_cfg["num_attention_heads"])
   _refuse_siglip(set(sd))  # before the config checks, whose messages would be less direct
-  return torch_state_dict_to_flax(sd, fmt=fmt, model=model, image_size=image_size, heads=heads,
-                                  antialias=antialias, act=act, ln_eps=ln_eps,
-                                  evidence=tower_evidence(extras, sd))
+  evidence = tower_evidence(extras, sd)
+  params, info = torch_state_dict_to_flax(sd, fmt=fmt, model=model, image_size=image_size,
+                                          heads=heads, antialias=antialias, act=act, ln_eps=ln_eps,
+                                          evidence=evidence)
+  if fmt == "auto" and any(e.source.startswith("open_clip_config") for e in evidence.values()):
+    info = dataclasses.replace(info, source_format="open_clip")  # same names as OpenAI's
+  return params, info
