@@ -452,14 +452,14 @@ def _open_clip_evidence(cfg: Mapping[str, Any], source: str) -> dict[str, Eviden
 
 
 def _hf_evidence(cfg: Mapping[str, Any], source: str) -> dict[str, Evidence]:
-  out = {}
-  if "hidden_act" in cfg:
-    out["act"] = Evidence(_act_from_name(cfg["hidden_act"], f"{source} hidden_act"),
-                          f"{source} (hidden_act {cfg['hidden_act']})")
-  if "layer_norm_eps" in cfg:
-    out["ln_eps"] = Evidence(float(cfg["layer_norm_eps"]),
-                             f"{source} (layer_norm_eps {cfg['layer_norm_eps']})")
-  return out
+  # A key left out of config.json takes CLIPVisionConfig's default, which is what transformers
+  # itself builds: QuickGELU, eps 1e-5.
+  act = cfg.get("hidden_act", "quick_gelu")
+  eps = cfg.get("layer_norm_eps", clip_vit.LN_EPS)
+  absent = lambda k: "" if k in cfg else ", absent: CLIPVisionConfig's default"
+  return {"act": Evidence(_act_from_name(act, f"{source} hidden_act"),
+                          f"{source} (hidden_act {act}{absent('hidden_act')})"),
+          "ln_eps": Evidence(float(eps), f"{source} (layer_norm_eps {eps}{absent('layer_norm_eps')})")}
 
 
 def _resolve_tower(layout: str, ln_pre: bool, evidence: Mapping[str, Evidence],
@@ -1011,9 +1011,10 @@ def tower_evidence(extras: Mapping[str, Any], keys) -> dict[str, Evidence]:
   """
   keys = set(keys)
   meta = extras.get("metadata") or {}
-  if "shpeft_act" in meta:
-    return {"act": Evidence(meta["shpeft_act"], "the export's metadata"),
-            "ln_eps": Evidence(float(meta["shpeft_ln_eps"]), "the export's metadata")}
+  if "shpeft_model" in meta:  # ours; exports older than the tower fields were all OpenAI-style
+    return {"act": Evidence(meta.get("shpeft_act", "quick_gelu"), "the export's metadata"),
+            "ln_eps": Evidence(float(meta.get("shpeft_ln_eps", clip_vit.LN_EPS)),
+                               "the export's metadata")}
   if extras.get("open_clip_config") is not None and any(k.startswith(OPENAI_PREFIX) or
                                                         k.startswith("module.visual.") for k in keys):
     return _open_clip_evidence(extras["open_clip_config"], "open_clip_config.json")
