@@ -422,9 +422,10 @@ def _open_clip_evidence(cfg: Mapping[str, Any], source: str) -> dict[str, Eviden
   vision = model_cfg.get("vision_cfg") or {}
   timm_name = vision.get("timm_model_name")
   if timm_name:
-    if vision.get("timm_pool") not in (None, "", "token"):
-      raise CheckpointError(f"{source}: the timm trunk pools with {vision['timm_pool']!r}; only "
-                            f"class-token towers (timm_pool '' as in BiomedCLIP) are supported.")
+    pool = vision.get("timm_pool", "avg")  # open_clip's default when the key is absent
+    if pool not in ("", "token"):
+      raise CheckpointError(f"{source}: the timm trunk pools with {pool!r}; only class-token "
+                            f"towers (timm_pool '' as in BiomedCLIP) are supported.")
     tower = timm_vit_tower(timm_name)
     where = f"{source} (timm_model_name {timm_name})"
     return {k: Evidence(v, where) for k, v in tower.items()}

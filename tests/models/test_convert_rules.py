@@ -499,6 +499,7 @@ def test_open_clip_config_of_biomedclip_reads_the_timm_name(tmp_path):
     ({"attentional_pool": True}, "attentional_pool"),
     ({"pool_type": "avg"}, "pool_type"),
     ({"act_kwargs": {"approximate": "tanh"}}, "tanh GELU"),
+    ({"timm_model_name": "vit_base_patch16_224"}, "pools with 'avg'"),  # open_clip's default pool
 ])
 def test_open_clip_config_features_we_cannot_compute_are_refused(tmp_path, vision_cfg, pattern):
   sd = {k: v for k, v in _openai_sd().items() if k != "logit_scale"}
