@@ -41,13 +41,13 @@ import numpy as np
 
 from shpeft_jax.errors import CheckpointError, ConfigError
 from shpeft_jax.models import clip_vit
+# Name prefixes of the additive / prompt PEFT parameters (see clip_vit.py). They have no place in
+# a plain CLIP state dict: merge them into the base weights first.
+from shpeft_jax.param_names import ADDITIVE_PREFIXES
 from shpeft_jax.utils import flatten_names
 
 FORMATS = ("auto", "openai", "open_clip", "hf", "timm")
 LAYOUTS = ("openai", "open_clip", "hf", "timm")  # export formats
-# Name prefixes of the additive / prompt PEFT parameters (see clip_vit.py). They have no place in
-# a plain CLIP state dict: merge them into the base weights first.
-ADDITIVE_PREFIXES = ("lora_", "adapter", "ssf_", "vpt_")
 HF_PREFIX = "vision_model."
 OPENAI_PREFIX = "visual."
 OPEN_CLIP_TIMM_PREFIX = "visual.trunk."
