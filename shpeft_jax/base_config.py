@@ -28,6 +28,11 @@ def get_config(arg=None):
   config.model.dtype = "float32"   # compute dtype: 'float32' | 'bfloat16' (params stay float32)
   config.model.init_checkpoint = ""  # params checkpoint from `python -m shpeft_jax.convert`
   config.model.load_head = False   # a new task gets a fresh head
+  # The tower's activation ('quick_gelu' | 'gelu') and LayerNorm eps. Unset ('' / 0.0): those the
+  # init checkpoint was converted with (its meta.json), or OpenAI CLIP's (QuickGELU, 1e-5) from
+  # scratch. Set, they may only restate the checkpoint's.
+  config.model.act = ""
+  config.model.ln_eps = 0.0
 
   config.data = default_data_config()
 

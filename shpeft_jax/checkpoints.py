@@ -6,7 +6,10 @@ checkpoints (optimizer state, step, data position) are the trainer's own Checkpo
 
 Layout of a params checkpoint directory:
   DIR/params/   orbax StandardCheckpointer tree (float32 numpy leaves)
-  DIR/meta.json {"model": "ViT-B/16", "image_size": 224, "num_classes": 4 or null, ...}
+  DIR/meta.json {"model": "ViT-B/16", "image_size": 224, "num_classes": 4 or null,
+                 "act": "quick_gelu" | "gelu", "ln_eps": 1e-5, "ln_pre": true, "patch_bias": false, ...}
+The tower fields (clip_vit.TOWER_FIELDS) say how the encoder computes; a meta.json without them
+(older checkpoints) means OpenAI's tower (QuickGELU, eps 1e-5).
 Writes go to a temporary sibling first and are renamed into place, so a crash never leaves a
 half-written checkpoint under the final name.
 """
@@ -23,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError
+from shpeft_jax.models import clip_vit
 
 META = "meta.json"
 PARAMS = "params"
@@ -84,3 +88,21 @@ def load_params(path: str) -> tuple[dict, dict[str, Any]]:
                           "export it again) or point at another checkpoint.") from e
   params = jax.tree_util.tree_map(np.asarray, params)
   return params, meta
+
+
+def tower_for_training(init_checkpoint: str, act: str = "", ln_eps: float = 0.0) -> dict[str, Any]:
+  """The tower fields of the model the trainer builds: the init checkpoint's (OpenAI's QuickGELU
+  tower when training from scratch). `act` / `ln_eps` (config.model.act / ln_eps; '' / 0 = unset)
+  choose them for a run from scratch and may only restate an init checkpoint's: training a GELU
+  checkpoint as QuickGELU (or the reverse) would silently train another network."""
+  tower = clip_vit.tower_from_meta(load_meta(init_checkpoint) if init_checkpoint else {})
+  for field, value in (("act", act), ("ln_eps", float(ln_eps or 0.0))):
+    if not value:
+      continue
+    if init_checkpoint and value != tower[field]:
+      raise CheckpointError(
+          f"config.model.{field}={value!r} but model.init_checkpoint={init_checkpoint!r} was "
+          f"converted as {field}={tower[field]!r} (its meta.json); leave config.model.{field} unset "
+          f"to train the checkpoint as it is, or convert again if its meta.json is wrong.")
+    tower[field] = value
+  return tower

@@ -1,18 +1,26 @@
-"""shpeft_jax params checkpoint -> PyTorch state dict of the classifier (encoder + trained head).
+"""shpeft_jax params checkpoint -> PyTorch state dict (encoder, plus the trained head if any).
 
-  python -m shpeft_jax.export CKPT_DIR --format openai|hf --out FILE [--overwrite]
-  python -m shpeft_jax.export ADAPTER_DIR --base BASE_DIR --format openai|hf|peft --out PATH
+  python -m shpeft_jax.export CKPT_DIR --format openai|open_clip|hf|timm --out FILE [--overwrite]
+  python -m shpeft_jax.export ADAPTER_DIR --base BASE_DIR --format openai|open_clip|hf|timm|peft --out PATH
 
-An adapter (WORKDIR/export/adapter) is merged into its base first; --format peft writes a Hugging
-Face peft SHiRA adapter directory instead of a file (see docs/ADAPTERS.md).
+CKPT_DIR is a trainer export (WORKDIR/export/model: encoder + trained head) or a converted
+pretrained encoder (`python -m shpeft_jax.convert`: no head). The tower's activation and LayerNorm
+epsilon come from its meta.json; a format whose class cannot compute them is refused. An adapter
+(WORKDIR/export/adapter) is merged into its base first; --format peft writes a Hugging Face peft
+SHiRA adapter directory instead of a file (see docs/ADAPTERS.md).
 
 --format openai: OpenAI CLIP names without the `visual.` prefix (`conv1.weight`,
-  `transformer.resblocks.N.attn.in_proj_weight`, ...) plus `head.weight` / `head.bias`; loads with
-  strict=True into `shpeft_jax.models.torch_reference.TorchClipClassifier`.
---format hf: `vision_model.*` (Hugging Face CLIP vision names) plus `head.*`; loads with strict=True
-  into `torch_reference.TorchHFClipClassifier`.
-FILE ending in .safetensors is written with safetensors (with metadata that
-`torch_reference.load_exported` reads); .pt / .pth / .bin with torch.save.
+  `transformer.resblocks.N.attn.in_proj_weight`, ...; no `proj`). QuickGELU towers only.
+--format open_clip: the same names, for open_clip's `VisionTransformer` (QuickGELU or GELU).
+--format hf: Hugging Face CLIP vision names (`embeddings.*`, `encoder.layers.N.*`); with a head
+  behind `vision_model.`.
+--format timm: timm `VisionTransformer` names (`cls_token`, `blocks.N.attn.qkv`, ...; BiomedCLIP's
+  `visual.trunk`); with a head behind `trunk.`.
+With a trained head, `head.weight` / `head.bias` are added and the file loads with strict=True into
+the matching classifier of `shpeft_jax.models.torch_reference`; without one, into the library's own
+class (docs/CONVERSION.md shows each). FILE ending in .safetensors is written with safetensors (with
+metadata that `torch_reference.load_exported` and `shpeft_jax.convert` read back); .pt / .pth /
+.bin with torch.save.
 
 Additive PEFT parameters (LoRA, adapters, SSF, VPT) have no place in a plain CLIP state dict:
 merge them into the base weights before exporting (see docs/CONVERSION.md).
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -34,11 +42,27 @@ from shpeft_jax.models.convert import LAYOUTS, flax_encoder_config
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
+# Where each torch format loads with strict=True: (with a trained head, encoder only).
+LOADS_INTO = {
+    "openai": ("shpeft_jax.models.torch_reference.TorchClipClassifier",
+               "OpenAI CLIP's VisionTransformer with proj = None (torch_reference.TorchVisionTransformer)"),
+    "open_clip": ("shpeft_jax.models.torch_reference.TorchClipClassifier",
+                  "open_clip's model.visual after `model.visual.proj = None`"),
+    "hf": ("shpeft_jax.models.torch_reference.TorchHFClipClassifier",
+           "transformers.CLIPVisionModel (transformers >= 5)"),
+    "timm": ("shpeft_jax.models.torch_reference.TorchTimmClipClassifier",
+             "timm's VisionTransformer(num_classes=0), e.g. BiomedCLIP's model.visual.trunk"),
+}
 
-def export_metadata(model: str, image_size: int, num_classes: int, layout: str) -> dict[str, str]:
-  """safetensors metadata (str -> str) that `torch_reference.load_exported` reads back."""
+
+def export_metadata(model: str, image_size: int, num_classes: int | None, layout: str,
+                    tower: Mapping[str, Any] | None = None) -> dict[str, str]:
+  """safetensors metadata (str -> str) that `torch_reference.load_exported` and convert read back."""
+  tower = clip_vit.tower_from_meta(tower or {})
   return {"format": "pt", "shpeft_model": model, "shpeft_image_size": str(image_size),
-          "shpeft_num_classes": str(num_classes), "shpeft_layout": layout}
+          "shpeft_num_classes": str(num_classes or 0), "shpeft_layout": layout,
+          "shpeft_act": tower["act"], "shpeft_ln_eps": repr(tower["ln_eps"]),
+          "shpeft_ln_pre": str(int(tower["ln_pre"])), "shpeft_patch_bias": str(int(tower["patch_bias"]))}
 
 
 def write_state_dict(path: str, sd: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None,
@@ -59,44 +83,70 @@ def write_state_dict(path: str, sd: Mapping[str, np.ndarray], metadata: dict[str
   return path
 
 
-def export_params(params: Mapping[str, Any], meta: Mapping[str, Any], layout: str, out: str,
-                  *, overwrite: bool = False) -> dict[str, np.ndarray]:
-  """Validates params against meta, converts (`flax_to_torch_state_dict`) and writes `out`."""
-  if layout not in LAYOUTS:
-    raise ConfigError(f"Unknown --format {layout!r}; choose from {LAYOUTS}.")
-  if "head" not in params or meta.get("num_classes") is None:
-    raise CheckpointError(
-        "The checkpoint has no trained head (meta num_classes is null): export writes a classifier. "
-        "Export the trainer's export/model/ directory (or best/), not a converted pretrained encoder.")
+def check_params_match_meta(params: Mapping[str, Any], meta: Mapping[str, Any]) -> clip_vit.ViTConfig:
+  """The tower config meta.json describes, checked against the params' shapes and head."""
   model, image_size = meta.get("model"), meta.get("image_size")
-  cfg = flax_encoder_config(params["encoder"])
   if model not in clip_vit.model_names():
     raise CheckpointError(f"meta.json names model {model!r}, which is not a preset {clip_vit.model_names()}.")
-  want = clip_vit.get_model_config(model, image_size)
-  if (cfg.patch_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.image_size) != (
-      want.patch_size, want.width, want.layers, want.heads, want.mlp_dim, want.image_size):
-    raise CheckpointError(f"The params are not a {model} at {image_size}px as meta.json says "
-                          f"(they have patch {cfg.patch_size}, width {cfg.width}, {cfg.layers} layers, "
-                          f"image size {cfg.image_size}).")
+  if "encoder" not in params:
+    raise CheckpointError("The params have no 'encoder' subtree; this is not a shpeft_jax model checkpoint.")
+  tower = clip_vit.tower_from_meta(meta)
+  want = clip_vit.get_model_config(model, image_size, **tower)
+  cfg = flax_encoder_config(params["encoder"])
+  fields = ("patch_size", "width", "layers", "heads", "mlp_dim", "image_size", "ln_pre", "patch_bias")
+  if any(getattr(cfg, f) != getattr(want, f) for f in fields):
+    raise CheckpointError(
+        f"The params are not the {model} at {image_size}px that meta.json says (ln_pre "
+        f"{want.ln_pre}, patch bias {want.patch_bias}); they have patch {cfg.patch_size}, width "
+        f"{cfg.width}, {cfg.layers} layers, image size {cfg.image_size}, ln_pre {cfg.ln_pre}, "
+        f"patch bias {cfg.patch_bias}.")
+  num_classes = meta.get("num_classes")
+  if ("head" in params) != (num_classes is not None):
+    raise CheckpointError(
+        f"meta.json says num_classes {num_classes} but the params "
+        f"{'have' if 'head' in params else 'have no'} head; the checkpoint is inconsistent.")
+  if num_classes is not None and np.shape(params["head"]["kernel"]) != (cfg.width, int(num_classes)):
+    raise CheckpointError(f"head/kernel has shape {tuple(np.shape(params['head']['kernel']))}; meta.json "
+                          f"says num_classes {num_classes} (expected ({cfg.width}, {num_classes})).")
   bad = [n for n, v in utils.flatten_names(params).items() if not np.all(np.isfinite(v))]
   if bad:
     raise CheckpointError(f"{len(bad)} tensors hold NaN or inf (e.g. {bad[0]}): the model diverged "
                           "and is not exported. Retrain with a lower optim.lr (or optim.grad_clip).")
-  sd = flax_to_torch_state_dict(params, layout)  # Raises on additive leaves / incomplete trees.
-  num_classes = int(meta["num_classes"])
-  if sd["head.weight"].shape != (num_classes, cfg.width):
-    raise CheckpointError(f"head/kernel has shape {tuple(params['head']['kernel'].shape)}; meta.json "
-                          f"says num_classes {num_classes} (expected ({cfg.width}, {num_classes})).")
-  write_state_dict(out, sd, export_metadata(model, want.image_size, num_classes, layout),
-                   overwrite=overwrite)
+  return want
+
+
+def export_params(params: Mapping[str, Any], meta: Mapping[str, Any], layout: str, out: str,
+                  *, overwrite: bool = False) -> dict[str, np.ndarray]:
+  """Validates params against meta, converts (`flax_to_torch_state_dict`) and writes `out`.
+  Params without a head (a converted pretrained encoder) give an encoder-only file."""
+  if layout not in LAYOUTS:
+    raise ConfigError(f"Unknown --format {layout!r}; choose from {LAYOUTS}.")
+  cfg = check_params_match_meta(params, meta)
+  sd = flax_to_torch_state_dict(params, layout, tower=cfg.tower())  # Raises on additive leaves.
+  write_state_dict(out, sd, export_metadata(meta["model"], cfg.image_size, meta.get("num_classes"),
+                                            layout, cfg.tower()), overwrite=overwrite)
   return sd
+
+
+def _export_torch(args: argparse.Namespace, params, meta) -> str:
+  sd = export_params(params, meta, args.format, args.out, overwrite=args.overwrite)
+  head = meta.get("num_classes")
+  what = f"{head} classes" if head is not None else "encoder only"
+  into = LOADS_INTO[args.format][0 if head is not None else 1]
+  return (f"wrote {args.out}: {len(sd)} tensors, {meta['model']} at {meta['image_size']}px, "
+          f"{meta.get('act', 'quick_gelu')}, {what}; loads with strict=True into {into}")
+
+
+# --format -> exporter(args, params, meta) -> the line printed on success.
+EXPORTERS: dict[str, Callable[[argparse.Namespace, Any, Mapping[str, Any]], str]] = {
+    fmt: _export_torch for fmt in LAYOUTS}
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m shpeft_jax.export", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("ckpt_dir", help="params checkpoint (e.g. WORKDIR/export/model)")
-  parser.add_argument("--format", required=True, choices=LAYOUTS + ("peft",))
+  parser.add_argument("--format", required=True, choices=list(EXPORTERS) + ["peft"])
   parser.add_argument("--base", default=None,
                       help="the base params checkpoint of an adapter CKPT_DIR (and of --format peft)")
   parser.add_argument("--out", required=True, help="FILE.safetensors, or FILE.pt / .pth / .bin")
@@ -113,10 +163,7 @@ def run(args: argparse.Namespace) -> int:
     print(adapter.export_peft(args.ckpt_dir, args.base, args.out, overwrite=args.overwrite))
     return 0
   params, meta = adapter.load_model(args.ckpt_dir, args.base)
-  sd = export_params(params, meta, args.format, args.out, overwrite=args.overwrite)
-  cls = "TorchClipClassifier" if args.format == "openai" else "TorchHFClipClassifier"
-  print(f"wrote {args.out}: {len(sd)} tensors, {meta['model']} at {meta['image_size']}px, "
-        f"{meta['num_classes']} classes; load with shpeft_jax.models.torch_reference.{cls} (strict=True)")
+  print(EXPORTERS[args.format](args, params, meta))
   return 0
 
 

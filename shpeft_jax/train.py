@@ -39,6 +39,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from shpeft_jax import checkpoints as ckpt_lib
 from shpeft_jax import errors
 from shpeft_jax import optim
 from shpeft_jax import params_io
@@ -85,6 +86,7 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   if config.model.init_checkpoint:
     params_io.check_init_checkpoint(config.model.init_checkpoint, config.model.name,
                                     vit.image_size)
+  vit = clip_vit.get_model_config(config.model.name, config.model.image_size, **model_tower(config))
   return {"vit": vit, "num_classes": info.num_classes, "class_names": info.class_names,
           "dataset": info.name, "split_sizes": dict(info.split_sizes), "method": method,
           "source_id": info.source_id}
@@ -94,10 +96,18 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
 # Model, loss and the jitted steps (benchmarks and tests build theirs with these).
 
 
+def model_tower(config) -> dict[str, Any]:
+  """Activation, LayerNorm eps, ln_pre, patch bias: the init checkpoint's (its meta.json), which
+  config.model.act / ln_eps may only restate; they choose them for a run from scratch."""
+  return ckpt_lib.tower_for_training(config.model.init_checkpoint, config.model.get("act", ""),
+                                     config.model.get("ln_eps", 0.0))
+
+
 def build_model(config, num_classes: int, method=None) -> clip_vit.ClipClassifier:
   method = methods_lib.resolve(config.peft if method is None else method)
   return clip_vit.build_model(config.model.name, num_classes, image_size=config.model.image_size,
-                              dtype=config.model.dtype, additive=method.additive)
+                              dtype=config.model.dtype, additive=method.additive,
+                              tower=model_tower(config))
 
 
 def make_loss_fn(model):
@@ -450,7 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   meta = {"model": config.model.name, "image_size": int(config.model.image_size),
           "num_classes": num_classes, "method": method.name,
           "class_names": list(facts["class_names"]), "dataset": facts["dataset"],
-          "trainable": n_trainable, "total": n_params}
+          "trainable": n_trainable, "total": n_params, **model.config.tower()}
   writer = writers.MetricWriter(workdir, resume_step=start_step)
   validation = evaluator.Validation(config, workdir, eval_step, mesh, num_classes, meta, writer,
                                     start_step)

@@ -110,6 +110,15 @@ def test_export_merges_adapter_into_base_bit_exactly(saved, tmp_path, capsys):
   from safetensors.numpy import load_file
   _, tuned, base_dir, adapter_dir, _ = saved
   out = tmp_path / "merged.safetensors"
+  # The module's adapter carries a NaN (a bit-level corner case above): export refuses it.
+  assert export_cli.main([adapter_dir, "--base", base_dir, "--format", "hf", "--out", str(out)]) == 2
+  assert "NaN" in capsys.readouterr().err and not out.exists()
+  base, tuned = tiny_base_and_tuned(seed=1)
+  flatten_names(tuned)["encoder/resblocks_0/attn/query/kernel"].reshape(-1)[11] = 0.25
+  base_dir = checkpoints.save_params(str(tmp_path / "base"), base, dict(META, num_classes=None))
+  adapter_dir = str(tmp_path / "adapter")
+  adapter.write_adapter(adapter_dir, tuned, base, base_name="tiny-base", method="shpeft", meta=META,
+                        mask_stats={"total": {"selected": 5}, "tensors": {"x": 1}})
   assert export_cli.main([adapter_dir, "--base", base_dir, "--format", "hf", "--out", str(out)]) == 0
   want = export_cli.flax_to_torch_state_dict(tuned, "hf")
   got = load_file(str(out))

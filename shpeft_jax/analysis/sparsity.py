@@ -184,7 +184,8 @@ def model_for(ckpt: Checkpoint):
     raise CheckpointError(
         f"{ckpt.path}: meta.json says num_classes={meta_classes} but the head has {num_classes} "
         "outputs; the checkpoint is inconsistent.")
-  return clip_vit.build_model(model_name, num_classes, image_size=ckpt.meta.get("image_size"))
+  return clip_vit.build_model(model_name, num_classes, image_size=ckpt.meta.get("image_size"),
+                              tower=clip_vit.tower_from_meta(ckpt.meta))
 
 
 def make_logits_fn(model) -> Callable[[PyTree, np.ndarray], jax.Array]:

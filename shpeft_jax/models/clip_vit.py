@@ -5,6 +5,13 @@ Module names follow the OpenAI PyTorch checkpoint (`conv1`, `ln_pre`, `resblocks
 mechanical rules (see `shpeft_jax/models/convert.py`). The CLIP `proj` is not part of the model:
 SH-PEFT replaces it by L2 normalisation followed by a linear classifier (Sec. 3.1).
 
+The towers users bring differ in four switches beyond their shape (`ViTConfig.act` ... `patch_bias`,
+recorded in every params checkpoint's meta.json): the activation (OpenAI's QuickGELU, or the exact
+erf GELU of open_clip's LAION / DataComp towers and of timm), the LayerNorm epsilon (1e-5 in CLIP,
+1e-6 in timm), and for timm trunks such as BiomedCLIP's a patch projection with bias and no
+`ln_pre`. timm's final `norm` acts on every token and CLIP's `ln_post` on the class token only;
+the pooled feature is the same, so both are `ln_post` here.
+
 Additive PEFT methods hook into the tower here (LoRA, AdaptFormer's parallel adapter, SSF, VPT);
 they are off by default and their parameters live under names that start with `lora_`,
 `adapter`, `ssf_` or `vpt_` so that trainable-parameter rules can select them by regex.
@@ -13,8 +20,9 @@ they are off by default and their parameters live under names that start with `l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,6 +31,9 @@ import jax.numpy as jnp
 from shpeft_jax.errors import ConfigError
 
 LN_EPS = 1e-5  # CLIP's LayerNorm epsilon (Flax defaults to 1e-6).
+ACTS = ("quick_gelu", "gelu")  # gelu: exact erf form (torch nn.GELU(), approximate='none').
+# The fields of ViTConfig that a checkpoint decides (not the preset), as stored in meta.json.
+TOWER_FIELDS = ("act", "ln_eps", "ln_pre", "patch_bias")
 
 LORA_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -59,6 +70,21 @@ class ViTConfig:
   heads: int
   mlp_dim: int
   image_size: int = 224
+  act: str = "quick_gelu"     # one of ACTS
+  ln_eps: float = LN_EPS
+  ln_pre: bool = True         # CLIP's LayerNorm before the blocks (timm's ViTs have none).
+  patch_bias: bool = False    # bias of the patch projection (timm's non-CLIP ViTs have one).
+
+  def __post_init__(self):
+    if self.act not in ACTS:
+      raise ConfigError(f"Unknown activation {self.act!r}; choose from {ACTS} (gelu is the exact "
+                        f"erf form; the tanh approximation is not supported).")
+    if not 0 < float(self.ln_eps) < 1e-2:
+      raise ConfigError(f"LayerNorm epsilon must be a small positive number, got {self.ln_eps!r}.")
+
+  def tower(self) -> dict[str, Any]:
+    """The checkpoint-decided switches, as meta.json stores them."""
+    return {f: getattr(self, f) for f in TOWER_FIELDS}
 
   @property
   def grid(self) -> int:
@@ -83,14 +109,28 @@ def model_names() -> list[str]:
   return sorted(_PRESETS)
 
 
-def get_model_config(name: str, image_size: int | None = None) -> ViTConfig:
-  """Preset by name ('ViT-B/16', 'ViT-B/32', 'ViT-L/14', 'test_tiny', 'demo_small')."""
+def tower_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+  """The TOWER_FIELDS of a params checkpoint's meta.json. Checkpoints written before these fields
+  existed were all OpenAI-style towers (QuickGELU, eps 1e-5, ln_pre, no patch bias)."""
+  defaults = {"act": "quick_gelu", "ln_eps": LN_EPS, "ln_pre": True, "patch_bias": False}
+  out = {f: meta.get(f, defaults[f]) for f in TOWER_FIELDS}
+  out["ln_eps"] = float(out["ln_eps"])
+  out["ln_pre"], out["patch_bias"] = bool(out["ln_pre"]), bool(out["patch_bias"])
+  return out
+
+
+def get_model_config(name: str, image_size: int | None = None, **tower) -> ViTConfig:
+  """Preset by name ('ViT-B/16', 'ViT-B/32', 'ViT-L/14', 'test_tiny', 'demo_small'); `tower`
+  sets TOWER_FIELDS (act, ln_eps, ln_pre, patch_bias), e.g. from `tower_from_meta(meta)`."""
   if name not in _PRESETS:
     raise ConfigError(f"Unknown model {name!r}; choose one of {model_names()}.")
+  unknown = set(tower) - set(TOWER_FIELDS)
+  if unknown:
+    raise ConfigError(f"Unknown tower option(s) {sorted(unknown)}; choose from {TOWER_FIELDS}.")
   kw = dict(_PRESETS[name])
   if image_size is not None:
     kw["image_size"] = int(image_size)
-  cfg = ViTConfig(name=name, **kw)
+  cfg = ViTConfig(name=name, **kw, **tower)
   if cfg.image_size % cfg.patch_size:
     raise ConfigError(
         f"image_size {cfg.image_size} is not a multiple of the patch size {cfg.patch_size} "
@@ -102,6 +142,11 @@ def get_model_config(name: str, image_size: int | None = None) -> ViTConfig:
 
 def quick_gelu(x):
   return x * jax.nn.sigmoid(1.702 * x)
+
+
+def activation(name: str):
+  # approximate=False: torch's nn.GELU() is the erf form; the tanh form is ~5e-4 away.
+  return quick_gelu if name == "quick_gelu" else functools.partial(jax.nn.gelu, approximate=False)
 
 
 def _torch_linear_init(fan_in: int):
@@ -187,6 +232,7 @@ class MLP(nn.Module):
   mlp_dim: int
   additive: AdditiveConfig = AdditiveConfig()
   dtype: Any = jnp.float32
+  act: str = "quick_gelu"
 
   @nn.compact
   def __call__(self, x):
@@ -196,7 +242,7 @@ class MLP(nn.Module):
       y = nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name)(inp)
       return _with_additive(y, inp, name, target, (features,), add, self.dtype)
 
-    h = quick_gelu(linear("c_fc", "fc1", self.mlp_dim, x))
+    h = activation(self.act)(linear("c_fc", "fc1", self.mlp_dim, x))
     return linear("c_proj", "fc2", self.width, h)
 
 
@@ -218,8 +264,8 @@ class Adapter(nn.Module):
     return h * self.scale
 
 
-def _layer_norm(name):
-  return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
+def _layer_norm(name, eps: float = LN_EPS):
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -228,19 +274,21 @@ class ResidualAttentionBlock(nn.Module):
   mlp_dim: int
   additive: AdditiveConfig = AdditiveConfig()
   dtype: Any = jnp.float32
+  act: str = "quick_gelu"
+  ln_eps: float = LN_EPS
 
   @nn.compact
   def __call__(self, x):
     add = self.additive
 
     def norm(name, inp):
-      y = _layer_norm(name)(inp).astype(self.dtype)
+      y = _layer_norm(name, self.ln_eps)(inp).astype(self.dtype)
       if add.ssf:
         y = SSF((self.width,), add.ssf_init_std, name=f"ssf_{name}")(y)
       return y
 
     x = x + MultiHeadAttention(self.width, self.heads, add, self.dtype, name="attn")(norm("ln_1", x))
-    mlp_out = MLP(self.width, self.mlp_dim, add, self.dtype, name="mlp")(norm("ln_2", x))
+    mlp_out = MLP(self.width, self.mlp_dim, add, self.dtype, self.act, name="mlp")(norm("ln_2", x))
     if add.adapter_bottleneck:
       mlp_out = mlp_out + Adapter(self.width, add.adapter_bottleneck, add.adapter_scale, self.dtype,
                                   name="adapter")(x)
@@ -264,8 +312,8 @@ class VisionTransformer(nn.Module):
           f"{cfg.image_size}x{cfg.image_size}; set config.image_size or resize the input.")
     p, d = cfg.patch_size, cfg.width
     scale = d ** -0.5
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
-                param_dtype=jnp.float32, name="conv1")(images.astype(self.dtype))
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias,
+                dtype=self.dtype, param_dtype=jnp.float32, name="conv1")(images.astype(self.dtype))
     if add.ssf:
       x = SSF((d,), add.ssf_init_std, name="ssf_conv1")(x)
     x = x.reshape(x.shape[0], -1, d)
@@ -284,14 +332,16 @@ class VisionTransformer(nn.Module):
     if n_prompts:
       vpt = jnp.broadcast_to(prompts("vpt_prompts_0"), (x.shape[0], n_prompts, d))
       x = jnp.concatenate([x[:, :1], vpt, x[:, 1:]], axis=1)
-    x = _layer_norm("ln_pre")(x).astype(self.dtype)
+    if cfg.ln_pre:
+      x = _layer_norm("ln_pre", cfg.ln_eps)(x)
+    x = x.astype(self.dtype)
     for i in range(cfg.layers):
       if n_prompts and add.vpt_deep and i > 0:
         vpt = jnp.broadcast_to(prompts(f"vpt_prompts_{i}"), (x.shape[0], n_prompts, d))
         x = jnp.concatenate([x[:, :1], vpt, x[:, 1 + n_prompts:]], axis=1)
-      x = ResidualAttentionBlock(d, cfg.heads, cfg.mlp_dim, add, self.dtype,
+      x = ResidualAttentionBlock(d, cfg.heads, cfg.mlp_dim, add, self.dtype, cfg.act, cfg.ln_eps,
                                  name=f"resblocks_{i}")(x)
-    pooled = _layer_norm("ln_post")(x[:, 0])
+    pooled = _layer_norm("ln_post", cfg.ln_eps)(x[:, 0])
     if add.ssf:
       pooled = SSF((d,), add.ssf_init_std, name="ssf_ln_post")(pooled)
     return pooled.astype(jnp.float32)
@@ -330,11 +380,13 @@ def compute_dtype(name: str):
 
 
 def build_model(model_name: str, num_classes: int, *, image_size: int | None = None,
-                dtype: str = "float32", additive: AdditiveConfig | None = None) -> ClipClassifier:
-  """The classifier for a preset name, e.g. build_model('ViT-B/16', 4)."""
+                dtype: str = "float32", additive: AdditiveConfig | None = None,
+                tower: Mapping[str, Any] | None = None) -> ClipClassifier:
+  """The classifier for a preset name, e.g. build_model('ViT-B/16', 4); `tower`: TOWER_FIELDS
+  (e.g. `tower_from_meta(meta)` of the init checkpoint; default: OpenAI's QuickGELU tower)."""
   if num_classes < 2:
     raise ConfigError(f"num_classes must be >= 2, got {num_classes}.")
-  return ClipClassifier(get_model_config(model_name, image_size), num_classes,
+  return ClipClassifier(get_model_config(model_name, image_size, **(tower or {})), num_classes,
                         additive or AdditiveConfig(), compute_dtype(dtype))
 
 

@@ -1,21 +1,28 @@
 """PyTorch CLIP vision checkpoints <-> Flax params, as small pure-numpy rules over flat names.
 
-Three source layouts reach us:
+Four source layouts reach us:
   * OpenAI CLIP (`visual.conv1.weight`, fused `attn.in_proj_weight`), as the TorchScript archive
-    OpenAI publishes or as a plain state dict. open_clip state dicts use the same names, sometimes
+    OpenAI publishes or as a plain state dict. open_clip's own ViTs use the same names, sometimes
     behind a `module.` prefix (DDP) or inside `{"state_dict": ...}` (training checkpoints).
   * Hugging Face CLIP (`vision_model.embeddings.patch_embedding.weight`, separate q/k/v/out
     projections, `pre_layrnorm` (sic)). Files of `CLIPModel` and of `CLIPVisionModel` written by
     transformers < 5 carry the `vision_model.` prefix; a transformers >= 5 `CLIPVisionModel` state
     dict has the same names without it. Both are accepted.
-  * Our own exports (`flax_to_torch_state_dict`): OpenAI names without `visual.` or HF names, plus
-    `head.weight` / `head.bias`.
+  * timm ViTs (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.attn.qkv`, `norm`): plain
+    timm files, and open_clip towers with a timm trunk (`visual.trunk.*`, e.g. BiomedCLIP).
+  * Our own exports (`flax_to_torch_state_dict`): any of the above, plus `head.weight` / `head.bias`.
+
+The names and shapes say what the weights are, not how the tower computes: the activation
+(QuickGELU or exact GELU) and the LayerNorm epsilon come from the checkpoint's config
+(`config.json`, `open_clip_config.json`, timm's `architecture`, our export metadata) or from the
+caller (`--act`, `--ln_eps`); where nothing says which, conversion stops and says so (see
+`tower_evidence`).
 
 Every layout is first validated in its own names (so errors name the key the user has in the
 file), then mapped onto one canonical layout (OpenAI names without prefix, fused in_proj, torch
-array layouts), and from there onto the Flax tree of `shpeft_jax.models.clip_vit`. Export runs the
-same two steps backwards; each rule is a transpose, reshape, split or concatenate, so the round trip
-Flax -> torch -> Flax is bit-exact.
+array layouts, plus `conv1.bias` for timm trunks), and from there onto the Flax tree of
+`shpeft_jax.models.clip_vit`. Export runs the same two steps backwards; each rule is a transpose,
+reshape, split or concatenate, so the round trip Flax -> torch -> Flax is bit-exact.
 
 Reading files needs torch / safetensors (imported lazily); the rules themselves need only numpy.
 """
@@ -34,17 +41,20 @@ import numpy as np
 
 from shpeft_jax.errors import CheckpointError, ConfigError
 from shpeft_jax.models import clip_vit
-from shpeft_jax.utils import flatten_names
-
-FORMATS = ("auto", "openai", "open_clip", "hf")
-LAYOUTS = ("openai", "hf")
 # Name prefixes of the additive / prompt PEFT parameters (see clip_vit.py). They have no place in
 # a plain CLIP state dict: merge them into the base weights first.
-from shpeft_jax.param_names import ADDITIVE_PREFIXES  # pylint: disable=g-bad-import-order
+from shpeft_jax.param_names import ADDITIVE_PREFIXES
+from shpeft_jax.utils import flatten_names
+
+FORMATS = ("auto", "openai", "open_clip", "hf", "timm")
+LAYOUTS = ("openai", "open_clip", "hf", "timm")  # export formats
 HF_PREFIX = "vision_model."
 OPENAI_PREFIX = "visual."
+OPEN_CLIP_TIMM_PREFIX = "visual.trunk."
+TIMM_CLASSIFIER_PREFIX = "trunk."  # our timm classifier export: trunk.* + head.*
 _QKV = ("query", "key", "value")
 _MAX_LISTED = 8
+_HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +63,18 @@ class ConversionInfo:
   model: str                  # preset name, e.g. 'ViT-B/16'
   image_size: int             # image size of the produced params
   source_image_size: int      # image size the checkpoint's positional embedding was trained at
-  source_format: str          # 'openai' | 'open_clip' | 'hf'
+  source_format: str          # 'openai' | 'open_clip' | 'hf' | 'timm'
   num_classes: int | None     # set when the source carried a `head` (our own exports)
   ignored_keys: tuple[str, ...] = ()  # known non-tower keys dropped (proj, text tower, buffers)
+  tower: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # clip_vit.TOWER_FIELDS
+  tower_source: str = ""      # where act / ln_eps were read from
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+  """A value of a tower field and the place it was read from (for messages and meta.json)."""
+  value: Any
+  source: str
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,11 +86,15 @@ def _ln(prefix: str, d: int) -> dict[str, tuple[int, ...]]:
 
 
 def openai_shapes(cfg: clip_vit.ViTConfig, num_tokens: int | None = None) -> dict[str, tuple]:
-  """{name: shape} of the OpenAI-layout tower (no `visual.` prefix, no `proj`), in file order."""
+  """{name: shape} of the OpenAI-layout tower (no `visual.` prefix, no `proj`), in file order.
+  Our canonical layout; `conv1.bias` only for towers with a patch bias (timm trunks)."""
   d, p, m = cfg.width, cfg.patch_size, cfg.mlp_dim
-  shapes = {"conv1.weight": (d, 3, p, p), "class_embedding": (d,),
-            "positional_embedding": (num_tokens or cfg.num_tokens, d)}
-  shapes.update(_ln("ln_pre", d))
+  shapes = {"conv1.weight": (d, 3, p, p)}
+  if cfg.patch_bias:
+    shapes["conv1.bias"] = (d,)
+  shapes.update({"class_embedding": (d,), "positional_embedding": (num_tokens or cfg.num_tokens, d)})
+  if cfg.ln_pre:
+    shapes.update(_ln("ln_pre", d))
   for i in range(cfg.layers):
     b = f"transformer.resblocks.{i}."
     shapes.update({b + "attn.in_proj_weight": (3 * d, d), b + "attn.in_proj_bias": (3 * d,),
@@ -102,15 +125,53 @@ def hf_shapes(cfg: clip_vit.ViTConfig, num_tokens: int | None = None) -> dict[st
   return shapes
 
 
+def timm_shapes(cfg: clip_vit.ViTConfig, num_tokens: int | None = None) -> dict[str, tuple]:
+  """{name: shape} of a timm `VisionTransformer(num_classes=0, class_token=True)` state dict."""
+  d, p, m = cfg.width, cfg.patch_size, cfg.mlp_dim
+  shapes = {"cls_token": (1, 1, d), "pos_embed": (1, num_tokens or cfg.num_tokens, d),
+            "patch_embed.proj.weight": (d, 3, p, p)}
+  if cfg.patch_bias:
+    shapes["patch_embed.proj.bias"] = (d,)
+  if cfg.ln_pre:
+    shapes.update(_ln("norm_pre", d))
+  for i in range(cfg.layers):
+    b = f"blocks.{i}."
+    shapes.update(_ln(b + "norm1", d))
+    shapes.update({b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
+                   b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,)})
+    shapes.update(_ln(b + "norm2", d))
+    shapes.update({b + "mlp.fc1.weight": (m, d), b + "mlp.fc1.bias": (m,),
+                   b + "mlp.fc2.weight": (d, m), b + "mlp.fc2.bias": (d,)})
+  shapes.update(_ln("norm", d))
+  return shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  conv: str              # patch projection weight
+  conv_bias: str
+  pos: str               # positional embedding
+  cls: str               # class token
+  ln_pre: str            # prefix of the pre-LayerNorm
+  mlp: str               # first MLP weight of block 0 (gives mlp_dim)
+  block: re.Pattern
+  shapes: Any
+
+
 _LAYOUT = {
-    # layout: (conv key, positional key, block regex, shape function)
-    "openai": ("conv1.weight", "positional_embedding", re.compile(r"transformer\.resblocks\.(\d+)\."),
-               openai_shapes),
-    "hf": ("embeddings.patch_embedding.weight", "embeddings.position_embedding.weight",
-           re.compile(r"encoder\.layers\.(\d+)\."), hf_shapes),
+    "openai": _Layout("conv1.weight", "conv1.bias", "positional_embedding", "class_embedding",
+                      "ln_pre", "transformer.resblocks.0.mlp.c_fc.weight",
+                      re.compile(r"transformer\.resblocks\.(\d+)\."), openai_shapes),
+    "hf": _Layout("embeddings.patch_embedding.weight", "embeddings.patch_embedding.bias",
+                  "embeddings.position_embedding.weight", "embeddings.class_embedding",
+                  "pre_layrnorm", "encoder.layers.0.mlp.fc1.weight",
+                  re.compile(r"encoder\.layers\.(\d+)\."), hf_shapes),
+    "timm": _Layout("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token",
+                    "norm_pre", "blocks.0.mlp.fc1.weight", re.compile(r"blocks\.(\d+)\."),
+                    timm_shapes),
 }
 # Tower keys that are legitimately present but not part of our model.
-_IGNORED_TOWER_KEYS = {"openai": {"proj"}, "hf": {"embeddings.position_ids"}}
+_IGNORED_TOWER_KEYS = {"openai": {"proj"}, "hf": {"embeddings.position_ids"}, "timm": set()}
 
 # HF <-> OpenAI names for everything except the q/k/v split.
 _HF_TO_OPENAI_STATIC = {
@@ -124,6 +185,20 @@ _HF_TO_OPENAI_BLOCK = {
     "self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
     "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
 }
+# timm <-> OpenAI names; cls_token / pos_embed also drop / add their leading batch axis.
+_TIMM_TO_OPENAI_STATIC = {
+    "patch_embed.proj.weight": "conv1.weight", "patch_embed.proj.bias": "conv1.bias",
+    "norm_pre.weight": "ln_pre.weight", "norm_pre.bias": "ln_pre.bias",
+    "norm.weight": "ln_post.weight", "norm.bias": "ln_post.bias",
+}
+_TIMM_TO_OPENAI_BLOCK = {
+    "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
+    **{f"{t}.{s}": f"{o}.{s}" for t, o in (("norm1", "ln_1"), ("attn.proj", "attn.out_proj"),
+                                           ("norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                                           ("mlp.fc2", "mlp.c_proj")) for s in ("weight", "bias")},
+}
+
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,10 +314,26 @@ def _unwrap(sd: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
   return out, wrapped
 
 
+
+_SIGLIP_MARKERS = ("attn_pool.latent", "head.probe", "head.attention.in_proj_weight")
+
+
+def _refuse_siglip(keys: set[str]) -> None:
+  hits = sorted(k for k in keys if k.endswith(_SIGLIP_MARKERS))
+  if hits:
+    raise CheckpointError(
+        f"This is a SigLIP vision tower (no class token; attention-pooling head {hits[0]}). "
+        f"shpeft_jax fine-tunes CLIP ViTs, which pool the class token; SigLIP is not supported: "
+        f"convert an OpenAI / open_clip / Hugging Face CLIP or a BiomedCLIP checkpoint.")
+
+
 def _detect(keys: set[str], fmt: str) -> tuple[str, str]:
   """(layout, prefix) of the vision tower; raises for other architectures and text-only files."""
   has = lambda prefix: any(k.startswith(prefix) for k in keys)
-  if has(OPENAI_PREFIX):
+  _refuse_siglip(keys)
+  if has(OPEN_CLIP_TIMM_PREFIX):
+    layout, prefix = "timm", OPEN_CLIP_TIMM_PREFIX
+  elif has(OPENAI_PREFIX):
     if has("visual.attnpool.") or has("visual.layer1.") or has("visual.bn1."):
       raise CheckpointError(
           "This is a CLIP ModifiedResNet image tower (keys visual.layer1.*, visual.attnpool.*), "
@@ -250,10 +341,14 @@ def _detect(keys: set[str], fmt: str) -> tuple[str, str]:
     layout, prefix = "openai", OPENAI_PREFIX
   elif has(HF_PREFIX):
     layout, prefix = "hf", HF_PREFIX
+  elif has(TIMM_CLASSIFIER_PREFIX + "patch_embed."):
+    layout, prefix = "timm", TIMM_CLASSIFIER_PREFIX
   elif "conv1.weight" in keys and "class_embedding" in keys:
     layout, prefix = "openai", ""
   elif "embeddings.patch_embedding.weight" in keys:
     layout, prefix = "hf", ""
+  elif "patch_embed.proj.weight" in keys:
+    layout, prefix = "timm", ""
   elif has("layer1.") or "bn1.weight" in keys or "fc.weight" in keys or has("features."):
     raise CheckpointError(
         f"This checkpoint is not a CLIP ViT (it has CNN keys such as "
@@ -267,14 +362,15 @@ def _detect(keys: set[str], fmt: str) -> tuple[str, str]:
         "vision model file.")
   else:
     raise CheckpointError(
-        f"No CLIP vision-tower keys found (expected visual.conv1.weight or "
-        f"vision_model.embeddings.patch_embedding.weight); the file has: {_listing(sorted(keys))}.")
-  if fmt == "hf" and layout != "hf":
-    raise CheckpointError(f"--format hf, but the file has OpenAI/open_clip keys ({prefix}conv1.weight); "
-                          f"use --format openai (or auto).")
-  if fmt in ("openai", "open_clip") and layout != "openai":
-    raise CheckpointError(f"--format {fmt}, but the file has Hugging Face keys "
-                          f"({prefix}embeddings.patch_embedding.weight); use --format hf (or auto).")
+        f"No CLIP vision-tower keys found (expected visual.conv1.weight, "
+        f"vision_model.embeddings.patch_embedding.weight or a timm patch_embed.proj.weight); the "
+        f"file has: {_listing(sorted(keys))}.")
+  allowed = {"hf": ("hf",), "openai": ("openai", "open_clip"), "timm": ("timm", "open_clip")}[layout]
+  if prefix == OPEN_CLIP_TIMM_PREFIX:
+    allowed = ("open_clip",)
+  if fmt != "auto" and fmt not in allowed:
+    raise CheckpointError(f"--format {fmt}, but the file has {layout} keys "
+                          f"({prefix}{_LAYOUT[layout].conv}); use --format {allowed[0]} (or auto).")
   return layout, prefix
 
 
@@ -292,6 +388,123 @@ def _describe(patch, width, layers, mlp_dim) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Activation and LayerNorm epsilon: what each kind of checkpoint says about them.
+
+
+def _act_from_name(value: str, source: str) -> str:
+  act = _HF_ACTS.get(str(value))
+  if act is None:
+    raise CheckpointError(
+        f"{source} says the activation is {value!r}; shpeft_jax supports quick_gelu and gelu (exact "
+        f"erf). A tanh-approximated GELU tower cannot be represented exactly.")
+  return act
+
+
+def timm_vit_tower(name: str) -> dict[str, Any]:
+  """act / ln_eps of a timm ViT model name, by timm's own model definitions: CLIP towers
+  (`vit_*_clip_*`) use torch's LayerNorm (eps 1e-5), QuickGELU only in `*quickgelu*` variants;
+  the other plain `vit_{size}_patch{p}_{res}` models use exact GELU and eps 1e-6."""
+  base = name.split(".")[0].split("/")[-1]  # drop the pretrained tag and an hf-hub: prefix
+  if "siglip" in base:
+    raise CheckpointError(f"timm model {name!r} is a SigLIP tower (no class token, MAP pooling); "
+                          f"SigLIP is not supported.")
+  if re.fullmatch(r"vit_(tiny|small|base|large|huge)_patch\d+_clip(_quickgelu)?_\d+", base):
+    return {"act": "quick_gelu" if "quickgelu" in base else "gelu", "ln_eps": 1e-5}
+  if re.fullmatch(r"vit_(tiny|small|base|large|huge)_patch\d+_\d+", base):
+    return {"act": "gelu", "ln_eps": 1e-6}
+  raise CheckpointError(
+      f"timm model {name!r}: shpeft_jax does not know its activation and LayerNorm epsilon; pass "
+      f"--act quick_gelu|gelu and --ln_eps (as in the model's timm definition).")
+
+
+def _open_clip_evidence(cfg: Mapping[str, Any], source: str) -> dict[str, Evidence]:
+  model_cfg = cfg.get("model_cfg", cfg)
+  vision = model_cfg.get("vision_cfg") or {}
+  timm_name = vision.get("timm_model_name")
+  if timm_name:
+    pool = vision.get("timm_pool", "avg")  # open_clip's default when the key is absent
+    if pool not in ("", "token"):
+      raise CheckpointError(f"{source}: the timm trunk pools with {pool!r}; only class-token "
+                            f"towers (timm_pool '' as in BiomedCLIP) are supported.")
+    tower = timm_vit_tower(timm_name)
+    where = f"{source} (timm_model_name {timm_name})"
+    return {k: Evidence(v, where) for k, v in tower.items()}
+  if "init_logit_bias" in model_cfg:
+    raise CheckpointError(f"{source} describes a SigLIP model (init_logit_bias); SigLIP towers have "
+                          f"no class token and are not supported.")
+  unsupported = {k: vision[k] for k in ("attentional_pool", "final_ln_after_pool", "ls_init_value",
+                                        "qk_norm", "scale_attn", "scale_fc", "scale_heads",
+                                        "scale_attn_inner", "scaled_cosine_attn") if vision.get(k)}
+  if vision.get("pool_type", "tok") != "tok":
+    unsupported["pool_type"] = vision["pool_type"]
+  if vision.get("pos_embed_type", "learnable") != "learnable":
+    unsupported["pos_embed_type"] = vision["pos_embed_type"]
+  if unsupported:
+    raise CheckpointError(f"{source}: vision_cfg sets {unsupported}; shpeft_jax's tower is the plain "
+                          f"CLIP ViT (class-token pooling, learnable positions, no layer scale).")
+  if (vision.get("act_kwargs") or {}).get("approximate", "none") != "none":
+    raise CheckpointError(f"{source}: act_kwargs {vision['act_kwargs']} (tanh GELU) is not supported.")
+  where = f"{source} (quick_gelu: {bool(model_cfg.get('quick_gelu', False))})"
+  out = {"act": Evidence("quick_gelu" if model_cfg.get("quick_gelu") else "gelu", where)}
+  eps = (vision.get("norm_kwargs") or {}).get("eps")
+  out["ln_eps"] = Evidence(float(eps) if eps is not None else clip_vit.LN_EPS,
+                           f"{source} (vision_cfg.norm_kwargs)" if eps is not None else where)
+  return out
+
+
+def _hf_evidence(cfg: Mapping[str, Any], source: str) -> dict[str, Evidence]:
+  # A key left out of config.json takes CLIPVisionConfig's default, which is what transformers
+  # itself builds: QuickGELU, eps 1e-5.
+  act = cfg.get("hidden_act", "quick_gelu")
+  eps = cfg.get("layer_norm_eps", clip_vit.LN_EPS)
+  absent = lambda k: "" if k in cfg else ", absent: CLIPVisionConfig's default"
+  return {"act": Evidence(_act_from_name(act, f"{source} hidden_act"),
+                          f"{source} (hidden_act {act}{absent('hidden_act')})"),
+          "ln_eps": Evidence(float(eps), f"{source} (layer_norm_eps {eps}{absent('layer_norm_eps')})")}
+
+
+def _resolve_tower(layout: str, ln_pre: bool, evidence: Mapping[str, Evidence],
+                   act: str | None, ln_eps: float | None) -> tuple[dict[str, Any], str]:
+  """(act, ln_eps) from the file's evidence and the caller's flags; a flag may fill in what the
+  file does not say, never contradict it; nothing known about the activation is an error."""
+  given = {"act": act, "ln_eps": None if ln_eps is None else float(ln_eps)}
+  # Class defaults of LayerNorm where the layout fixes it: OpenAI / open_clip / HF CLIP use
+  # torch's 1e-5; timm's VisionTransformer 1e-6 (its CLIP-style pre-norm towers override to 1e-5,
+  # so a pre-norm timm file without a config has no default).
+  eps_default = {"openai": clip_vit.LN_EPS, "hf": clip_vit.LN_EPS,
+                 "timm": None if ln_pre else 1e-6}[layout]
+  out, sources = {}, []
+  for field, flag in (("act", "--act"), ("ln_eps", "--ln_eps")):
+    ev = evidence.get(field)
+    if ev is not None and given[field] is not None and given[field] != ev.value:
+      raise CheckpointError(f"{flag} {given[field]} contradicts the checkpoint: {ev.source} says "
+                            f"{ev.value}. Drop {flag} (or fix the config file).")
+    if ev is not None:
+      out[field] = ev.value
+      sources.append(f"{field} from {ev.source}")
+    elif given[field] is not None:
+      out[field] = given[field]
+      sources.append(f"{field} from {flag}")
+    elif field == "ln_eps" and eps_default is not None:
+      out[field] = eps_default
+      sources.append(f"ln_eps {eps_default} ({layout} default)")
+    elif field == "act":
+      raise CheckpointError(
+          "The checkpoint does not say which activation its tower uses (QuickGELU in OpenAI CLIP "
+          "and open_clip '-quickgelu' models, exact GELU in LAION / DataComp open_clip towers and "
+          "timm), and guessing wrong changes every feature. Put the "
+          "config beside the weights (open_clip_config.json or config.json) or pass "
+          "--act quick_gelu|gelu (Python: act=...).")
+    else:
+      raise CheckpointError(
+          "This timm tower has a pre-norm (norm_pre), as timm's CLIP towers do, and nothing says "
+          "its LayerNorm epsilon; pass --ln_eps (1e-5 for timm's vit_*_clip_* models) or put "
+          "timm's config.json (with `architecture`) beside the weights.")
+  out["act"] = _act_from_name(out["act"], "act")
+  return out, "; ".join(sources)
+
+
+# ----------------------------------------------------------------------------------------------
 # torch -> Flax.
 
 
@@ -300,12 +513,13 @@ def _openai_to_flax(sd: Mapping[str, np.ndarray], cfg: clip_vit.ViTConfig) -> di
   d, h = cfg.width, cfg.heads
   hd = d // h
   ln = lambda p: {"scale": sd[f"{p}.weight"], "bias": sd[f"{p}.bias"]}
-  enc: dict[str, Any] = {
-      "conv1": {"kernel": sd["conv1.weight"].transpose(2, 3, 1, 0)},  # OIHW -> HWIO
-      "class_embedding": sd["class_embedding"],
-      "positional_embedding": sd["positional_embedding"],
-      "ln_pre": ln("ln_pre"),
-  }
+  enc: dict[str, Any] = {"conv1": {"kernel": sd["conv1.weight"].transpose(2, 3, 1, 0)}}  # OIHW->HWIO
+  if cfg.patch_bias:
+    enc["conv1"]["bias"] = sd["conv1.bias"]
+  enc["class_embedding"] = sd["class_embedding"]
+  enc["positional_embedding"] = sd["positional_embedding"]
+  if cfg.ln_pre:
+    enc["ln_pre"] = ln("ln_pre")
   for i in range(cfg.layers):
     b = f"transformer.resblocks.{i}."
     weights = np.split(sd[b + "attn.in_proj_weight"], 3, axis=0)  # [out, in] each
@@ -355,20 +569,51 @@ def _openai_to_hf(sd: Mapping[str, np.ndarray], layers: int) -> dict[str, np.nda
   return out
 
 
+def _timm_to_openai(sd: Mapping[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
+  out = {_TIMM_TO_OPENAI_STATIC[k]: v for k, v in sd.items() if k in _TIMM_TO_OPENAI_STATIC}
+  out["class_embedding"] = sd["cls_token"].reshape(-1)
+  out["positional_embedding"] = sd["pos_embed"][0]
+  for i in range(layers):
+    for t, o in _TIMM_TO_OPENAI_BLOCK.items():
+      out[f"transformer.resblocks.{i}.{o}"] = sd[f"blocks.{i}.{t}"]
+  return out
+
+
+def _openai_to_timm(sd: Mapping[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
+  out = {"cls_token": sd["class_embedding"].reshape(1, 1, -1),
+         "pos_embed": sd["positional_embedding"][None]}
+  out.update({t: sd[o] for t, o in _TIMM_TO_OPENAI_STATIC.items() if o in sd})
+  for i in range(layers):
+    for t, o in _TIMM_TO_OPENAI_BLOCK.items():
+      out[f"blocks.{i}.{t}"] = sd[f"transformer.resblocks.{i}.{o}"]
+  return out
+
+
+_TO_OPENAI = {"openai": lambda sd, layers: dict(sd), "hf": _hf_to_openai, "timm": _timm_to_openai}
+
+
 def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model: str | None = None,
                              image_size: int | None = None, heads: int | None = None,
-                             antialias: bool = True) -> tuple[dict, ConversionInfo]:
+                             antialias: bool = True, act: str | None = None,
+                             ln_eps: float | None = None,
+                             evidence: Mapping[str, Evidence] | None = None,
+                             ) -> tuple[dict, ConversionInfo]:
   """A PyTorch CLIP state dict (any supported layout) -> ({'encoder': ..., ['head': ...]}, info).
 
   Args:
     sd: name -> torch tensor or numpy array. Text-tower keys, `proj` and buffers are ignored.
-    fmt: 'auto' | 'openai' | 'open_clip' | 'hf'; anything but 'auto' is checked against the keys.
+    fmt: 'auto' | 'openai' | 'open_clip' | 'hf' | 'timm'; anything but 'auto' is checked against
+      the keys.
     model: preset the checkpoint must be (e.g. 'ViT-B/16'); None infers it from the shapes.
     image_size: target image size; None keeps the checkpoint's. The positional embedding is
       resampled (bicubic, see `resize_positional_embedding`) when the grid changes.
     heads: number of attention heads if known from a config.json; weights do not determine it,
       so it is only checked against the preset (CLIP uses width // 64).
     antialias: passed to `resize_positional_embedding` (open_clip's choice is True).
+    act, ln_eps: the tower's activation ('quick_gelu' | 'gelu') and LayerNorm epsilon where the
+      checkpoint does not say (a state dict alone never says which activation it was trained with).
+    evidence: what the checkpoint's config files say (`tower_evidence`); a flag contradicting
+      it is an error.
 
   Raises:
     CheckpointError naming the offending key and the expected vs found shape; nothing is written.
@@ -378,50 +623,77 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   sd, wrapped = _unwrap(sd)
   keys = set(sd)
   layout, prefix = _detect(keys, fmt)
-  conv_key, pos_key, block_re, shape_fn = _LAYOUT[layout]
+  lay = _LAYOUT[layout]
   tower = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-  if prefix == "":  # bare layout: everything but the head is the tower.
+  if prefix == "" and layout != "timm":  # bare layout: everything but our head is the tower.
     tower = {k: v for k, v in tower.items() if not k.startswith("head.")}
-  head_keys = {k for k in ("head.weight", "head.bias") if k in sd}
+  if layout == "timm" and prefix == "":  # a plain timm file's head is timm's own classifier
+    tower = {k: v for k, v in tower.items() if not k.startswith("head.")}
+    head_keys: set[str] = set()
+  elif prefix == OPEN_CLIP_TIMM_PREFIX:  # visual.head.proj is open_clip's CLIP projection
+    head_keys = set()
+  else:
+    head_keys = {k for k in ("head.weight", "head.bias") if k in sd}
 
   # Architecture from shapes.
-  if conv_key not in tower:
+  if lay.conv not in tower:
     raise CheckpointError(
-        f"Missing key {prefix}{conv_key} (the patch embedding, shape (width, 3, patch, patch)); this is "
-        f"not a CLIP ViT tower in the {layout} layout. Its tower keys: "
+        f"Missing key {prefix}{lay.conv} (the patch embedding, shape (width, 3, patch, patch)); this "
+        f"is not a CLIP ViT tower in the {layout} layout. Its tower keys: "
         f"{_listing(sorted(prefix + k for k in tower))}.")
-  conv = tower[conv_key]
+  conv = tower[lay.conv]
   if len(conv.shape) != 4 or conv.shape[1] != 3 or conv.shape[2] != conv.shape[3]:
-    raise CheckpointError(f"{prefix}{conv_key} has shape {_fmt(conv.shape)}; expected "
+    raise CheckpointError(f"{prefix}{lay.conv} has shape {_fmt(conv.shape)}; expected "
                           f"(width, 3, patch, patch) of a ViT patch embedding.")
   width, patch = int(conv.shape[0]), int(conv.shape[2])
-  layer_ids = {int(m.group(1)) for k in tower if (m := block_re.match(k))}
+  layer_ids = {int(m.group(1)) for k in tower if (m := lay.block.match(k))}
   layers = max(layer_ids) + 1 if layer_ids else 0
-  mlp_key = ("transformer.resblocks.0.mlp.c_fc.weight" if layout == "openai"
-             else "encoder.layers.0.mlp.fc1.weight")
-  mlp_dim = int(tower[mlp_key].shape[0]) if mlp_key in tower else None
-  if pos_key not in tower:
-    raise CheckpointError(f"Missing key {prefix}{pos_key} (expected shape (1 + grid**2, {width})).")
-  pos = tower[pos_key]
-  n_tok = int(pos.shape[0]) if len(pos.shape) == 2 else -1
+  mlp_dim = int(tower[lay.mlp].shape[0]) if lay.mlp in tower else None
+  if lay.cls not in tower:
+    raise CheckpointError(
+        f"Missing key {prefix}{lay.cls}: the tower has no class token. shpeft_jax pools the class "
+        f"token as CLIP does; towers pooled otherwise (SigLIP's attention pooling, average "
+        f"pooling) are not supported.")
+  if lay.pos not in tower:
+    raise CheckpointError(f"Missing key {prefix}{lay.pos} (expected shape (1 + grid**2, {width})).")
+  pos = tower[lay.pos]
+  pos_shape = tuple(pos.shape[1:]) if layout == "timm" and pos.shape[:1] == (1,) else tuple(pos.shape)
+  n_tok = int(pos_shape[0]) if len(pos_shape) == 2 else -1
   src_grid = math.isqrt(max(n_tok - 1, 0))
-  if len(pos.shape) != 2 or pos.shape[1] != width or src_grid * src_grid != n_tok - 1 or src_grid == 0:
-    raise CheckpointError(f"{prefix}{pos_key} has shape {_fmt(pos.shape)}; expected "
-                          f"(1 + grid**2, {width}) for a tower of width {width}.")
+  if len(pos_shape) != 2 or pos_shape[1] != width or src_grid * src_grid != n_tok - 1 or src_grid == 0:
+    lead = "1, " if layout == "timm" else ""
+    raise CheckpointError(f"{prefix}{lay.pos} has shape {_fmt(pos.shape)}; expected "
+                          f"({lead}1 + grid**2, {width}) for a tower of width {width} with a class "
+                          f"token.")
   src_image_size = src_grid * patch
   found = _describe(patch, width, layers, mlp_dim)
   guess = _preset_for(patch, width, layers, mlp_dim)
   if model is None:
     if guess is None:
       raise CheckpointError(
-          f"The checkpoint's vision tower ({found}; from {prefix}{conv_key} shape {_fmt(conv.shape)} "
+          f"The checkpoint's vision tower ({found}; from {prefix}{lay.conv} shape {_fmt(conv.shape)} "
           f"and {layers} blocks) matches no model preset {clip_vit.model_names()}.")
     model = guess
-  cfg = clip_vit.get_model_config(model, image_size or src_image_size)
+
+  # Switches the keys decide. OpenAI / HF CLIP always have ln_pre and no patch bias; timm ViTs
+  # have a patch bias exactly when they have no pre-norm (timm ties the two).
+  if layout == "timm":
+    ln_pre, patch_bias = f"{lay.ln_pre}.weight" in tower, lay.conv_bias in tower
+    if ln_pre == patch_bias:
+      raise CheckpointError(
+          f"{prefix}: a timm ViT has a patch-projection bias exactly when it has no norm_pre, but "
+          f"this one has {'both' if ln_pre else 'neither'} ({prefix}{lay.conv_bias}, "
+          f"{prefix}{lay.ln_pre}.weight); the file is incomplete or another architecture.")
+  else:
+    ln_pre, patch_bias = True, False
+  variant, tower_source = _resolve_tower(layout, ln_pre, evidence or {}, act, ln_eps)
+  variant.update(ln_pre=ln_pre, patch_bias=patch_bias)
+
+  cfg = clip_vit.get_model_config(model, image_size or src_image_size, **variant)
   if (cfg.patch_size, cfg.width) != (patch, width) or cfg.layers != layers:
     looks = f"it looks like {guess}" if guess else f"it has {found}"
     exp = (cfg.width, 3, cfg.patch_size, cfg.patch_size)
-    detail = (f"{prefix}{conv_key}: expected shape {_fmt(exp)}, found {_fmt(conv.shape)}"
+    detail = (f"{prefix}{lay.conv}: expected shape {_fmt(exp)}, found {_fmt(conv.shape)}"
               if exp != tuple(conv.shape) else f"expected {cfg.layers} blocks, found {layers}")
     raise CheckpointError(f"The checkpoint is not a {model} vision tower ({looks}): {detail}. "
                           f"Pass the matching model name or convert the right file.")
@@ -430,7 +702,7 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
                           f"{cfg.heads}; this tower cannot be represented by the {model} preset.")
 
   # Every expected key and shape, in the file's own names.
-  expected = shape_fn(cfg, num_tokens=n_tok)
+  expected = lay.shapes(cfg, num_tokens=n_tok)
   problems = []
   for k, shape in expected.items():
     if k not in tower:
@@ -456,7 +728,7 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
                           + _listing(problems, sep="; "))
 
   arrays = {k: to_numpy(tower[k]) for k in expected}
-  canonical = arrays if layout == "openai" else _hf_to_openai(arrays, cfg.layers)
+  canonical = _TO_OPENAI[layout](arrays, cfg.layers)
   canonical["positional_embedding"] = resize_positional_embedding(
       canonical["positional_embedding"], cfg.grid, antialias=antialias)
   params: dict[str, Any] = {"encoder": _openai_to_flax(canonical, cfg)}
@@ -465,12 +737,17 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
                                       "bias": to_numpy(sd["head.bias"])})
   if fmt != "auto":
     source_format = fmt
+  elif prefix == OPEN_CLIP_TIMM_PREFIX:
+    source_format = "open_clip"
+  elif layout == "openai":
+    source_format = "open_clip" if wrapped else "openai"
   else:
-    source_format = "hf" if layout == "hf" else ("open_clip" if wrapped else "openai")
+    source_format = layout
   used = {prefix + k for k in expected} | head_keys
   info = ConversionInfo(model=model, image_size=cfg.image_size, source_image_size=src_image_size,
                         source_format=source_format, num_classes=num_classes,
-                        ignored_keys=tuple(sorted(keys - used)))
+                        ignored_keys=tuple(sorted(keys - used)), tower=cfg.tower(),
+                        tower_source=tower_source)
   return params, info
 
 
@@ -489,8 +766,9 @@ def check_no_additive(params) -> None:
         f"mergeable and have no place in a plain CLIP state dict, so such models cannot be exported.")
 
 
-def flax_encoder_config(encoder: Mapping[str, Any]) -> clip_vit.ViTConfig:
-  """The tower shape read off a Flax `encoder` subtree (for export without a preset name)."""
+def flax_encoder_config(encoder: Mapping[str, Any], **tower) -> clip_vit.ViTConfig:
+  """The tower shape read off a Flax `encoder` subtree (for export without a preset name).
+  ln_pre / patch_bias are read off the tree; act / ln_eps (not visible in weights) from `tower`."""
   try:
     k = np.shape(encoder["conv1"]["kernel"])
     layers = len([n for n in encoder if re.fullmatch(r"resblocks_\d+", n)])
@@ -500,19 +778,23 @@ def flax_encoder_config(encoder: Mapping[str, Any]) -> clip_vit.ViTConfig:
   except (KeyError, IndexError, TypeError) as e:
     raise CheckpointError(f"Flax params are not a CLIP ViT encoder tree: missing {e}.") from e
   grid = math.isqrt(n_tok - 1)
+  tower = {"ln_pre": "ln_pre" in encoder, "patch_bias": "bias" in encoder["conv1"], **tower}
   return clip_vit.ViTConfig(name="from-params", patch_size=int(k[0]), width=int(k[3]),
                             layers=layers, heads=int(heads), mlp_dim=int(mlp_dim),
-                            image_size=grid * int(k[0]))
+                            image_size=grid * int(k[0]), **tower)
 
 
 def _flax_to_openai(enc: Mapping[str, Any], cfg: clip_vit.ViTConfig) -> dict[str, np.ndarray]:
   d = cfg.width
   a = lambda x: np.asarray(x, dtype=np.float32)
   ln = lambda p, t: {f"{p}.weight": a(t["scale"]), f"{p}.bias": a(t["bias"])}
-  out = {"conv1.weight": a(enc["conv1"]["kernel"]).transpose(3, 2, 0, 1),
-         "class_embedding": a(enc["class_embedding"]),
-         "positional_embedding": a(enc["positional_embedding"])}
-  out.update(ln("ln_pre", enc["ln_pre"]))
+  out = {"conv1.weight": a(enc["conv1"]["kernel"]).transpose(3, 2, 0, 1)}
+  if cfg.patch_bias:
+    out["conv1.bias"] = a(enc["conv1"]["bias"])
+  out["class_embedding"] = a(enc["class_embedding"])
+  out["positional_embedding"] = a(enc["positional_embedding"])
+  if cfg.ln_pre:
+    out.update(ln("ln_pre", enc["ln_pre"]))
   for i in range(cfg.layers):
     blk, b = enc[f"resblocks_{i}"], f"transformer.resblocks.{i}."
     attn = blk["attn"]
@@ -530,15 +812,45 @@ def _flax_to_openai(enc: Mapping[str, Any], cfg: clip_vit.ViTConfig) -> dict[str
   return out
 
 
-def flax_to_torch_state_dict(params: Mapping[str, Any], layout: str) -> dict[str, np.ndarray]:
+def check_exportable(cfg: clip_vit.ViTConfig, layout: str, act_known: bool = True) -> None:
+  """Raises where the target class cannot compute what this tower computes."""
+  if layout not in LAYOUTS:
+    raise ConfigError(f"Unknown export layout {layout!r}; choose from {LAYOUTS}.")
+  trunk = not cfg.ln_pre and cfg.patch_bias
+  if layout == "timm":
+    if cfg.ln_pre == cfg.patch_bias:
+      raise CheckpointError("timm's VisionTransformer has a patch bias exactly when it has no "
+                            "norm_pre; this tower has both or neither and cannot be exported to timm.")
+    return
+  if cfg.patch_bias or (layout != "open_clip" and not cfg.ln_pre):
+    what = "a timm trunk (patch bias, no ln_pre; e.g. BiomedCLIP)" if trunk else "this tower"
+    raise CheckpointError(
+        f"{what} cannot be written as {layout}: that class has "
+        f"{'no patch-projection bias' if cfg.patch_bias else 'a pre-LayerNorm (ln_pre)'}. Use "
+        f"--format timm (BiomedCLIP's trunk is a timm VisionTransformer: load the file into "
+        f"model.visual.trunk).")
+  if layout == "openai" and act_known and (cfg.act, cfg.ln_eps) != ("quick_gelu", clip_vit.LN_EPS):
+    raise CheckpointError(
+        f"OpenAI CLIP's VisionTransformer computes QuickGELU with LayerNorm eps 1e-5; this tower "
+        f"uses {cfg.act} with eps {cfg.ln_eps}. Use --format open_clip (open_clip's "
+        f"VisionTransformer, nn.GELU), hf (hidden_act {cfg.act}) or timm.")
+
+
+def flax_to_torch_state_dict(params: Mapping[str, Any], layout: str, *,
+                             tower: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
   """Flax params ({'encoder': ..., optional 'head': ...}) -> torch-layout numpy state dict.
 
-  layout 'openai': OpenAI names without the `visual.` prefix (`conv1.weight`,
-    `transformer.resblocks.N.attn.in_proj_weight`, ...) - loads with strict=True into
-    `torch_reference.TorchClipClassifier` (or, without head keys, `TorchVisionTransformer`).
-  layout 'hf': `vision_model.` + HF CLIP vision names - loads with strict=True into
-    `torch_reference.TorchHFClipClassifier`.
-  Plus `head.weight` [C, D] / `head.bias` [C] when params have a head.
+  layout 'openai' / 'open_clip': OpenAI names without the `visual.` prefix (`conv1.weight`,
+    `transformer.resblocks.N.attn.in_proj_weight`, ...; no `proj`): OpenAI's and open_clip's
+    `VisionTransformer` with `proj = None` (open_clip: also GELU towers and `no_ln_pre`).
+  layout 'hf': HF CLIP vision names; without a head they load into transformers >= 5
+    `CLIPVisionModel` (no prefix), with a head as `vision_model.*` + `head.*`
+    (`torch_reference.TorchHFClipClassifier`).
+  layout 'timm': timm `VisionTransformer(num_classes=0)` names (BiomedCLIP's `visual.trunk`);
+    with a head as `trunk.*` + `head.*` (`torch_reference.TorchTimmClipClassifier`).
+  Plus `head.weight` [C, D] / `head.bias` [C] when params have a head: the classifiers compute
+  head(F.normalize(features)). `tower`: act / ln_eps (as in meta.json) to check that the target
+  class computes them (without it only the structure is checked).
   Values are C-contiguous float32 numpy arrays (wrap with torch.from_numpy to save/load).
   """
   if layout not in LAYOUTS:
@@ -547,7 +859,8 @@ def flax_to_torch_state_dict(params: Mapping[str, Any], layout: str) -> dict[str
   if "encoder" not in params:
     raise CheckpointError("Flax params have no 'encoder' subtree; expected {'encoder': ..., 'head': ...}.")
   enc = params["encoder"]
-  cfg = flax_encoder_config(enc)
+  known = {k: v for k, v in (tower or {}).items() if k in ("act", "ln_eps")}
+  cfg = flax_encoder_config(enc, **known)
   # Catch incomplete or mis-shaped trees with the names a user can look up.
   expected = {n: tuple(v.shape) for n, v in flatten_names(_flax_shapes(cfg)).items()}
   have = {n: np.shape(v) for n, v in flatten_names(enc).items()}
@@ -558,12 +871,18 @@ def flax_to_torch_state_dict(params: Mapping[str, Any], layout: str) -> dict[str
   if problems:
     raise CheckpointError("Flax params are not a complete CLIP ViT encoder: "
                           + _listing(problems, sep="; "))
+  check_exportable(cfg, layout, act_known="act" in known)
   canonical = _flax_to_openai(enc, cfg)
-  if layout == "openai":
+  with_head = "head" in params
+  if layout in ("openai", "open_clip"):
     out = canonical
+  elif layout == "hf":
+    out = {(HF_PREFIX if with_head else "") + k: v
+           for k, v in _openai_to_hf(canonical, cfg.layers).items()}
   else:
-    out = {HF_PREFIX + k: v for k, v in _openai_to_hf(canonical, cfg.layers).items()}
-  if "head" in params:
+    out = {(TIMM_CLASSIFIER_PREFIX if with_head else "") + k: v
+           for k, v in _openai_to_timm(canonical, cfg.layers).items()}
+  if with_head:
     out["head.weight"] = np.asarray(params["head"]["kernel"], np.float32).T
     out["head.bias"] = np.asarray(params["head"]["bias"], np.float32)
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
@@ -590,16 +909,26 @@ def _is_torchscript(path: str) -> bool:
   return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
-def _read_hf_config(directory: str) -> dict[str, Any] | None:
-  path = os.path.join(directory, "config.json")
+def _read_json(path: str) -> dict[str, Any] | None:
   if not os.path.isfile(path):
     return None
   try:
     with open(path) as f:
       cfg = json.load(f)
-  except (OSError, json.JSONDecodeError):
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"Cannot read {path} ({e}); it decides how the tower computes: fix or "
+                          f"remove it.") from e
+  return cfg if isinstance(cfg, dict) else None
+
+
+def _hf_vision_config(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
+  if cfg is None:
     return None
-  cfg = cfg.get("vision_config", cfg) if isinstance(cfg, dict) else None
+  model_type = str(cfg.get("model_type", ""))
+  if "siglip" in model_type:
+    raise CheckpointError(f"config.json says model_type {model_type!r}: a SigLIP tower (no class "
+                          f"token, attention pooling); SigLIP is not supported.")
+  cfg = cfg.get("vision_config", cfg)
   return cfg if isinstance(cfg, dict) and "num_attention_heads" in cfg else None
 
 
@@ -617,15 +946,18 @@ def _find_weights_in_dir(directory: str) -> list[str]:
                         f"point SRC at the checkpoint file.")
 
 
-def _load_one(path: str) -> tuple[dict[str, Any], str]:
-  """(state dict, container kind) of one file: safetensors, TorchScript archive or torch.save."""
+def _load_one(path: str) -> tuple[dict[str, Any], str, dict[str, str]]:
+  """(state dict, container kind, safetensors metadata) of one file."""
   if path.endswith(".safetensors"):
     try:
       from safetensors.torch import load_file
     except ImportError:  # numpy loader: fine unless the file holds bfloat16.
       from safetensors.numpy import load_file
+    from safetensors import safe_open
     try:
-      return dict(load_file(path)), "safetensors"
+      with safe_open(path, framework="numpy") as f:
+        metadata = dict(f.metadata() or {})
+      return dict(load_file(path)), "safetensors", metadata
     except Exception as e:  # safetensors raises its own error types.
       raise CheckpointError(f"Cannot read {path} as safetensors: {e}") from e
   try:
@@ -634,7 +966,7 @@ def _load_one(path: str) -> tuple[dict[str, Any], str]:
     raise CheckpointError(f"Reading {path} needs PyTorch: pip install 'shpeft_jax[torch]'.") from e
   if _is_torchscript(path):
     try:
-      return dict(torch.jit.load(path, map_location="cpu").state_dict()), "torchscript"
+      return dict(torch.jit.load(path, map_location="cpu").state_dict()), "torchscript", {}
     except RuntimeError as e:
       raise CheckpointError(f"Cannot load TorchScript archive {path}: {e}") from e
   try:
@@ -645,34 +977,76 @@ def _load_one(path: str) -> tuple[dict[str, Any], str]:
         f"plain containers are loaded (weights_only=True); re-save the state dict with torch.save.") from e
   if not isinstance(obj, Mapping):
     raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict.")
-  return dict(obj), "state_dict"
+  return dict(obj), "state_dict", {}
 
 
 def load_torch_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads SRC (file or HF model directory) -> (state dict, extras).
+  """Reads SRC (file or model directory) -> (state dict, extras).
 
-  extras: {'container': 'safetensors'|'torchscript'|'state_dict', 'hf_config': dict or None}.
-  The HF config.json is looked up next to the weights.
+  extras: {'container': 'safetensors'|'torchscript'|'state_dict', 'metadata': safetensors
+  metadata, 'hf_config': CLIP vision config or None, 'config': config.json or None,
+  'open_clip_config': open_clip_config.json or None}, the JSON files looked up next to the weights.
   """
   if not os.path.exists(path):
     raise CheckpointError(f"Checkpoint {path} does not exist.")
   files = _find_weights_in_dir(path) if os.path.isdir(path) else [path]
   sd: dict[str, Any] = {}
-  container = None
+  container, metadata = None, {}
   for f in files:
-    part, container = _load_one(f)
+    part, container, meta = _load_one(f)
     sd.update(part)
+    metadata.update(meta)
   directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-  return sd, {"container": container, "hf_config": _read_hf_config(directory)}
+  config = _read_json(os.path.join(directory, "config.json"))
+  return sd, {"container": container, "metadata": metadata, "config": config,
+              "hf_config": _hf_vision_config(config),
+              "open_clip_config": _read_json(os.path.join(directory, "open_clip_config.json"))}
+
+
+def tower_evidence(extras: Mapping[str, Any], keys) -> dict[str, Evidence]:
+  """What the files around a checkpoint say about its activation and LayerNorm epsilon.
+
+  Our export metadata > open_clip_config.json > HF config.json (CLIP vision config) > timm's
+  config.json (`architecture`) > the OpenAI TorchScript release (QuickGELU, eps 1e-5). A plain
+  state dict without any of them says nothing.
+  """
+  keys = set(keys)
+  meta = extras.get("metadata") or {}
+  if "shpeft_model" in meta:  # ours; exports older than the tower fields were all OpenAI-style
+    return {"act": Evidence(meta.get("shpeft_act", "quick_gelu"), "the export's metadata"),
+            "ln_eps": Evidence(float(meta.get("shpeft_ln_eps", clip_vit.LN_EPS)),
+                               "the export's metadata")}
+  if extras.get("open_clip_config") is not None and any(k.startswith(OPENAI_PREFIX) or
+                                                        k.startswith("module.visual.") for k in keys):
+    return _open_clip_evidence(extras["open_clip_config"], "open_clip_config.json")
+  if extras.get("hf_config") is not None and any(
+      k.startswith((HF_PREFIX, "embeddings.")) for k in keys):
+    return _hf_evidence(extras["hf_config"], "config.json")
+  config = extras.get("config") or {}
+  if "architecture" in config and any(k.startswith("patch_embed.") for k in keys):
+    where = f"config.json (timm architecture {config['architecture']})"
+    return {k: Evidence(v, where) for k, v in timm_vit_tower(config["architecture"]).items()}
+  if extras.get("container") == "torchscript":
+    where = "the OpenAI TorchScript release (QuickGELU)"
+    return {"act": Evidence("quick_gelu", where), "ln_eps": Evidence(clip_vit.LN_EPS, where)}
+  return {}
 
 
 def convert_file(path: str, *, fmt: str = "auto", model: str | None = None,
-                 image_size: int | None = None, antialias: bool = True) -> tuple[dict, ConversionInfo]:
-  """load_torch_checkpoint + torch_state_dict_to_flax (HF config.json heads checked when present)."""
+                 image_size: int | None = None, antialias: bool = True, act: str | None = None,
+                 ln_eps: float | None = None) -> tuple[dict, ConversionInfo]:
+  """load_torch_checkpoint + torch_state_dict_to_flax, with the activation / eps / head count
+  that the configs beside the weights give (see `tower_evidence`)."""
   sd, extras = load_torch_checkpoint(path)
   heads = None
   hf_cfg = extras["hf_config"]
   if hf_cfg is not None and any(k.startswith(("vision_model.", "embeddings.")) for k in sd):
     heads = int(hf_cfg["num_attention_heads"])
-  return torch_state_dict_to_flax(sd, fmt=fmt, model=model, image_size=image_size, heads=heads,
-                                  antialias=antialias)
+  _refuse_siglip(set(sd))  # before the config checks, whose messages would be less direct
+  evidence = tower_evidence(extras, sd)
+  params, info = torch_state_dict_to_flax(sd, fmt=fmt, model=model, image_size=image_size,
+                                          heads=heads, antialias=antialias, act=act, ln_eps=ln_eps,
+                                          evidence=evidence)
+  if fmt == "auto" and any(e.source.startswith("open_clip_config") for e in evidence.values()):
+    info = dataclasses.replace(info, source_format="open_clip")  # same names as OpenAI's
+  return params, info

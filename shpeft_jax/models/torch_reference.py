@@ -5,9 +5,11 @@ module, so its state dict has exactly OpenAI's names (`conv1.weight`, `class_emb
 `positional_embedding`, `ln_pre`, `transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}`,
 `ln_post`, optional `proj`) and its attention is torch's own `nn.MultiheadAttention`.
 
-`TorchClipClassifier` is the paper's classifier on that tower (no `proj`; L2 norm + `head`), and
-`TorchHFClipClassifier` the same on Hugging Face's CLIP vision model (`vision_model.*` + `head.*`).
-Files written by `python -m shpeft_jax.export` load into them with strict=True.
+`TorchClipClassifier` is the paper's classifier on that tower (no `proj`; L2 norm + `head`),
+`TorchHFClipClassifier` the same on Hugging Face's CLIP vision model (`vision_model.*` + `head.*`)
+and `TorchTimmClipClassifier` on timm's VisionTransformer (`trunk.*` + `head.*`; needs timm).
+Each takes the tower's activation (QuickGELU or exact GELU) and LayerNorm epsilon from the
+`ViTConfig`. Files written by `python -m shpeft_jax.export` load into them with strict=True.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ class QuickGELU(nn.Module):
     return x * torch.sigmoid(1.702 * x)
 
 
+def activation(name: str) -> nn.Module:
+  return QuickGELU() if name == "quick_gelu" else nn.GELU()  # nn.GELU(): the exact erf form
+
+
 class LayerNorm(nn.LayerNorm):
   """OpenAI's LayerNorm: computes in float32 so that float16 weights stay stable."""
 
-  def __init__(self, width: int):
-    super().__init__(width, eps=clip_vit.LN_EPS)
+  def __init__(self, width: int, eps: float = clip_vit.LN_EPS):
+    super().__init__(width, eps=eps)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     orig = x.dtype
@@ -40,13 +46,15 @@ class LayerNorm(nn.LayerNorm):
 
 class ResidualAttentionBlock(nn.Module):
 
-  def __init__(self, width: int, heads: int, mlp_dim: int):
+  def __init__(self, width: int, heads: int, mlp_dim: int, act: str = "quick_gelu",
+               eps: float = clip_vit.LN_EPS):
     super().__init__()
     self.attn = nn.MultiheadAttention(width, heads)
-    self.ln_1 = LayerNorm(width)
+    self.ln_1 = LayerNorm(width, eps)
     self.mlp = nn.Sequential(OrderedDict([
-        ("c_fc", nn.Linear(width, mlp_dim)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(mlp_dim, width))]))
-    self.ln_2 = LayerNorm(width)
+        ("c_fc", nn.Linear(width, mlp_dim)), ("gelu", activation(act)),
+        ("c_proj", nn.Linear(mlp_dim, width))]))
+    self.ln_2 = LayerNorm(width, eps)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [L, N, D] like OpenAI.
     y = self.ln_1(x)
@@ -56,9 +64,11 @@ class ResidualAttentionBlock(nn.Module):
 
 class Transformer(nn.Module):
 
-  def __init__(self, width: int, layers: int, heads: int, mlp_dim: int):
+  def __init__(self, width: int, layers: int, heads: int, mlp_dim: int, act: str = "quick_gelu",
+               eps: float = clip_vit.LN_EPS):
     super().__init__()
-    self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, mlp_dim) for _ in range(layers)])
+    self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads, mlp_dim, act, eps)
+                                     for _ in range(layers)])
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.resblocks(x)
@@ -68,22 +78,24 @@ class TorchVisionTransformer(nn.Module):
   """OpenAI CLIP's image tower; returns ln_post of the class token (@ proj if output_dim)."""
 
   def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-               mlp_dim: int | None = None, output_dim: int | None = None):
+               mlp_dim: int | None = None, output_dim: int | None = None,
+               act: str = "quick_gelu", eps: float = clip_vit.LN_EPS):
     super().__init__()
     scale = width ** -0.5
     grid = image_size // patch_size
     self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
     self.class_embedding = nn.Parameter(scale * torch.randn(width))
     self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-    self.ln_pre = LayerNorm(width)
-    self.transformer = Transformer(width, layers, heads, mlp_dim or 4 * width)
-    self.ln_post = LayerNorm(width)
+    self.ln_pre = LayerNorm(width, eps)
+    self.transformer = Transformer(width, layers, heads, mlp_dim or 4 * width, act, eps)
+    self.ln_post = LayerNorm(width, eps)
     self.proj = nn.Parameter(scale * torch.randn(width, output_dim)) if output_dim else None
 
   @classmethod
-  def from_config(cls, cfg: clip_vit.ViTConfig, output_dim: int | None = None, **kw):
+  def from_config(cls, cfg: clip_vit.ViTConfig, output_dim: int | None = None):
+    _check_clip_structure(cfg)
     return cls(cfg.image_size, cfg.patch_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim,
-               output_dim, **kw)
+               output_dim, cfg.act, cfg.ln_eps)
 
   def features(self, x: torch.Tensor) -> torch.Tensor:
     """NCHW images -> pooled features [N, D] (before proj)."""
@@ -110,26 +122,49 @@ class TorchClipClassifier(TorchVisionTransformer):
   """
 
   def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-               mlp_dim: int | None = None, num_classes: int = 2):
-    super().__init__(image_size, patch_size, width, layers, heads, mlp_dim, output_dim=None)
+               mlp_dim: int | None = None, num_classes: int = 2, act: str = "quick_gelu",
+               eps: float = clip_vit.LN_EPS):
+    super().__init__(image_size, patch_size, width, layers, heads, mlp_dim, output_dim=None,
+                     act=act, eps=eps)
     self.head = nn.Linear(width, num_classes)
 
   @classmethod
   def from_config(cls, cfg: clip_vit.ViTConfig, num_classes: int):
+    _check_clip_structure(cfg)
     return cls(cfg.image_size, cfg.patch_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim,
-               num_classes)
+               num_classes, cfg.act, cfg.ln_eps)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.head(F.normalize(self.features(x), dim=-1))
 
 
+def _check_clip_structure(cfg: clip_vit.ViTConfig) -> None:
+  if cfg.patch_bias or not cfg.ln_pre:
+    raise clip_vit.ConfigError("A tower with a patch bias and no ln_pre (a timm trunk such as "
+                               "BiomedCLIP's) is a timm VisionTransformer: use the timm layout.")
+
+
 def hf_vision_config(cfg: clip_vit.ViTConfig):
-  """transformers.CLIPVisionConfig with the shape of a preset (QuickGELU, LayerNorm eps 1e-5)."""
+  """transformers.CLIPVisionConfig with the shape, activation and LayerNorm eps of `cfg`."""
   from transformers import CLIPVisionConfig
+  _check_clip_structure(cfg)
   return CLIPVisionConfig(hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
                           num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
                           image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3,
-                          hidden_act="quick_gelu", layer_norm_eps=clip_vit.LN_EPS)
+                          hidden_act=cfg.act, layer_norm_eps=cfg.ln_eps)
+
+
+def timm_vision_transformer(cfg: clip_vit.ViTConfig) -> nn.Module:
+  """timm's VisionTransformer computing `cfg` (class token pooled after the final norm, no head):
+  pre_norm for CLIP-style towers; timm then drops the patch bias, as the converter expects."""
+  import functools
+  from timm.layers import QuickGELU as TimmQuickGELU
+  from timm.models.vision_transformer import VisionTransformer
+  return VisionTransformer(
+      img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.layers,
+      num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.width, num_classes=0, global_pool="token",
+      class_token=True, pre_norm=cfg.ln_pre, norm_layer=functools.partial(nn.LayerNorm, eps=cfg.ln_eps),
+      act_layer=TimmQuickGELU if cfg.act == "quick_gelu" else nn.GELU)
 
 
 def _hf_vision_tower(config):
@@ -164,20 +199,49 @@ class TorchHFClipClassifier(nn.Module):
     return self.head(F.normalize(self.features(x), dim=-1))
 
 
-def build_torch_classifier(model: str, num_classes: int, *, image_size: int | None = None,
-                           layout: str = "openai") -> nn.Module:
-  """The torch classifier an exported file of this preset / layout loads into."""
-  cfg = clip_vit.get_model_config(model, image_size)
-  if layout == "openai":
-    return TorchClipClassifier.from_config(cfg, num_classes)
+class TorchTimmClipClassifier(nn.Module):
+  """The paper's classifier on timm's VisionTransformer: keys `trunk.*` + `head.*`."""
+
+  def __init__(self, cfg: clip_vit.ViTConfig, num_classes: int):
+    super().__init__()
+    self.trunk = timm_vision_transformer(cfg)
+    self.head = nn.Linear(cfg.width, num_classes)
+
+  @classmethod
+  def from_config(cls, cfg: clip_vit.ViTConfig, num_classes: int):
+    return cls(cfg, num_classes)
+
+  def features(self, x: torch.Tensor) -> torch.Tensor:
+    return self.trunk(x)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.head(F.normalize(self.features(x), dim=-1))
+
+
+def build_torch_classifier(model: str, num_classes: int | None, *, image_size: int | None = None,
+                           layout: str = "openai", tower=None) -> nn.Module:
+  """The torch module an exported file of this preset / layout / tower loads into (strict=True):
+  the classifier, or for num_classes 0 / None (encoder-only exports) the tower itself.
+  `tower`: clip_vit.TOWER_FIELDS (e.g. `clip_vit.tower_from_meta(meta)`); default OpenAI's."""
+  cfg = clip_vit.get_model_config(model, image_size, **(tower or {}))
+  if layout in ("openai", "open_clip"):
+    return (TorchClipClassifier.from_config(cfg, num_classes) if num_classes
+            else TorchVisionTransformer.from_config(cfg))
   if layout == "hf":
-    return TorchHFClipClassifier.from_config(cfg, num_classes)
-  raise clip_vit.ConfigError(f"Unknown layout {layout!r}; choose 'openai' or 'hf'.")
+    if num_classes:
+      return TorchHFClipClassifier.from_config(cfg, num_classes)
+    from transformers import CLIPVisionModel
+    return CLIPVisionModel(hf_vision_config(cfg))
+  if layout == "timm":
+    return (TorchTimmClipClassifier.from_config(cfg, num_classes) if num_classes
+            else timm_vision_transformer(cfg))
+  raise clip_vit.ConfigError(f"Unknown layout {layout!r}; choose openai, open_clip, hf or timm.")
 
 
 def load_exported(path: str) -> nn.Module:
-  """Builds the right classifier for a safetensors file written by shpeft_jax.export and loads it
-  (strict=True). For `.pt` files use build_torch_classifier + load_state_dict yourself."""
+  """Builds the right module for a safetensors file written by shpeft_jax.export and loads it
+  (strict=True): the classifier, or the tower of an encoder-only file. For `.pt` files use
+  build_torch_classifier + load_state_dict yourself."""
   from safetensors import safe_open
   from safetensors.torch import load_file
   with safe_open(path, framework="pt") as f:
@@ -185,8 +249,13 @@ def load_exported(path: str) -> nn.Module:
   if "shpeft_model" not in meta:
     raise clip_vit.ConfigError(f"{path} has no shpeft_jax export metadata; build the model with "
                                f"build_torch_classifier(...) and call load_state_dict yourself.")
+  tower = {"act": meta.get("shpeft_act", "quick_gelu"),
+           "ln_eps": float(meta.get("shpeft_ln_eps", clip_vit.LN_EPS)),
+           "ln_pre": meta.get("shpeft_ln_pre", "1") == "1",
+           "patch_bias": meta.get("shpeft_patch_bias", "0") == "1"}
   net = build_torch_classifier(meta["shpeft_model"], int(meta["shpeft_num_classes"]),
-                               image_size=int(meta["shpeft_image_size"]), layout=meta["shpeft_layout"])
+                               image_size=int(meta["shpeft_image_size"]), layout=meta["shpeft_layout"],
+                               tower=tower)
   net.load_state_dict(load_file(path), strict=True)
   return net.eval()
 

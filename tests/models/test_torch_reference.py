@@ -1,5 +1,6 @@
 """Numerical agreement with PyTorch: HF transformers' CLIPVisionModel and our OpenAI-layout torch
-tower (nn.MultiheadAttention), conversion from every file type, and exported classifiers."""
+tower (nn.MultiheadAttention), conversion from every file type, and exported classifiers.
+open_clip / timm towers and the GELU variants are in test_checkpoint_families.py."""
 
 import copy
 
@@ -61,6 +62,9 @@ def test_hf_clip_vision_model_vit_b16_pooled_features_match(tmp_path, b16_featur
   err = np.abs(b16_features(params, x) - ref).max()
   assert err <= TOL, err
   assert np.abs(ref).max() > 0.1  # the features are not trivially small
+  # convert -> export (encoder only) is the identity on every tensor.
+  _assert_same_tensors(convert.flax_to_torch_state_dict(params, "hf", tower=info.tower),
+                       hf.state_dict())
 
 
 def test_openai_layout_vit_b16_pooled_features_match(b16_features):
@@ -68,13 +72,22 @@ def test_openai_layout_vit_b16_pooled_features_match(b16_features):
   tower = _perturb(tr.TorchVisionTransformer.from_config(clip_vit.get_model_config("ViT-B/16"),
                                                          output_dim=512), 2)
   sd = {"visual." + k: v for k, v in tower.state_dict().items()}
-  params, info = convert.torch_state_dict_to_flax(sd, model="ViT-B/16")
+  params, info = convert.torch_state_dict_to_flax(sd, model="ViT-B/16", act="quick_gelu")
   assert info.ignored_keys == ("visual.proj",)
   x = _images(2, 224, seed=1)
   with torch.no_grad():
     ref = tower.features(_nchw(x)).numpy()
   err = np.abs(b16_features(params, x) - ref).max()
   assert err <= TOL, err
+  exported = convert.flax_to_torch_state_dict(params, "openai", tower=info.tower)
+  _assert_same_tensors(exported, {k: v for k, v in tower.state_dict().items() if k != "proj"})
+
+
+def _assert_same_tensors(exported, source):
+  """Bit-exact equality of an exported numpy state dict and a torch state dict (same keys)."""
+  assert set(exported) == set(source), set(exported) ^ set(source)
+  for k, v in source.items():
+    np.testing.assert_array_equal(exported[k], v.detach().numpy(), err_msg=k)
 
 
 def _tiny_tower(seed=0, name="test_tiny", output_dim=8):
@@ -130,7 +143,7 @@ def test_open_clip_training_checkpoint_pt(tmp_path):
   path = tmp_path / "epoch_3.pt"
   torch.save({"epoch": 3, "name": "run", "state_dict": sd}, path)
   out = tmp_path / "ckpt"
-  assert convert_cli.main([str(path), "--out", str(out)]) == 0
+  assert convert_cli.main([str(path), "--out", str(out), "--act", "quick_gelu"]) == 0
   params, meta = checkpoints.load_params(str(out))
   assert (meta["model"], meta["source_format"]) == ("demo_small", "open_clip")
   x = _images(2, 16, seed=3)
@@ -149,7 +162,7 @@ def test_hf_clip_model_bin_with_text_tower(tmp_path):
   clip = _perturb(transformers.CLIPModel(transformers.CLIPConfig(
       vision_config=vision, text_config=text, projection_dim=8)), 6)
   torch.save(clip.state_dict(), tmp_path / "pytorch_model.bin")
-  params, info = convert.convert_file(str(tmp_path / "pytorch_model.bin"), fmt="hf")
+  params, info = convert.convert_file(str(tmp_path / "pytorch_model.bin"), fmt="hf", act="quick_gelu")
   assert info.source_format == "hf"
   assert any(k.startswith("text_model.") for k in info.ignored_keys)
   x = _images(2, 16, seed=4)
@@ -184,7 +197,7 @@ def test_converted_at_new_image_size_matches_torch_with_resized_embedding():
   """Whole chain at 24 px from a 16 px checkpoint vs the torch tower resized the open_clip way."""
   tower = _tiny_tower(7)
   sd = {"visual." + k: v for k, v in tower.state_dict().items()}
-  params, info = convert.torch_state_dict_to_flax(sd, image_size=24)
+  params, info = convert.torch_state_dict_to_flax(sd, image_size=24, act="quick_gelu")
   assert (info.image_size, info.source_image_size) == (24, 16)
   big = tr.TorchVisionTransformer.from_config(clip_vit.get_model_config("test_tiny", 24), output_dim=8)
   pos = tower.positional_embedding.detach()
@@ -240,7 +253,7 @@ def test_export_then_torch_to_flax_is_bit_exact(tmp_path):
   _, params, ckpt = _trained_classifier(tmp_path)
   out = tmp_path / "clf.pt"
   assert export_cli.main([str(ckpt), "--format", "openai", "--out", str(out)]) == 0
-  back, info = convert.torch_state_dict_to_flax(torch.load(str(out), weights_only=True))
+  back, info = convert.torch_state_dict_to_flax(torch.load(str(out), weights_only=True), act="quick_gelu")
   assert info.num_classes == 3
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), b)
