@@ -94,6 +94,17 @@ def _compact_mask_stats(mask_stats: Mapping[str, Any] | None) -> dict | None:
   return json.loads(json.dumps(out or dict(mask_stats), default=float))
 
 
+def _check_openai_tower(meta: Mapping[str, Any]) -> None:
+  """Adapters are stored in the OpenAI layout: a timm-trunk tower (patch bias, no ln_pre, e.g.
+  BiomedCLIP) has no place there, so it is refused rather than stored wrong."""
+  from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
+  tower = clip_vit.tower_from_meta(meta)
+  if tower["patch_bias"] or not tower["ln_pre"]:
+    raise CheckpointError(
+        "Task adapters hold OpenAI-layout towers (ln_pre, no patch bias); this is a timm-trunk "
+        "tower (e.g. BiomedCLIP): keep the full export/model instead.")
+
+
 def write_adapter(out_dir: str, params, base_params, *, base_name: str,
                   mask_stats: Mapping[str, Any] | None = None, method: str = "",
                   meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -122,6 +133,7 @@ def write_adapter(out_dir: str, params, base_params, *, base_name: str,
   if "head" not in params:
     raise CheckpointError("The params have no head: an adapter holds a trained classifier "
                           "(the trainer's export/model), not an encoder.")
+  _check_openai_tower(meta)
   new = _torch_layout(params)
   base_enc = _encoder_only(base_params)
   base = _torch_layout(base_enc)
@@ -258,8 +270,11 @@ def load_with_base(adapter_path: str, base_path: str | None = None, *,
         "the exact base checkpoint it was fine-tuned from.")
   sd = apply_to_state_dict(_torch_layout(base_enc), adapter_path, config)
   model = config["model"]
+  from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
+  tower = clip_vit.tower_from_meta(model)
   params, _ = torch_state_dict_to_flax(sd, fmt="openai", model=model.get("model"),
-                                       image_size=model.get("image_size"))
+                                       image_size=model.get("image_size"), act=tower["act"],
+                                       ln_eps=tower["ln_eps"])
   meta = dict(model)
   meta["adapter"] = {"path": adapter_path, "method": config.get("method"), "base": ref["name"],
                      "base_sha256": ref["sha256"]}
@@ -521,6 +536,10 @@ def write_run_adapter(workdir: str, params, *, init_checkpoint: str | None, meth
               if any(p.startswith(ADDITIVE_PREFIXES) for p in n.split("/"))]
   if additive:
     return {"skipped": f"unmerged additive parameters ({additive[0]}, ...) are not encoder weights"}
+  try:
+    _check_openai_tower(meta)
+  except CheckpointError as e:
+    return {"skipped": str(e)}
   base_params, _ = checkpoints.load_params(init_checkpoint)
   mask_stats = None
   stats_file = os.path.join(workdir, "mask_stats.json")
