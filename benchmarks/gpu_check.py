@@ -667,7 +667,7 @@ def parse(argv=None):
   ap.add_argument("--dry_run", action="store_true",
                   help="tiny model and sizes on whatever device is there (CPU): checks the script")
   ap.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
-  ap.add_argument("--budget_s", type=float, default=420.0,
+  ap.add_argument("--budget_s", type=float, default=360.0,
                   help="wall-clock budget; parts that would overrun it are skipped")
   ap.add_argument("--skip_torch", action="store_true")
   ap.add_argument("--no_torch_compile", action="store_true",
@@ -687,8 +687,12 @@ def main(argv=None):
   if args._child:
     _child(args)
     return
-  if not args.dry_run:
+  try:
     import jax  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    fail(f"JAX is not importable with {sys.executable} ({e}); use the Python that has jax "
+         "(PYTHON=... for gpu_check.sh)")
+  if not args.dry_run:
     try:
       gpus = jax.devices("gpu")
     except RuntimeError as e:

@@ -215,8 +215,8 @@ def sparse_masked_optimizer(base_tx: optax.GradientTransformation,
                                                      unique_indices=True)
         out.append(flat.reshape(p.shape))
         j += 1
-    update_norm = optax.tree.norm(
-        [x.astype(jnp.float32) for x in jax.tree.leaves(small_u)])
+    update_norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                               for x in jax.tree.leaves(small_u)))
     return treedef.unflatten(out), SparseMaskedState(inner, state.indices), update_norm
 
   update_fn.apply_gradients = apply_gradients
