@@ -207,22 +207,24 @@ def random_mask(params, k_percent: float, seed: int = 0):
 
 
 def train_step(mode: str, sz: dict, dtype: str) -> dict:
-  """One configuration's donated, jitted step: compile, warm up, time `steps` steps."""
+  """One configuration's donated, jitted step: compile, warm up, time `steps` steps.
+
+  Full fine-tuning and SH-PEFT (masked or sparse state) run the trainer's own step
+  (`train.make_train_step`, with its loss and norms); LoRA differentiates the trainable subset
+  only, as a LoRA user's step would (like requires_grad=False in PyTorch).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import optim, train  # pylint: disable=g-import-not-at-top
   from shpeft_jax.peft import masking, sparse_optim  # pylint: disable=g-import-not-at-top
   from shpeft_jax.utils import flatten_names, unflatten_names  # pylint: disable=g-import-not-at-top
 
   model, params = build(sz, dtype, lora=mode == "lora")
-  chain = masking.optimizer(dict(lr=1e-3, total_steps=1000, momentum=0.9)).tx
-  apply = lambda p, u: jax.tree.map(sparse_optim.apply_update, p, u)
+  optim_cfg = dict(lr=1e-3, momentum=0.9, sparse_state=mode == "shpeft_sparse")
+  loss_fn = train.make_loss_fn(model)
 
-  def loss_of(p, batch):
-    logits = model.apply({"params": p}, batch["image"], train=True).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-  if mode == "lora":  # Differentiate the trainable subset only.
+  if mode == "lora":
+    chain = optim.build(optim_cfg, 1000).tx
     flat = flatten_names(params)
     is_t = lambda n: n.startswith("head/") or "/lora_" in n
     t = {n: v for n, v in flat.items() if is_t(n)}
@@ -231,43 +233,33 @@ def train_step(mode: str, sz: dict, dtype: str) -> dict:
 
     def step(state, batch):
       loss, g = jax.value_and_grad(
-          lambda t: loss_of(unflatten_names({**t, **state["frozen"]}), batch))(state["trainable"])
+          lambda t: loss_fn(unflatten_names({**t, **state["frozen"]}), batch))(state["trainable"])
       u, opt = chain.update(g, state["opt"], state["trainable"])
-      return {"trainable": apply(state["trainable"], u), "frozen": state["frozen"],
-              "opt": opt}, loss
+      return {"trainable": masking.apply_updates(state["trainable"], u),
+              "frozen": state["frozen"], "opt": opt}, {"loss": loss}
   else:
-    tx = chain
-    if mode in ("shpeft", "shpeft_sparse"):
-      mask = random_mask(params, sz["k_percent"])
-      tx = (masking.masked_update(chain, mask) if mode == "shpeft"
-            else sparse_optim.sparse_masked_optimizer(chain, mask))
-      del mask
-    state = {"params": params, "opt": tx.init(params)}
-
-    def step(state, batch):
-      loss, g = jax.value_and_grad(loss_of)(state["params"], batch)
-      if mode == "shpeft_sparse":
-        p, opt, _ = tx.apply_gradients(g, state["opt"], state["params"])
-      else:
-        u, opt = tx.update(g, state["opt"], state["params"])
-        p = apply(state["params"], u)
-      return {"params": p, "opt": opt}, loss
+    mask = random_mask(params, sz["k_percent"]) if mode != "full" else None
+    tx = optim.build(optim_cfg, 1000, mask).tx
+    assert (mode == "shpeft_sparse") == isinstance(tx, sparse_optim.SparseMaskedTransformation)
+    del mask
+    state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    step = train.make_train_step(loss_fn, tx)
 
   opt_bytes = sparse_optim.tree_bytes(state["opt"])
   b, s = sz["step_batch"], sz["image_size"]
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
   batch = {"image": jax.random.normal(k1, (b, s, s, 3), jnp.float32),
-           "label": jax.random.randint(k2, (b,), 0, 4)}
+           "label": jax.random.randint(k2, (b,), 0, 4), "valid": jnp.ones((b,), bool)}
   t = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   for _ in range(sz["warmup"]):
-    state, loss = compiled(state, batch)
+    state, measurements = compiled(state, batch)
   jax.block_until_ready(state)
   t = time.perf_counter()
   for _ in range(sz["steps"]):
-    state, loss = compiled(state, batch)
-  loss = float(loss)  # Blocks on the last step.
+    state, measurements = compiled(state, batch)
+  loss = float(measurements["loss"])  # Blocks on the last step.
   seconds = time.perf_counter() - t
   return {"framework": "jax", "mode": mode, "batch": b, "steps": sz["steps"],
           "step_s": seconds / sz["steps"], "images_per_s": b * sz["steps"] / seconds,

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import optax
 
-from shpeft_jax import checkpoints, delta_checkpoint
+from shpeft_jax import checkpoints, delta_checkpoint, optim
 from shpeft_jax.models.clip_vit import build_model, init_params
 from shpeft_jax.peft import masking, sparse_optim
 from shpeft_jax.utils import flatten_names, unflatten_names
@@ -51,7 +51,7 @@ STEP_MODES = ("full", "masked", "sparse_update", "sparse_in_place")
 def step_memory(model, shapes, mask, batch: int, modes=STEP_MODES) -> dict:
   """{mode: XLA memory analysis (bytes) of the donated step}, compiled from abstract shapes."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  chain = masking.optimizer(dict(lr=1e-3, total_steps=1000, momentum=0.9)).tx
+  chain = optim.build(dict(lr=1e-3, momentum=0.9), 1000).tx
   size = model.config.image_size
 
   def loss_of(p, b):
@@ -65,11 +65,11 @@ def step_memory(model, shapes, mask, batch: int, modes=STEP_MODES) -> dict:
 
     def step(state, b, mode=mode, tx=tx):
       loss, g = jax.value_and_grad(loss_of)(state["params"], b)
-      if mode == "sparse_in_place":
+      if mode == "sparse_in_place":  # What the trainer's step does with the sparse state.
         p, opt, _ = tx.apply_gradients(g, state["opt"], state["params"])
       else:
         u, opt = tx.update(g, state["opt"], state["params"])
-        p = jax.tree.map(sparse_optim.apply_update, state["params"], u)
+        p = masking.apply_updates(state["params"], u)
       return {"params": p, "opt": opt}, loss
 
     state = {"params": shapes, "opt": jax.eval_shape(tx.init, shapes)}

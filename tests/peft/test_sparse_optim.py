@@ -13,8 +13,8 @@ from shpeft_jax import optim
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.models.clip_vit import build_model, init_params
 from shpeft_jax.peft import masking
-from shpeft_jax.peft.sparse_optim import (SparseMaskedState, apply_update, num_selected,
-                                          sparse_masked_optimizer, tree_bytes)
+from shpeft_jax.peft.sparse_optim import (SparseMaskedState, SparseMaskedTransformation,
+                                          num_selected, sparse_masked_optimizer, tree_bytes)
 from shpeft_jax.utils import flatten_names, unflatten_names
 
 
@@ -242,7 +242,7 @@ def _run_step(model, params, step_fn, tx, steps=4, seed=1):
 def _apply_via_update(tx):
   def fn(g, opt, p):
     u, opt = tx.update(g, opt, p)
-    return jax.tree.map(apply_update, p, u), opt
+    return masking.apply_updates(p, u), opt  # The trainer's rule for optax updates.
   return fn
 
 
@@ -267,7 +267,7 @@ def test_apply_gradients_bit_exact_with_update():
   model, params = _tiny()
   mask = _random_mask(params, 0.1)
   mask["encoder"]["ln_pre"]["scale"] = False  # A fully frozen leaf.
-  tx = _chain(grad_clip_norm=0.5)
+  tx = _chain(grad_clip=0.5)
   sparse = sparse_masked_optimizer(tx, mask)
   in_place = _run_step(model, params, _apply_in_place(sparse), sparse)
   _assert_bitwise_equal(in_place, _run_step(model, params, _apply_via_update(sparse), sparse))
@@ -310,7 +310,7 @@ def test_apply_gradients_materialises_no_dense_update_tree():
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(512, 512)), jnp.float32), "b": jnp.zeros((512,))}
   mask = {"w": rng.random((512, 512)) < 0.01, "b": None}
-  chain = _chain(weight_decay=1e-4, grad_clip_norm=None)
+  chain = _chain(weight_decay=1e-4, grad_clip=0.0)
   x = jnp.ones((8, 512))
   loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
 
@@ -331,3 +331,32 @@ def test_apply_gradients_materialises_no_dense_update_tree():
   assert temp_update - temp_in_place >= 0.9 * w_bytes, (temp_update, temp_in_place)
   assert temp_in_place < 1.2 * w_bytes, temp_in_place  # The gradient itself, and little more.
   assert peak_in_place < peak_dense - w_bytes, (peak_in_place, peak_dense)
+
+
+def test_trainer_step_applies_the_sparse_state_in_place():
+  """`train.make_train_step` with `optim.sparse_state`: the same params (bit for bit) and update
+  norm as the same optimizer through `update` + add, with one params-sized buffer less scratch."""
+  from shpeft_jax import optim, train
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.normal(size=(512, 512)), jnp.float32), "b": jnp.zeros((512,))}
+  mask = {"w": rng.random((512, 512)) < 0.01, "b": None}
+  tx = optim.build(dict(lr=0.1, momentum=0.9, weight_decay=1e-4, sparse_state=True), 100, mask).tx
+  assert isinstance(tx, SparseMaskedTransformation)
+  through_update = optax.GradientTransformation(tx.init, tx.update)  # No apply_gradients.
+  loss = lambda p, batch: jnp.mean(jnp.tanh(batch["x"] @ p["w"] + p["b"]) ** 2)
+  batch = {"x": jnp.asarray(rng.normal(size=(8, 512)), jnp.float32)}
+  results = []
+  for t in (tx, through_update):
+    step = jax.jit(train.make_train_step(loss, t), donate_argnums=(0,))
+    state = {"params": jax.tree.map(jnp.array, params), "opt": t.init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    for _ in range(3):
+      state, m = step(state, batch)
+    results.append((state["params"], m, temp))
+  (p_in_place, m_in_place, temp_in_place), (p_update, m_update, temp_update) = results
+  _assert_bitwise_equal(p_in_place, p_update)
+  np.testing.assert_allclose(float(m_in_place["update_norm"]), float(m_update["update_norm"]),
+                             rtol=1e-5)
+  assert float(m_in_place["update_norm"]) > 0
+  assert temp_update - temp_in_place >= 0.9 * 512 * 512 * 4, (temp_update, temp_in_place)
