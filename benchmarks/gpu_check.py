@@ -33,10 +33,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks, TFLOP/s, NVIDIA datasheets. First match wins.
@@ -567,9 +569,12 @@ def run(args) -> dict:
                                                   "num_classes": 4}, "openai", weights)
     del params
     tr = []
-    _try(tr, "PyTorch", lambda: (
-        _run_isolated(args, f"torch:{weights}", budget, "PyTorch") if isolate
-        else torch_check(weights, sz, budget, _torch_compile(args))))
+    try:
+      _try(tr, "PyTorch", lambda: (
+          _run_isolated(args, f"torch:{weights}", budget, "PyTorch") if isolate
+          else torch_check(weights, sz, budget, _torch_compile(args))))
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
     report["torch"] = tr[0]
   report["targets"] = targets(report)
   report["seconds_total"] = args.budget_s - budget.left()
@@ -693,16 +698,25 @@ def main(argv=None):
     raise TimeoutError(f"the check overran --budget_s={args.budget_s:.0f} s by 30 s")
 
   os.makedirs(args.out, exist_ok=True)
-  signal.signal(signal.SIGALRM, on_alarm)  # Never hang: a stuck part ends the run.
+  def hard_exit():  # A part stuck in C++ (a hung driver, compiler) never returns to Python.
+    print(f"gpu_check: error: stuck past --budget_s={args.budget_s:.0f} s + 90 s; exiting",
+          file=sys.stderr, flush=True)
+    os._exit(3)
+
+  signal.signal(signal.SIGALRM, on_alarm)  # Never hang: a part over the budget ends the run...
   signal.alarm(int(args.budget_s) + 30)
+  watchdog = threading.Timer(args.budget_s + 90, hard_exit)  # ... or, failing that, the process.
+  watchdog.daemon = True
+  watchdog.start()
   try:
     report = run(args)
   except TimeoutError as e:
     fail(str(e), code=3)
   finally:
     signal.alarm(0)
-  report["forbidden_modules_loaded"] = sorted(
-      m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
+    watchdog.cancel()
+  report["forbidden_modules_loaded"] = sorted(  # (a None entry marks a module as absent)
+      m for m, v in sys.modules.items() if m.split(".")[0] in FORBIDDEN and v is not None)
   with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
     json.dump(report, f, indent=1)
   md = markdown(report)
