@@ -10,7 +10,15 @@ encoder weights (random positions) and the whole head differ from a random base,
 a full params checkpoint of the same model written by `shpeft_jax.checkpoints.save_params` (orbax),
 and with the raw float32 bytes of the params. Restore is timed and checked bit for bit.
 
+`--step_batch B` also compiles (never runs: abstract shapes, nothing allocated) one donated train
+step per optimizer at batch B and reads XLA's buffer assignment (`compiled.memory_analysis()`): the
+arguments (params + optimizer state + batch), the scratch (`temp`: gradients, activations, update
+trees) and the step's peak = arguments + outputs - donated aliases + scratch. Steps: full, masked
+(`masked_update`), sparse state applied through `update` + add (a dense update tree) and sparse
+state applied in place (`apply_gradients`, what the trainer uses).
+
   python benchmarks/memory.py --model ViT-B/16 --k_percent 1
+  python benchmarks/memory.py --model ViT-B/16 --k_percent 1 --step_batch 8 --no_full_checkpoint
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import jax
 import numpy as np
 import optax
 
-from shpeft_jax import checkpoints, delta_checkpoint
+from shpeft_jax import checkpoints, delta_checkpoint, optim
 from shpeft_jax.models.clip_vit import build_model, init_params
 from shpeft_jax.peft import masking, sparse_optim
 from shpeft_jax.utils import flatten_names, unflatten_names
@@ -35,6 +43,50 @@ from shpeft_jax.utils import flatten_names, unflatten_names
 
 def dir_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+STEP_MODES = ("full", "masked", "sparse_update", "sparse_in_place")
+
+
+def step_memory(model, shapes, mask, batch: int, modes=STEP_MODES) -> dict:
+  """{mode: XLA memory analysis (bytes) of the donated step}, compiled from abstract shapes."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  chain = optim.build(dict(lr=1e-3, momentum=0.9), 1000).tx
+  size = model.config.image_size
+
+  def loss_of(p, b):
+    logits = model.apply({"params": p}, b["image"], train=True).astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"]).mean()
+
+  out = {}
+  for mode in modes:
+    tx = {"full": chain, "masked": masking.masked_update(chain, mask)}.get(mode) or (
+        sparse_optim.sparse_masked_optimizer(chain, mask))
+
+    def step(state, b, mode=mode, tx=tx):
+      loss, g = jax.value_and_grad(loss_of)(state["params"], b)
+      if mode == "sparse_in_place":  # What the trainer's step does with the sparse state.
+        p, opt, _ = tx.apply_gradients(g, state["opt"], state["params"])
+      else:
+        u, opt = tx.update(g, state["opt"], state["params"])
+        p = masking.apply_updates(state["params"], u)
+      return {"params": p, "opt": opt}, loss
+
+    state = {"params": shapes, "opt": jax.eval_shape(tx.init, shapes)}
+    b = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+         "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    t0 = time.perf_counter()
+    m = jax.jit(step, donate_argnums=(0,)).lower(state, b).compile().memory_analysis()
+    r = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                         "alias_size_in_bytes", "temp_size_in_bytes")}
+    r["peak_bytes"] = (r["argument_size_in_bytes"] + r["output_size_in_bytes"]
+                       - r["alias_size_in_bytes"] + r["temp_size_in_bytes"])
+    r["compile_s"] = time.perf_counter() - t0
+    out[mode] = r
+    print(f"  step {mode:16s} args {r['argument_size_in_bytes'] / 2**20:8.1f} MB  temp "
+          f"{r['temp_size_in_bytes'] / 2**20:8.1f} MB  peak {r['peak_bytes'] / 2**20:8.1f} MB  "
+          f"(compile {r['compile_s']:.0f} s)", file=sys.stderr, flush=True)
+  return out
 
 
 def main(argv=None):
@@ -45,6 +97,9 @@ def main(argv=None):
   ap.add_argument("--no_full_checkpoint", action="store_true",
                   help="skip writing the full orbax checkpoint (compare with raw bytes only)")
   ap.add_argument("--tmp", default=None, help="scratch directory (default: a new temp dir)")
+  ap.add_argument("--step_batch", type=int, default=0,
+                  help="also report the compiled train step's memory at this batch (0: skip)")
+  ap.add_argument("--step_modes", default=",".join(STEP_MODES))
   args = ap.parse_args(argv)
 
   model = build_model(args.model, args.num_classes)
@@ -71,6 +126,9 @@ def main(argv=None):
           jax.eval_shape(sparse_optim.sparse_masked_optimizer(adam, mask).init, shapes)),
   }
   opt_ratio = opt["full_sgd_momentum"] / opt["sparse_sgd_momentum"]
+  steps = None
+  if args.step_batch:
+    steps = step_memory(model, shapes, mask, args.step_batch, args.step_modes.split(","))
 
   # Delta checkpoint of a model that differs from its base in k% of the encoder + the head.
   base, tuned = {}, {}
@@ -110,6 +168,7 @@ def main(argv=None):
       "benchmark": "memory", "model": args.model, "k_percent": args.k_percent,
       "num_params": n_total, "num_encoder": n_encoder, "selected": k,
       "opt_state_bytes": opt, "full_over_sparse_sgd_state": opt_ratio,
+      "step_batch": args.step_batch or None, "step_memory": steps,
       "delta": {"bytes": stats["bytes"], "changed": stats["changed"], "save_s": save_s,
                 "load_s": load_s, "bit_exact": bool(exact), "raw_params_bytes": raw,
                 "full_checkpoint_bytes": full_ckpt,

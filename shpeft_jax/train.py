@@ -28,13 +28,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 import zipfile
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -55,6 +54,10 @@ from shpeft_jax.peft import mask_io
 from shpeft_jax.peft import masking
 from shpeft_jax.peft import merge as merge_lib
 from shpeft_jax.peft import methods as methods_lib
+from shpeft_jax.peft import sparse_optim
+
+if TYPE_CHECKING:  # Annotations only: benchmarks/gpu_check.py runs where it is not installed.
+  import ml_collections
 
 PyTree = Any
 
@@ -128,10 +131,14 @@ def make_train_step(loss_fn, tx: optax.GradientTransformation):
   def train_step(state, batch):
     params = state["params"]
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt = tx.update(grads, state["opt"], params)
-    new_params = masking.apply_updates(params, updates)
-    measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                    "update_norm": optax.tree.norm(updates),
+    if isinstance(tx, sparse_optim.SparseMaskedTransformation):
+      # The K selected weights are updated in place: no dense update tree in the step's memory.
+      new_params, opt, update_norm = tx.apply_gradients(grads, state["opt"], params)
+    else:
+      updates, opt = tx.update(grads, state["opt"], params)
+      new_params = masking.apply_updates(params, updates)
+      update_norm = optax.tree.norm(updates)
+    measurements = {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_norm": update_norm,
                     "param_norm": optax.tree.norm(new_params)}
     # Every step, on device: read with the logged metrics and before anything is written.
     measurements["finite"] = run_checks.step_finite(loss, measurements["param_norm"])

@@ -1,4 +1,7 @@
-"""sparse_masked_optimizer == masked_update (dense masks) to float tolerance, with far less state."""
+"""sparse_masked_optimizer == masked_update (dense masks), with far less state and, through
+apply_gradients, no dense update tree."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +13,8 @@ from shpeft_jax import optim
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.models.clip_vit import build_model, init_params
 from shpeft_jax.peft import masking
-from shpeft_jax.peft.sparse_optim import (SparseMaskedState, num_selected, sparse_masked_optimizer,
-                                          tree_bytes)
+from shpeft_jax.peft.sparse_optim import (SparseMaskedState, SparseMaskedTransformation,
+                                          num_selected, sparse_masked_optimizer, tree_bytes)
 from shpeft_jax.utils import flatten_names, unflatten_names
 
 
@@ -212,3 +215,148 @@ def test_vit_b16_state_memory_is_10x_smaller_at_one_percent():
   assert sparse == 8 * k + 4 * head
   assert full / sparse >= 10, (full, sparse)
   assert dense_masked > full  # The dense masked path keeps the full trace plus the masks.
+
+
+# ------------------------------------------------------------------------------------------------
+# apply_gradients: the updates applied in place, without a dense update tree.
+
+
+def _run_step(model, params, step_fn, tx, steps=4, seed=1):
+  """`steps` donated jitted steps of `step_fn(grads, opt_state, params) -> (params, opt_state)`."""
+  loss = _loss_fn(model)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, images, labels):
+    g = jax.grad(loss)(state["params"], images, labels)
+    p, o = step_fn(g, state["opt"], state["params"])
+    return {"params": p, "opt": o}
+
+  state = {"params": jax.tree.map(jnp.array, params), "opt": tx.init(params)}
+  key = jax.random.PRNGKey(seed)
+  for i in range(steps):
+    k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+    state = step(state, jax.random.normal(k1, (4, 16, 16, 3)), jax.random.randint(k2, (4,), 0, 3))
+  return state["params"]
+
+
+def _apply_via_update(tx):
+  def fn(g, opt, p):
+    u, opt = tx.update(g, opt, p)
+    return masking.apply_updates(p, u), opt  # The trainer's rule for optax updates.
+  return fn
+
+
+def _apply_in_place(tx):
+  def fn(g, opt, p):
+    new, opt, _ = tx.apply_gradients(g, opt, p)
+    return new, opt
+  return fn
+
+
+def _assert_bitwise_equal(a, b):
+  for (name, x), y in zip(flatten_names(a).items(), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x).view(np.uint32), np.asarray(y).view(np.uint32),
+                                  err_msg=name)
+
+
+def test_apply_gradients_bit_exact_with_update():
+  """In-place application == update + add of the same optimizer, bit for bit, over 4 donated steps
+  (momentum, decay, schedule, clipping); == the dense masked path to float tolerance, as `update`
+  always was (XLA fuses the dense path's full-size elementwise chain differently: a few elements
+  per leaf differ in the last bits); frozen elements bit-identical, selected ones moved."""
+  model, params = _tiny()
+  mask = _random_mask(params, 0.1)
+  mask["encoder"]["ln_pre"]["scale"] = False  # A fully frozen leaf.
+  tx = _chain(grad_clip=0.5)
+  sparse = sparse_masked_optimizer(tx, mask)
+  in_place = _run_step(model, params, _apply_in_place(sparse), sparse)
+  _assert_bitwise_equal(in_place, _run_step(model, params, _apply_via_update(sparse), sparse))
+  dense_tx = masking.masked_update(tx, mask)
+  dense = _run_step(model, params, _apply_via_update(dense_tx), dense_tx)
+  for d, s in zip(jax.tree.leaves(dense), jax.tree.leaves(in_place)):
+    np.testing.assert_allclose(np.asarray(s), np.asarray(d), rtol=1e-5, atol=1e-6)
+  flat_new, flat_p0 = flatten_names(in_place), flatten_names(params)
+  for name, m in flatten_names(mask).items():  # Frozen elements untouched, selected moved.
+    new, p0 = np.asarray(flat_new[name]), np.asarray(flat_p0[name])
+    keep = np.zeros(new.shape, bool) if m is False else ~m
+    np.testing.assert_array_equal(new[keep].view(np.uint32), p0[keep].view(np.uint32),
+                                  err_msg=name)
+    if m is not False:
+      assert np.all(new[m] != p0[m]), name
+
+
+def test_apply_gradients_keeps_frozen_subnormals_and_reports_update_norm():
+  """Frozen subnormal and -0.0 weights stay bit-identical (no arithmetic touches them), the
+  selected ones follow p - lr * g, and update_norm is the norm of the applied updates."""
+  tiny = np.float32(1e-40)  # Subnormal: XLA's flush-to-zero would turn p + (-0.0) into 0.
+  params = {"a": jnp.array([tiny, -0.0, 2.0, 3.0, tiny]), "h": jnp.array([1.0, 2.0])}
+  mask = {"a": np.array([False, False, True, True, False]), "h": None}
+  opt = sparse_masked_optimizer(optax.sgd(0.5), mask)
+  g = {"a": jnp.full((5,), 2.0), "h": jnp.array([1.0, -1.0])}
+  new, state, norm = jax.jit(opt.apply_gradients, donate_argnums=(2,))(
+      g, opt.init(params), jax.tree.map(jnp.array, params))
+  a = np.asarray(new["a"])
+  np.testing.assert_array_equal(a.view(np.uint32), np.array(
+      [tiny, -0.0, 1.0, 2.0, tiny], np.float32).view(np.uint32))
+  np.testing.assert_array_equal(np.asarray(new["h"]), [0.5, 2.5])
+  np.testing.assert_allclose(float(norm), np.sqrt(2 * 1.0 + 2 * 0.25), rtol=1e-6)
+  assert isinstance(state, SparseMaskedState)
+
+
+def test_apply_gradients_materialises_no_dense_update_tree():
+  """Compiled memory (XLA's buffer assignment, deterministic): the donated in-place step needs one
+  parameter-sized scratch buffer less than update + add, and its peak (arguments + scratch) is
+  below the dense masked path's, whose state holds a full momentum tree and the masks."""
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(512, 512)), jnp.float32), "b": jnp.zeros((512,))}
+  mask = {"w": rng.random((512, 512)) < 0.01, "b": None}
+  chain = _chain(weight_decay=1e-4, grad_clip=0.0)
+  x = jnp.ones((8, 512))
+  loss = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
+
+  def analysis(tx, step_fn):
+    def step(state, x):
+      p, o = step_fn(jax.grad(loss)(state["params"], x), state["opt"], state["params"])
+      return {"params": p, "opt": o}
+    state = jax.eval_shape(lambda: {"params": params, "opt": tx.init(params)})
+    m = jax.jit(step, donate_argnums=(0,)).lower(state, x).compile().memory_analysis()
+    return m.temp_size_in_bytes, m.argument_size_in_bytes + m.temp_size_in_bytes
+
+  sparse = sparse_masked_optimizer(chain, mask)
+  temp_in_place, peak_in_place = analysis(sparse, _apply_in_place(sparse))
+  temp_update, _ = analysis(sparse, _apply_via_update(sparse))
+  dense_tx = masking.masked_update(chain, mask)
+  _, peak_dense = analysis(dense_tx, _apply_via_update(dense_tx))
+  w_bytes = 512 * 512 * 4
+  assert temp_update - temp_in_place >= 0.9 * w_bytes, (temp_update, temp_in_place)
+  assert temp_in_place < 1.2 * w_bytes, temp_in_place  # The gradient itself, and little more.
+  assert peak_in_place < peak_dense - w_bytes, (peak_in_place, peak_dense)
+
+
+def test_trainer_step_applies_the_sparse_state_in_place():
+  """`train.make_train_step` with `optim.sparse_state`: the same params (bit for bit) and update
+  norm as the same optimizer through `update` + add, with one params-sized buffer less scratch."""
+  from shpeft_jax import optim, train
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.normal(size=(512, 512)), jnp.float32), "b": jnp.zeros((512,))}
+  mask = {"w": rng.random((512, 512)) < 0.01, "b": None}
+  tx = optim.build(dict(lr=0.1, momentum=0.9, weight_decay=1e-4, sparse_state=True), 100, mask).tx
+  assert isinstance(tx, SparseMaskedTransformation)
+  through_update = optax.GradientTransformation(tx.init, tx.update)  # No apply_gradients.
+  loss = lambda p, batch: jnp.mean(jnp.tanh(batch["x"] @ p["w"] + p["b"]) ** 2)
+  batch = {"x": jnp.asarray(rng.normal(size=(8, 512)), jnp.float32)}
+  results = []
+  for t in (tx, through_update):
+    step = jax.jit(train.make_train_step(loss, t), donate_argnums=(0,))
+    state = {"params": jax.tree.map(jnp.array, params), "opt": t.init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    temp = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    for _ in range(3):
+      state, m = step(state, batch)
+    results.append((state["params"], m, temp))
+  (p_in_place, m_in_place, temp_in_place), (p_update, m_update, temp_update) = results
+  _assert_bitwise_equal(p_in_place, p_update)
+  np.testing.assert_allclose(float(m_in_place["update_norm"]), float(m_update["update_norm"]),
+                             rtol=1e-5)
+  assert float(m_in_place["update_norm"]) > 0
+  assert temp_update - temp_in_place >= 0.9 * 512 * 512 * 4, (temp_update, temp_in_place)
