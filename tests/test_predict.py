@@ -185,3 +185,23 @@ def test_bad_model_dirs(tmp_path, capsys):
                                                           "num_classes": None})
   assert predict.main([str(tmp_path / "enc"), str(img), "--out", str(tmp_path / "o.csv")]) == 2
   assert "no trained head" in capsys.readouterr().err
+
+
+def test_report_recomputes_predictions_like_the_trainer(trained_run):
+  """A run without test_predictions.npz: the report evaluates export/model itself, like the trainer."""
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import report  # pylint: disable=g-import-not-at-top
+  config, _, workdir, results = trained_run
+  assert not os.path.exists(os.path.join(workdir, report.PREDICTIONS))
+  by_name, labels, _ = _trainer_eval(config, workdir)
+  logits, labels2, names = report.predictions_from_checkpoint(workdir)
+  assert names == list(CLASSES)
+  np.testing.assert_array_equal(labels2, labels)
+  np.testing.assert_allclose(logits, np.stack(list(by_name.values())), rtol=1e-6, atol=1e-6)
+  out = report.write_report(workdir, log=lambda *_: None)
+  rep = json.load(open(out["per_class_json"]))
+  preds = logits.argmax(-1)
+  np.testing.assert_allclose([c["f1"] for c in rep["classes"]],
+                             skm.f1_score(labels, preds, average=None, labels=range(3)), atol=1e-12)
+  assert rep["macro"]["f1"] == pytest.approx(results["test"]["f1_macro"], abs=1e-9)
+  assert os.path.getsize(out["confusion"]) > 15_000 and os.path.isfile(out["html"])

@@ -106,9 +106,10 @@ def plot_per_class_bars(per_method: Mapping[str, Mapping[str, Any]], path: str, 
   ax.set_xticks(range(k), [_short(n) for n in names], rotation=30 if k > 6 else 0,
                 ha="right" if k > 6 else "center")
   ax.set_ylabel(f"{metric} (%)")
-  ax.set_ylim(0, 105)
+  ax.set_ylim(0, 118)  # Room above 100 for the legend.
+  ax.set_yticks(range(0, 101, 20))
   ax.set_title(title or f"Per-class {metric} by method")
-  ax.legend(fontsize=8, ncols=min(m, 4))
+  ax.legend(fontsize=8, ncols=min(m, 4), loc="upper center")
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   return _save(fig, path)
@@ -138,16 +139,19 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
     x, y = _series(records, "train", "lr")
     if x:
       axes[1].plot(x, y, color=color, lw=1.4, label=label)
-    for key, style in (("f1_macro", "-"), ("accuracy", "--"), ("auc_macro", ":")):
+    # One run: its three validation metrics; several: the macro F1 of each (fewer lines).
+    keys = (("f1_macro", "-"), ("accuracy", "--"), ("auc_macro", ":")) if single else (
+        ("f1_macro", "-"),)
+    for key, style in keys:
       x, y = _series(records, "val", key)
       if x:
         axes[2].plot(x, [100 * v for v in y], ls=style, marker="o", ms=3, lw=1.4,
                      color=cmap(("f1_macro", "accuracy", "auc_macro").index(key)) if single
-                     else color, label=f"{key}" if single else f"{label} {key}")
+                     else color, label=key if single else label)
   axes[0].set_title("training loss")
   axes[0].set_yscale("log")
   axes[1].set_title("learning rate")
-  axes[2].set_title("validation (%)")
+  axes[2].set_title("validation (%)" if single else "validation macro F1 (%)")
   for ax in axes:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
