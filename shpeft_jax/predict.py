@@ -172,6 +172,16 @@ def list_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
   return files, missing
 
 
+def _why_unreadable(path: str, error: Exception) -> str:
+  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  cause = error.__cause__ or error
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    return "empty file"
+  if isinstance(cause, UnidentifiedImageError):
+    return "not an image (unknown format or corrupt header)"
+  return str(cause).splitlines()[0]
+
+
 def _batches(files: Sequence[str], image_size: int, batch_size: int,
              unreadable: list[tuple[str, str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(indices into files, images [B, S, S, 3]) per batch; unreadable files are skipped and noted.
@@ -189,7 +199,7 @@ def _batches(files: Sequence[str], image_size: int, batch_size: int,
       try:
         data, _ = splits.read_image(path)
       except (DataError, OSError) as e:
-        unreadable.append((path, str(e.__cause__ or e).splitlines()[0]))
+        unreadable.append((path, _why_unreadable(path, e)))
         continue
       yield i, data
 

@@ -163,7 +163,9 @@ def test_unreadable_files_are_listed_not_fatal(trained_run, tmp_path, capsys):
   assert rc == 0
   _, rows = _read_csv(out)
   assert [os.path.basename(r[0]) for r in rows] == ["good.jpg"]
-  assert "2 unreadable file(s)" in err and "broken.png" in err and "empty.jpg" in err
+  assert "2 unreadable file(s)" in err
+  assert "broken.png: not an image (unknown format or corrupt header)" in err
+  assert "empty.jpg: empty file" in err
   assert "nothing_*.png: pattern matches no file" in err
   assert "notes.txt" not in err
   # Nothing readable: exit status 2, no CSV.
