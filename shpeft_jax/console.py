@@ -244,8 +244,13 @@ def trainable_summary(rows: Iterable[Mapping[str, Any]], *, per_line: int = 4) -
     acc = by_type.setdefault(r["type"], [0, 0])
     acc[0] += r["trainable"]
     acc[1] += r["size"]
-  lines = [f"trainable: {trained:,} of {total:,} parameters "
-           f"({100.0 * trained / max(total, 1):.3f} %); by type, % of each type trained:"]
+  head = (f"trainable: {trained:,} of {total:,} parameters "
+          f"({100.0 * trained / max(total, 1):.3f} %)")
+  if all(s in (0, n) for s, n in by_type.values()):  # Whole types only: name them, one line.
+    whole = [t for t, (s, n) in by_type.items() if s and s == n]
+    return [head + (": every type" if len(whole) == len(by_type) else
+                    f": {', '.join(whole) or 'none'} (the rest frozen)")]
+  lines = [head + "; % of each parameter type trained:"]
   items = [f"{t} {100.0 * s / max(n, 1):.2f}" for t, (s, n) in by_type.items()]
   for i in range(0, len(items), per_line):
     lines.append("  " + ", ".join(items[i:i + per_line]))

@@ -64,3 +64,12 @@ def test_trainable_file_and_summary(tmp_path):
   assert summary[0].startswith("trainable: 14 of 30 parameters (46.667 %)")
   assert "attn_qkv 25.00" in summary[1] and "layernorm 0.00" in summary[1]
   assert "head 100.00" in summary[1] and len(summary) <= 5
+
+
+def test_summary_of_whole_types_is_one_line():
+  full = {"a": {"query": {"kernel": np.ones(3, bool)}}, "head": {"kernel": np.ones(2, bool)}}
+  assert console.trainable_summary(console.trainable_rows(full)) == [
+      "trainable: 5 of 5 parameters (100.000 %): every type"]
+  linear = {"encoder": {"ln_pre": {"scale": np.zeros(3, bool)}}, "head": {"kernel": np.ones(2, bool)}}
+  assert console.trainable_summary(console.trainable_rows(linear)) == [
+      "trainable: 2 of 5 parameters (40.000 %): head (the rest frozen)"]
