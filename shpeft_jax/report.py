@@ -348,6 +348,37 @@ def write_report(path: str, *, split: str = "test", log=print) -> dict:
   return comparison_report(path, runs, split=split, log=log)
 
 
+def after_run(workdir: str, *, log=None) -> list[str]:
+  """The report of a finished run or group of runs, then the lines that say where everything is.
+
+  Called at the end of `python -m shpeft_jax.main` and of a sweep. A failing report does not fail
+  the finished training: it becomes one warning line with the command that retries it.
+  """
+  workdir = os.path.abspath(workdir)
+  log = log or (lambda *_: None)
+  lines = []
+  results = os.path.join(workdir, "results.json")
+  table = os.path.join(workdir, "results_table.txt")
+  if os.path.isfile(results):
+    lines.append(f"results: {results}" + (f", {table}" if os.path.isfile(table) else ""))
+  try:
+    lines.append(f"report:  {write_report(workdir, log=log)['html']}")
+  except Exception as e:  # pylint: disable=broad-except
+    lines.append(f"warning: no report ({type(e).__name__}: {e}); retry with "
+                 f"`python -m shpeft_jax.report {workdir}`")
+  if is_run(workdir):
+    exports = [workdir]
+  else:
+    exports = find_runs(workdir)
+  exports = [r for r in exports if os.path.isdir(os.path.join(r, "export", "model"))]
+  if len(exports) == 1:
+    lines.append(f"export:  {os.path.join(exports[0], 'export', 'model')}")
+  elif exports:
+    names = ",".join(os.path.relpath(r, workdir) for r in exports)
+    lines.append(f"export:  {workdir}/{{{names}}}/export/model")
+  return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m shpeft_jax.report", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -128,3 +128,19 @@ def test_errors(tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
   assert report.main([str(tmp_path)]) == 2
   assert "holds no finished run" in capsys.readouterr().err
+
+
+def test_after_run_says_where_everything_is(tmp_path):
+  top = tmp_path / "demo"
+  for i, method in enumerate(("shpeft", "full")):
+    _fake_run(str(top / method), method=method, seed=i)
+    (top / method / "export" / "model").mkdir(parents=True)
+  (top / "results.json").write_text("{}")
+  lines = report.after_run(str(top))
+  assert lines == [f"results: {top}/results.json", f"report:  {top}/report/report.html",
+                   f"export:  {top}/{{full,shpeft}}/export/model"]
+  # A broken run: the training's results stand, the report is one warning line.
+  os.remove(top / "full" / report.PREDICTIONS)
+  (top / "full" / "results.json").write_text('{"method": "full", "test": {}}')
+  lines = report.after_run(str(top))
+  assert lines[1].startswith("warning: no report (") and "python -m shpeft_jax.report" in lines[1]
