@@ -168,7 +168,9 @@ class StepProgress:
       if self.enabled:
         from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
         self.bar = tqdm(total=self.total, initial=n, desc=self.desc, unit=self.unit,
-                        dynamic_ncols=True, file=sys.stderr, mininterval=0.5, smoothing=0.1,
+                        dynamic_ncols=True, file=sys.stderr, smoothing=0.1,
+                        # A log file gets a refresh (a carriage return) every 30 s, not 2 a second.
+                        mininterval=0.5 if sys.stderr.isatty() else 30.0,
                         leave=True, bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/"
                         "{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
       return

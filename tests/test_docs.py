@@ -169,7 +169,7 @@ def test_documented_command_matches_the_code(doc, line, module, args):
   del flags
 
 
-@pytest.mark.parametrize("module", ["shpeft_jax.predict", "shpeft_jax.report"])
+@pytest.mark.parametrize("module", ["shpeft_jax.predict", "shpeft_jax.report", "shpeft_jax.main"])
 def test_help_is_fast_and_imports_no_heavy_library(module):
   """--help runs for real and answers without importing TensorFlow, JAX or torch."""
   code = (f"import runpy, sys\nsys.argv = ['{module}', '--help']\n"
@@ -197,7 +197,7 @@ def test_method_table_command_runs():
 # removes an entry when that branch lands.
 KNOWN_ELSEWHERE = {"docs/CONVERSION.md:20: config.model.init"}
 
-_PROSE_FIELD_RE = re.compile(r"`(?:--)?config\.([a-z_]+(?:\.[a-z_0-9]+)*)")
+_PROSE_FIELD_RE = re.compile(r"`(?:--)?config\.([a-z_]+(?:\.[a-z_0-9]+)*)(?![\w(])")  # not config.get(
 
 
 def test_config_fields_named_in_prose_exist():
@@ -213,3 +213,28 @@ def test_config_fields_named_in_prose_exist():
           bad.append(f"{os.path.relpath(path, REPO_ROOT)}:{n}: config.{field}")
   bad = [b for b in bad if b not in KNOWN_ELSEWHERE]
   assert not bad, "config fields the configs do not have:\n" + "\n".join(bad)
+
+
+_HEAVY_CHECK = (
+    "import runpy, sys\nsys.argv = {argv!r}\n"
+    "try:\n  runpy.run_module('shpeft_jax.main', run_name='__main__')\n"
+    "except SystemExit as e:\n  code = e.code\n"
+    "heavy = sorted({{'tensorflow', 'jax', 'torch', 'flax'}} & set(sys.modules))\n"
+    "print('HEAVY', heavy, 'CODE', code)\n")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config", "configs/nope.py", "--workdir", "/tmp/x"],
+     "error: --config configs/nope.py: no such file"),
+    (["--config", "configs/demo.py", "--workdir", "/tmp/x", "--config.train.num_stepz=3"],
+     "error: unknown config field"),
+])
+def test_config_errors_answer_in_one_line_without_heavy_imports(args, expected):
+  """`python -m shpeft_jax.main --config configs/nope.py` and a mistyped field: one line, exit 2,
+  before TensorFlow / JAX / torch are imported (which is what makes them answer in well under 1 s)."""
+  code = _HEAVY_CHECK.format(argv=["shpeft_jax.main"] + args)
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+  assert out.stdout.strip() == "HEAVY [] CODE 2", (out.stdout, out.stderr)
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(expected), out.stderr

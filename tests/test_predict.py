@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from train_fixtures import make_tiny_config
-from shpeft_jax import checkpoints, predict, train
+from shpeft_jax import checkpoints, predict, report, sharding, train
+from shpeft_jax.evaluation import evaluator
 from shpeft_jax.evaluation import metrics
 
 CLASSES = ("benign", "malignant", "normal")
@@ -60,7 +61,7 @@ def trained_run(tmp_path_factory):
   config.train.eval_batch_size = 8
   config.train.eval_every = 2  # writes best/
   workdir = str(tmp / "run")
-  results = train.run_single(config, workdir)
+  results = train.train_and_evaluate(config, workdir)
   return config, root, workdir, results
 
 
@@ -79,8 +80,8 @@ def _trainer_eval(config, workdir):
     seen.append(jax.device_get(out))
     return out
 
-  m = train.evaluate(eval_fn, params, config, "test", train.make_mesh(config.mesh),
-                     meta["num_classes"])
+  m = evaluator.evaluate(eval_fn, params, config, "test", sharding.make_mesh(config.mesh),
+                         meta["num_classes"])
   logits, labels, valid = (np.concatenate(x) for x in zip(*seen))
   builder = builders.BUILDERS["image_folder"](root_dir=config.data.manual_dir,
                                                data_dir=config.data.data_dir)
@@ -189,13 +190,18 @@ def test_bad_model_dirs(tmp_path, capsys):
   assert "no trained head" in capsys.readouterr().err
 
 
-def test_report_recomputes_predictions_like_the_trainer(trained_run):
-  """A run without test_predictions.npz: the report evaluates export/model itself, like the trainer."""
+def test_report_predictions_are_the_trainers(trained_run, tmp_path):
+  """The trainer's test_predictions.npz holds its test evaluation; a run without the file gets
+  the same predictions from the report, which then evaluates export/model itself."""
   from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
-  from shpeft_jax import report  # pylint: disable=g-import-not-at-top
   config, _, workdir, results = trained_run
-  assert not os.path.exists(os.path.join(workdir, report.PREDICTIONS))
   by_name, labels, _ = _trainer_eval(config, workdir)
+  saved = os.path.join(workdir, report.PREDICTIONS)
+  logits0, labels0, names0 = report.load_predictions(saved)
+  assert names0 == list(CLASSES)
+  np.testing.assert_array_equal(labels0, labels)
+  np.testing.assert_array_equal(logits0, np.stack(list(by_name.values())).astype(np.float32))
+  os.replace(saved, str(tmp_path / "saved.npz"))
   logits, labels2, names = report.predictions_from_checkpoint(workdir)
   assert names == list(CLASSES)
   np.testing.assert_array_equal(labels2, labels)
@@ -207,3 +213,4 @@ def test_report_recomputes_predictions_like_the_trainer(trained_run):
                              skm.f1_score(labels, preds, average=None, labels=range(3)), atol=1e-12)
   assert rep["macro"]["f1"] == pytest.approx(results["test"]["f1_macro"], abs=1e-9)
   assert os.path.getsize(out["confusion"]) > 15_000 and os.path.isfile(out["html"])
+  os.replace(str(tmp_path / "saved.npz"), saved)
