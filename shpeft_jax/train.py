@@ -9,11 +9,13 @@ restarts at the checkpointed step, see `shpeft_jax.data.input_pipeline`):
     config.json            the config the run was started with
     scores/                importance scores (orbax tree; scored methods only)
     mask.npz               boolean trainable mask + mask_stats.json (selection and counts)
+    trainable_params.tsv   one line per parameter tensor: type, layer, shape, rule, trained count
     checkpoints/<step>/    orbax CheckpointManager: params, opt state, step, rng (keep-N)
     best/                  params checkpoint of the best validation macro F1 (+ best.json)
     metrics.jsonl          one JSON line per logged train step / evaluation
     tb/                    TensorBoard event files (clu.metric_writers)
     results.json           final test metrics (the evaluate stage's result)
+    test_predictions.npz   the reported model's test logits and labels (for `shpeft_jax.report`)
     export/model/          params checkpoint of the reported model for `python -m shpeft_jax.export`
 
 Around it: `sharding` (mesh and sharding rules), `optim` (the optimizer and its schedule),
