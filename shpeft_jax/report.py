@@ -185,8 +185,8 @@ def run_report(run_dir: str, *, split: str = "test", log=print) -> dict:
     pngs["mask"] = os.path.join(out, "mask.png")
     total = stats["total"]
     mask_io.plot_mask_stats(stats, pngs["mask"], title=(
-        f"{results.get('method')}: {total['selected']:,} of {total['size']:,} encoder weights "
-        f"selected ({100 * total['fraction']:.3f} %)"))
+        f"{results.get('method')}: {total['selected']:,} of {total['size']:,} masked weights "
+        f"trained ({100 * total['fraction']:.3f} %)"))
   page = _run_page(run_dir, results, rep, text, pngs)
   files["html"] = os.path.join(out, "report.html")
   _write_text(files["html"], page)

@@ -151,6 +151,10 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
   axes[0].set_title("training loss")
   axes[0].set_yscale("log")
   axes[1].set_title("learning rate")
+  lrs = [v for line in axes[1].get_lines() for v in line.get_ydata() if v > 0]
+  if lrs and max(lrs) / min(lrs) > 1e3 and not single:  # e.g. a linear probe's lr of 100
+    axes[1].set_yscale("log")
+    axes[1].set_title("learning rate (log scale)")
   axes[2].set_title("validation (%)" if single else "validation macro F1 (%)")
   for ax in axes:
     ax.set_xlabel("step")
