@@ -48,7 +48,7 @@ def get_config(arg=None):
   config.train.eval_every = 100
   config.train.log_every = 50
   config.train.checkpoint_every = 100
-  config.train.progress_bar = False
+  config.train.progress_bar = True
 
   # The four runs share their compiled programs (compiling dominates on a small CPU).
   config.compilation_cache_dir = "xla_cache"

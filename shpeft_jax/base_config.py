@@ -14,7 +14,7 @@ import ml_collections
 
 from shpeft_jax import distributed
 from shpeft_jax.data import default_data_config
-from shpeft_jax.peft.methods import default_peft_config
+from shpeft_jax.peft.defaults import default_peft_config
 
 
 def get_config(arg=None):

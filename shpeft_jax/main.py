@@ -6,6 +6,11 @@ so: `shpeft_jax.distributed`), hide accelerators from TensorFlow (it only feeds 
 `pretrain` stage when enabled; the demo, configs/demo.py, is such a preset).
 Config fields are overridden with `--config.train.num_steps=100`; a field the config does not have
 is an error (lock_config=True), reported with the list of fields that do exist.
+
+Start-up is light: JAX, TensorFlow and the trainer are imported only after the flags and the config
+file are read, so `--help` and a config error answer at once, each error in one line.
+At the default verbosity the console says what each stage does (shpeft_jax.console);
+`--verbosity=1` brings back every detail line.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from absl import logging
 from ml_collections import config_flags
 
 from shpeft_jax import stages
-from shpeft_jax import utils
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file (configs/*.py), optionally `file.py:arg`.",
@@ -32,38 +36,43 @@ _RESTART_FROM = flags.DEFINE_enum(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries:
-  """Drops INFO lines of orbax (dozens per checkpoint), keeps its warnings and errors."""
-
-  def filter(self, record) -> bool:
-    import logging as std_logging  # pylint: disable=g-import-not-at-top
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+def _config_or_exit():
+  """The --config file's config, or a one-line error (before anything heavy is imported)."""
+  try:
+    config = _CONFIG.value
+    config.get("seed")  # A file that failed to load raises here (ml_collections' _ErrorConfig).
+    return config
+  except (IOError, OSError, AttributeError) as e:
+    path = flags.FLAGS["config"].config_filename
+    cause = e.__cause__ or e
+    lines = [l.strip() for l in str(cause).splitlines() if l.strip()]
+    why = "no such file" if not os.path.isfile(path.split(":")[0]) else (
+        lines[-1] if lines else type(cause).__name__)
+    print(f"error: --config {path}: {why} (configs/*.py lists the shipped configs).",
+          file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  utils.hide_accelerators_from_tf()
+  config = _config_or_exit()
+  from shpeft_jax import console  # pylint: disable=g-import-not-at-top
+  console.setup_logging()
+  console.import_tensorflow()  # Its banners dropped; accelerators hidden from it.
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax import distributed  # pylint: disable=g-import-not-at-top
   from shpeft_jax import errors  # pylint: disable=g-import-not-at-top
   from shpeft_jax.errors import ShpeftError  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
-  try:
-    config.get("model")  # A config file that failed to load raises here, on first use.
-  except (OSError, AttributeError) as e:
-    print(f"error: {errors.config_file_error(e, sys.argv)}", file=sys.stderr)
-    sys.exit(2)
   # Multi-host (TPU pods, SLURM, several GPU hosts): join the world before any JAX computation.
   try:
     distributed.maybe_initialize(config)
   except ShpeftError as e:  # A wrong coordinator / process count: say so, exit, never hang.
     print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
     sys.exit(2)
-  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).", jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.default_backend())
+  logging.info("JAX %s on %s: process %d of %d, %d local / %d global devices.", jax.__version__,
+               jax.default_backend(), jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
   from shpeft_jax import runs  # pylint: disable=g-import-not-at-top
   from shpeft_jax import workdir_lock  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value
@@ -79,6 +88,10 @@ def main(argv):
                          log_file=os.path.join(workdir, "log.txt"))
   if code:
     errors.exit_process(code)
+  if jax.process_index() == 0:
+    from shpeft_jax import report  # pylint: disable=g-import-not-at-top
+    for line in report.after_run(workdir):
+      print(line, flush=True)
 
 
 def _parse_flags(argv) -> list[str]:

@@ -67,6 +67,11 @@ def validate(optim_cfg: Mapping[str, Any], num_steps: int) -> dict[str, Any]:
 def make_schedule(cfg: Mapping[str, Any], num_steps: int) -> optax.Schedule:
   lr, warmup = float(cfg["lr"]), int(cfg["warmup_steps"] or 0)
   if cfg["schedule"] == "cosine":
+    if not warmup:
+      # The same values as the warm-up form below with 0 warm-up steps (its join selects the
+      # cosine from step 0), without optax's warning about a zero-length linear schedule.
+      end = float(cfg["end_lr"] or 0.0)
+      return optax.cosine_decay_schedule(lr, int(num_steps), alpha=end / lr if lr else 0.0)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=int(num_steps),
         end_value=float(cfg["end_lr"] or 0.0))

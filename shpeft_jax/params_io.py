@@ -94,5 +94,5 @@ def load_init_params(params: PyTree, init_dir: str, *, load_head: bool = False) 
   if unused:
     raise CheckpointError(f"{init_dir}: {len(unused)} checkpoint parameters do not exist in the "
                           f"model, e.g. {unused[:3]}; is it a checkpoint of another model?")
-  logging.info("Loaded %d parameter tensors from %s.", used, init_dir)
+  logging.debug("Loaded %d parameter tensors from %s.", used, init_dir)
   return utils.unflatten_names(out)

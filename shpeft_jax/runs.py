@@ -100,7 +100,7 @@ def pretrain(config, workdir: str, restart_from: str | None = None) -> str:
   """Trains the demo's encoder on the source task (cached: reused when its export exists)."""
   out = os.path.join(workdir, "pretrain")
   res = train.train_and_evaluate(pretrain_config(config), out, restart_from=restart_from)
-  logging.info("Pre-trained encoder on %s: test %s", config.pretrain.data.task,
+  logging.debug("Pre-trained encoder on %s: test %s", config.pretrain.data.task,
                writers.format_metrics(res["test"]))
   return os.path.join(out, "export", "model")
 

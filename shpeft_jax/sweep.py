@@ -40,7 +40,6 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
-from shpeft_jax import utils
 from shpeft_jax.errors import ConfigError, ShpeftError
 from shpeft_jax.peft import methods as methods_lib
 
@@ -262,7 +261,9 @@ def write_outputs(records: Sequence[dict], workdir: str) -> dict[str, str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  utils.hide_accelerators_from_tf()
+  from shpeft_jax import console  # pylint: disable=g-import-not-at-top
+  console.setup_logging()
+  console.import_tensorflow()  # Its banners dropped; accelerators hidden from it.
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax import errors  # pylint: disable=g-import-not-at-top
   from shpeft_jax import workdir_lock  # pylint: disable=g-import-not-at-top
@@ -284,6 +285,9 @@ def main(argv):
     with open(paths["md"]) as f:
       print(f.read(), flush=True)
     print("wrote " + ", ".join(paths.values()), flush=True)
+    from shpeft_jax import report  # pylint: disable=g-import-not-at-top
+    for line in report.after_run(_WORKDIR.value):  # one page comparing every run
+      print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ restarts at the checkpointed step, see `shpeft_jax.data.input_pipeline`):
     config.json            the config the run was started with
     scores/                importance scores (orbax tree; scored methods only)
     mask.npz               boolean trainable mask + mask_stats.json (selection and counts)
+    trainable_params.tsv   one line per parameter tensor: type, layer, shape, rule, trained count
     checkpoints/<step>/    orbax CheckpointManager: params, opt state, step, rng (keep-N)
     best/                  params checkpoint of the best validation macro F1 (+ best.json)
     metrics.jsonl          one JSON line per logged train step / evaluation
     tb/                    TensorBoard event files (clu.metric_writers)
     results.json           final test metrics (the evaluate stage's result)
+    test_predictions.npz   the reported model's test logits and labels (for `shpeft_jax.report`)
     export/model/          params checkpoint of the reported model for `python -m shpeft_jax.export`
     export/adapter/        the same model as a task adapter against model.init_checkpoint
 
@@ -39,6 +41,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from shpeft_jax import checkpoints as ckpt_lib
+from shpeft_jax import console
 from shpeft_jax import errors
 from shpeft_jax import optim
 from shpeft_jax import params_io
@@ -208,8 +211,8 @@ def score(config, method, workdir, loss_fn, params, mesh) -> PyTree:
       chunk_size=int(peft.score_chunk), scored=scored, shardings=sharding.chunk_sharding(mesh),
       progress=False)
   scores = importance.hybrid_importance(params, acc, scored=scored, **method.importance)
-  logging.info("Importance over %d batches (%d images) in %.1fs.", info["num_batches"],
-               info["num_images"], info["seconds"])
+  logging.info("scored the importance of the weights over %d batches (%d images) in %.1f s",
+               info["num_batches"], info["num_images"], info["seconds"])
   if jax.process_index() == 0:
     params_io.save_tree(scores_dir, utils.unflatten_names(utils.flatten_names(scores)))
   return scores
@@ -265,13 +268,14 @@ def train_loop(config, state, train_step, schedule, manager, validation, writer,
       config.data, split=split_names(config)[0], global_batch_size=t.batch_size,
       image_size=config.model.image_size, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())
-  progress = writers.Progress(num_steps, start_step, t.batch_size, config.peft.method,
-                              bool(t.progress_bar))
+  progress = console.StepProgress(num_steps, start_step, desc=config.peft.method,
+                                  batch_size=t.batch_size, enabled=bool(t.progress_bar))
   batch_sh = sharding.batch_sharding(mesh)
   # A non-finite step is caught before anything is written (`run_checks`); each step's flag stays
   # on the device until then, so the hot path has no host sync.
   watch = run_checks.FiniteWatch()
   lr_at = lambda s: schedule(s - 1)
+  post = {}
   for step in range(start_step + 1, end_step + 1):
     state, measurements = train_step(state, sharding.to_global(next(it), batch_sh))
     watch.add(step, measurements.pop("finite"))
@@ -280,13 +284,23 @@ def train_loop(config, state, train_step, schedule, manager, validation, writer,
       m = jax.device_get(measurements)
       errors.note_progress(f"training step {step} of {num_steps} in {manager.directory} "
                            f"(last checkpoint: step {manager.latest_step() or 'none'})")
-      ips = progress.log(step, float(m["loss"]))
-      writer.write(step, "train", {**m, "lr": float(schedule(step - 1)), "images_per_s": ips})
-    elif progress.bar is not None and step % 10 == 0:
-      progress.update(step)
+      post["loss"] = float(m["loss"])
+      progress.update(step, **post)
+      ips = progress.images_per_s(step)
+      # Without a bar these lines are the progress; with one, detail for --verbosity=1.
+      (logging.info if progress.bar is None else logging.debug)(
+          "[%s] step %d/%d loss %.4f  %.0f img/s  ETA %.0fs (after compiling)",
+          config.peft.method, step, num_steps, m["loss"], ips, progress.eta_s(step))
+      writer.write(step, "train", {**m, "lr": float(schedule(step - 1)),
+                                   "images_per_s": ips if np.isfinite(ips) else 0.0})
+    elif step % 10 == 0:
+      progress.update(step, **post)
     if t.eval_every > 0 and (step % t.eval_every == 0 or step == num_steps):
       watch.check(before=f"the validation at step {step} (and best/)", lr_at=lr_at)
-      validation(step, state["params"])
+      val = validation(step, state["params"])
+      if val is not None:
+        post["val_f1"] = f"{100 * val['f1_macro']:.1f}"
+        progress.update(step, **post)
     if step % t.checkpoint_every == 0 or step == end_step:
       watch.check(before=f"the checkpoint at step {step}", lr_at=lr_at)
       manager.save(step, args=ocp.args.StandardSave({"state": state}))
@@ -327,8 +341,8 @@ def evaluate_and_export(config, workdir, method, params, param_sh, eval_step, me
   from shpeft_jax import checkpoints  # pylint: disable=g-import-not-at-top
   test_split, num_steps = split_names(config)[2], int(config.train.num_steps)
   evaluate = functools.partial(evaluator.evaluate, eval_step, config=config, split=test_split,
-                               mesh=mesh, num_classes=meta["num_classes"])
-  test_final = evaluate(params)
+                               mesh=mesh, num_classes=meta["num_classes"], with_predictions=True)
+  test_final, predictions = evaluate(params)
   writer.write(num_steps, "test", test_final)
   results = {"method": method.name, "dataset": meta["dataset"], "steps": num_steps,
              "trainable": meta["trainable"], "total": meta["total"],
@@ -339,7 +353,8 @@ def evaluate_and_export(config, workdir, method, params, param_sh, eval_step, me
   use_best = bool(config.train.report_best) and os.path.isdir(best_dir)
   if use_best:
     report_params = jax.device_put(checkpoints.load_params(best_dir)[0], param_sh)
-    report = results["test_best"] = evaluate(report_params)
+    report, predictions = evaluate(report_params)
+    results["test_best"] = report
     results["best_step"] = best["step"] if best else None
   if best is not None:
     results["val_best"] = best
@@ -365,6 +380,9 @@ def evaluate_and_export(config, workdir, method, params, param_sh, eval_step, me
         meta={**meta, "step": results.get("best_step") or num_steps,
               "merged_additive": method.merges})
     logging.info("%s", adapter_lib.describe(results["adapter"]))
+    from shpeft_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+    report_lib.save_predictions(os.path.join(workdir, report_lib.PREDICTIONS), *predictions,
+                                meta["class_names"], split=test_split)
     params_io.json_dump(os.path.join(workdir, "results.json"), results)
   return results
 
@@ -430,14 +448,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     params_io.json_dump(os.path.join(workdir, "config.json"),
                         json.loads(config.to_json_best_effort()))
   mesh = sharding.make_mesh(config.mesh)
-  logging.info("Mesh %s over %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
+  # Worth a console line only when there is a mesh to speak of.
+  (logging.info if jax.device_count() > 1 else logging.debug)(
+      "Mesh %s over %d devices (%d processes).", dict(mesh.shape), jax.device_count(),
+      jax.process_count())
 
   model = build_model(config, num_classes, method)
   rng_init, rng_mask, rng_state = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   params, param_sh = init_params(config, model, mesh, rng_init)
   n_params = utils.count_params(params)
-  logging.info("Model %s: %d parameters, %d classes.", config.model.name, n_params, num_classes)
+  logging.info("%s on %s: %s with %d classes, %d steps, in %s", method.name, facts["dataset"],
+               config.model.name, num_classes, int(config.train.num_steps), workdir)
   loss_fn = make_loss_fn(model)
   host_mask = select(config, method, workdir, loss_fn, params, mesh, rng_mask)
   if is_main:
@@ -445,8 +466,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if os.path.exists(os.path.join(workdir, stages_lib.TRAINER_OUTPUTS[name][0])):
         stages[name].record()
   n_trainable = methods_lib.trainable_count(host_mask)
-  logging.info("Trainable: %d of %d (%.4f%%).", n_trainable, n_params,
-               100.0 * n_trainable / n_params)
+  # One line per parameter tensor goes to a file; the console gets the counts by type.
+  rows = console.trainable_rows(host_mask, methods_lib.match_rules(
+      method.spec, utils.flatten_names(host_mask)))
+  if jax.process_index() == 0:
+    console.write_trainable_tsv(os.path.join(workdir, "trainable_params.tsv"), rows)
+  for line in console.trainable_summary(rows):
+    logging.info("%s", line)
 
   num_steps = int(config.train.num_steps)
   tx, schedule = optim.build(config.optim, num_steps, host_mask)
@@ -495,5 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # encoder as init_checkpoint) reads export/ right away.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f"run done {workdir}")
-  logging.info("%s test: %s", method.name, writers.format_metrics(results["test"]))
+  m = results["test"]
+  logging.info("%s test (%s model): F1 %.2f  accuracy %.2f  AUC %.2f", method.name,
+               results["reported"], 100 * m["f1_macro"], 100 * m["accuracy"], 100 * m["auc_macro"])
   return results

@@ -12,6 +12,11 @@ import jax
 
 SEP = "/"
 
+# The process umask, read once at import (os.umask can only be read by setting it, which is not
+# thread-safe later on).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def _key_str(k: Any) -> str:
   for attr in ("key", "name", "idx"):
@@ -96,6 +101,8 @@ def atomic_path(path: str, *, directory: bool = False):
                                dir=parent)
     os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
+    # mkstemp makes the file private (0600); the result should have an ordinary file's mode.
+    os.chmod(tmp, 0o666 & ~_UMASK)
   try:
     yield tmp
     if not directory:  # Some writers (safetensors) replace the file with an owner-only one.

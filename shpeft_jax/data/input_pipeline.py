@@ -259,11 +259,15 @@ def _train_preprocess_fn(data_config, image_size: int, seed: int):
   return fn
 
 
+def eval_transform(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
+  """Encoded image -> CLIP-normalised float32 [size, size, 3]: what evaluation and predict see."""
+  return _normalise(_resize_centre_crop(_decode(image_bytes), image_size))
+
+
 def _eval_preprocess_fn(image_size: int):
   def fn(ex):
-    image = _resize_centre_crop(_decode(ex["image"]), image_size)
-    return {"image": _normalise(image), "label": tf.cast(ex["label"], tf.int32),
-            "valid": ex["valid"]}
+    return {"image": eval_transform(ex["image"], image_size),
+            "label": tf.cast(ex["label"], tf.int32), "valid": ex["valid"]}
   return fn
 
 

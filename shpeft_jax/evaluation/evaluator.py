@@ -24,10 +24,11 @@ def scalar_metrics(logits, labels, num_classes: int, valid=None) -> dict[str, fl
 
 
 def evaluate(eval_step: Callable, params: Any, config, split: str, mesh,
-             num_classes: int) -> dict[str, float]:
+             num_classes: int, *, with_predictions: bool = False):
   """Metrics of `params` on `split`, every example exactly once (padding carries valid=0).
 
-  `eval_step(params, batch) -> (logits, labels, valid)` is `train.make_eval_step`'s.
+  `eval_step(params, batch) -> (logits, labels, valid)` is `train.make_eval_step`'s. With
+  `with_predictions`, (metrics, (logits, labels) of the valid examples) for the report.
   """
   from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   bs = int(config.train.eval_batch_size or config.train.batch_size)
@@ -42,7 +43,11 @@ def evaluate(eval_step: Callable, params: Any, config, split: str, mesh,
     labels.append(y)
     valid.append(v)
   logits, labels, valid = map(np.concatenate, (logits, labels, valid))
-  return scalar_metrics(logits, labels, num_classes, valid)
+  m = scalar_metrics(logits, labels, num_classes, valid)
+  if with_predictions:
+    keep = np.asarray(valid, bool)
+    return m, (logits[keep], labels[keep])
+  return m
 
 
 class Validation:
@@ -59,16 +64,18 @@ class Validation:
 
   def __call__(self, step: int, params):
     if self.split is None:
-      return
+      return None
     m = evaluate(self.eval_step, params, self.config, self.split, self.mesh, self.num_classes)
     self.writer.write(step, "val", m)
-    logging.info("step %d val: %s", step, writers.format_metrics(m))
+    # Detail: the progress bar shows the validation F1 at the default verbosity.
+    logging.debug("step %d val: %s", step, writers.format_metrics(m))
     if self.best is None or m["f1_macro"] > self.best["f1_macro"]:
       self.best = {"step": int(step), **m}
       if jax.process_index() == 0:
         checkpoints.save_params(self.dir, params, {**self.meta, "step": int(step)},
                                 overwrite=True)
         params_io.json_dump(self.json, self.best)
+    return m
 
   def final(self):
     if (self.best is None and self.split is not None and self.config.train.eval_every > 0

@@ -8,15 +8,29 @@ Pipeline (see docs/SHPEFT.md):
   save_mask(path, mask); save_mask_stats(path, mask, sel); plot_mask_stats(stats, png)
 """
 
-from shpeft_jax.peft.importance import (
-    accumulate_gradients, chunk_sharding, cross_entropy_loss_fn, hybrid_importance,
-    score_dataset, scored_mask_tree, task_agnostic, task_dependent, warm_up_head)
-from shpeft_jax.peft.mask_io import (
-    build_mask_stats, load_mask, load_mask_stats, plot_mask_stats, save_mask, save_mask_stats)
-from shpeft_jax.peft.masking import (
-    MaskedUpdateState, apply_updates, is_mask_leaf, masked_update, state_masks)
-from shpeft_jax.peft.selection import (
-    SelectionInfo, kind_of, layer_of, mask_statistics, param_type_of, resolve_k, select_top_k)
+import importlib
+
+# Exported lazily (PEP 562): importing `shpeft_jax.peft.defaults` (every config file does) must not
+# import JAX, so that `--help` and config errors answer at once.
+_EXPORTS = {
+    "importance": ("accumulate_gradients", "chunk_sharding", "cross_entropy_loss_fn",
+                   "hybrid_importance", "score_dataset", "scored_mask_tree", "task_agnostic",
+                   "task_dependent", "warm_up_head"),
+    "mask_io": ("build_mask_stats", "load_mask", "load_mask_stats", "plot_mask_stats",
+                "save_mask", "save_mask_stats"),
+    "masking": ("MaskedUpdateState", "apply_updates", "is_mask_leaf", "masked_update",
+                "state_masks"),
+    "selection": ("SelectionInfo", "kind_of", "layer_of", "mask_statistics", "param_type_of",
+                  "resolve_k", "select_top_k"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name):
+  if name in _MODULE_OF:
+    return getattr(importlib.import_module(f"shpeft_jax.peft.{_MODULE_OF[name]}"), name)
+  raise AttributeError(f"module 'shpeft_jax.peft' has no attribute {name!r}")
+
 
 __all__ = [
     "accumulate_gradients", "chunk_sharding", "cross_entropy_loss_fn", "hybrid_importance",

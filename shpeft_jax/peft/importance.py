@@ -326,7 +326,7 @@ def score_dataset(loss_fn: LossFn, params: PyTree, batch_iterator: Iterable[PyTr
     elif now - last_log >= log_every_s or chunk is None:
       eta = ((num_batches - done_batches) * (now - start) / done_batches
              if num_batches is not None else float("nan"))
-      logging.info("importance: %d batches, %d images, %.1f images/s, ETA %.0f s",
+      logging.debug("importance: %d batches, %d images, %.1f images/s, ETA %.0f s",
                    done_batches, done_images, rate, eta)
       last_log = now
   if bar is not None:

@@ -45,31 +45,12 @@ from shpeft_jax import param_names as pn
 from shpeft_jax import utils
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.models.clip_vit import LORA_TARGETS, AdditiveConfig
+from shpeft_jax.peft.defaults import default_peft_config  # noqa: F401 (re-exported)
 
 # Re-exported: the vocabulary lives in shpeft_jax.param_names.
 ADDITIVE_RE, BACKBONE_RE, HEAD_RE = pn.ADDITIVE_RE, pn.BACKBONE_RE, pn.HEAD_RE
 
 PeftConfig = Any  # config.peft: a ConfigDict or dict with every field of `default_peft_config`.
-
-
-def default_peft_config():
-  """`config.peft` with every field and its default (configs/common.py uses it as it is)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(
-      method="shpeft",
-      k_percent=1.0,         # % of the encoder's weights that are trained
-      k_count=0,             # > 0: an absolute number of weights instead
-      estimator="l2",        # 'l1' | 'l2' (the importance's norm)
-      mode="hybrid",         # 'hybrid' | 'td' | 'ta' (Table 4's rows)
-      lam=1.0,               # hybrid balance lambda
-      score_batches=-1,      # -1: one epoch of the training split
-      score_chunk=8,         # batches per jitted lax.scan call
-      include_head=False,    # the head is not ranked; it is always trained
-      head_warmup_steps=0,   # > 0: linear-probe the head this many steps before scoring
-      head_warmup_lr=0.1,    # SGD(momentum 0.9) lr of that warm-up
-      lora=dict(rank=8, alpha=8.0, targets=("q", "v")),
-      adapter=dict(bottleneck=64, scale=0.1), ssf=dict(init_std=0.0), vpt=dict(tokens=10),
-      spt=dict(rank=8, alpha=0.0, threshold=0)))
 
 
 def validate_peft(peft_cfg: PeftConfig) -> "PeftMethod":
@@ -283,8 +264,8 @@ def match_rules(method: Method | str, names) -> dict[str, tuple[str, bool]]:
 
 def _log_rules(method: Method, matched: Mapping[str, tuple[str, bool]], shapes) -> None:
   for name, (rule, trainable) in matched.items():
-    logging.info("peft %s: %-60s %-18s rule=%s %s", method.name, name, tuple(shapes[name]), rule,
-                 "trainable" if trainable else "frozen")
+    logging.debug("peft %s: %-60s %-18s rule=%s %s", method.name, name, tuple(shapes[name]), rule,
+                  "trainable" if trainable else "frozen")
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -300,7 +281,7 @@ def _select(score_flat: Mapping[str, np.ndarray | None], k_count: int):
   from shpeft_jax.peft import selection  # pylint: disable=g-import-not-at-top
   tree = utils.unflatten_names(score_flat)
   mask, info = selection.select_top_k(tree, k_count=k_count)
-  logging.info("peft selection: %s", info)
+  logging.debug("peft selection: %s", info)
   leaves = jax.tree_util.tree_structure(tree, is_leaf=lambda x: x is None).flatten_up_to(mask)
   return dict(zip(score_flat, leaves)), info
 

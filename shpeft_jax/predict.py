@@ -1,0 +1,309 @@
+"""Classify new images with a trained model.
+
+  python -m shpeft_jax.predict MODEL_DIR IMAGES... --out preds.csv [--batch_size 64]
+
+MODEL_DIR is a trainer workdir (its export/model is used, else best/), a params checkpoint such as
+WORKDIR/export/model or WORKDIR/best, or a task adapter (then --base names the base checkpoint).
+IMAGES are files, folders (every PNG / JPEG / BMP / TIFF below them) or glob patterns. Each image
+goes through the evaluation transform of the trainer (`input_pipeline.eval_transform`: grayscale
+to RGB, shorter side to the model's size with antialiased bicubic, centre crop, CLIP
+normalisation), so the probabilities are those the trainer's evaluation computes for the same file.
+
+The CSV has one row per readable image: its path, the predicted class name, and the probability
+of every class (columns `p_<class name>`). Unreadable or corrupt files do not stop the run; they
+are listed at the end (the exit status is 2 only when no image at all could be read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import glob
+import json
+import os
+import sys
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from shpeft_jax.errors import CheckpointError, ConfigError, DataError, ShpeftError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model: which checkpoint a MODEL_DIR means, and its jitted classifier.
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A classifier ready to run: params, what they are (meta), the run's config if known."""
+  checkpoint: str
+  params: Any
+  meta: dict
+  config: Any  # ml_collections.ConfigDict of the run (config.json), or None.
+  class_names: list[str]
+  image_size: int
+  logits_fn: Callable[[Any, np.ndarray], Any]
+
+
+def resolve_checkpoint(path: str) -> str:
+  """The params checkpoint a MODEL_DIR names: itself, or a workdir's export/model, else best/."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path} does not exist or is not a directory; pass a trainer workdir, "
+                          "its export/model or best/ directory.")
+  for candidate in (path, os.path.join(path, "export", "model"), os.path.join(path, "best")):
+    if os.path.isfile(os.path.join(candidate, "meta.json")):
+      return candidate
+  runs = sorted(d for d in os.listdir(path)
+                if os.path.isfile(os.path.join(path, d, "export", "model", "meta.json")))
+  if runs:
+    raise CheckpointError(f"{path} holds several runs ({', '.join(runs)}); pass one of them, "
+                          f"e.g. {os.path.join(path, runs[0])}.")
+  raise CheckpointError(f"{path} holds no model: expected meta.json (a params checkpoint) or a "
+                        "trainer workdir with export/model/ or best/. Has the run finished?")
+
+
+def run_config(checkpoint: str):
+  """The config.json of the run that wrote `checkpoint` (WORKDIR/best or WORKDIR/export/model)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  for up in (1, 2):
+    cand = os.path.join(checkpoint, *[".."] * up, "config.json")
+    if os.path.isfile(cand):
+      with open(cand) as f:
+        return ml_collections.ConfigDict(json.load(f))
+  return None
+
+
+def _adapter_module():
+  try:
+    from shpeft_jax import adapter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return adapter
+
+
+def load_model(model_dir: str, base: str | None = None) -> LoadedModel:
+  """Loads a classifier from a workdir, a params checkpoint or a task adapter (with its base)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.peft import merge  # pylint: disable=g-import-not-at-top
+
+  adapter = _adapter_module()
+  if adapter is not None and adapter.is_adapter(model_dir):
+    if not base:
+      raise ConfigError(f"{model_dir} is a task adapter: pass the checkpoint it was trained from "
+                        "with --base DIR.")
+    params, meta = adapter.load_with_base(model_dir, base)
+    checkpoint = os.path.abspath(model_dir)
+  else:
+    if base:
+      raise ConfigError(f"--base is only for task adapters; {model_dir} is not one.")
+    checkpoint = resolve_checkpoint(model_dir)
+    params, meta = checkpoints.load_params(checkpoint)
+  config = run_config(checkpoint)
+  num_classes = meta.get("num_classes")
+  if "head" not in params or not num_classes:
+    raise CheckpointError(f"{checkpoint} has no trained head (meta num_classes is "
+                          f"{num_classes!r}): it is a pretrained encoder, not a classifier. Use a "
+                          "trainer workdir's export/model or best/.")
+  names = list(meta.get("class_names") or [])
+  if len(names) != num_classes:
+    names = [f"class_{i}" for i in range(num_classes)]
+  additive = None
+  if merge.additive_leaves(params):
+    if config is None:
+      raise CheckpointError(f"{checkpoint} holds additive PEFT parameters (adapter / VPT / LoRA "
+                            "/ SSF) but no config.json was found next to it to say how they are "
+                            "wired; predict from the run's workdir.")
+    from shpeft_jax.peft import methods  # pylint: disable=g-import-not-at-top
+    additive = methods.additive_config_for(config.peft)
+  dtype = config.model.get("dtype", "float32") if config is not None else "float32"
+  model = clip_vit.build_model(meta["model"], int(num_classes), image_size=meta.get("image_size"),
+                               dtype=dtype, additive=additive)
+  image_size = int(model.config.image_size)
+
+  def logits(params, images):
+    return model.apply({"params": params}, images).astype(jax.numpy.float32)
+
+  return LoadedModel(checkpoint, jax.device_put(params), meta, config, names, image_size,
+                     jax.jit(logits))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def list_inputs(inputs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """(image files in order, [(input, why)] for inputs that match nothing).
+
+  A folder contributes every image file below it (sorted), a glob pattern its sorted matches, a
+  file itself (whatever its extension: an unreadable one is reported when read).
+  """
+  files, missing, seen = [], [], set()
+
+  def add(p):
+    p = os.path.abspath(p)
+    if p not in seen:
+      seen.add(p)
+      files.append(p)
+
+  for item in inputs:
+    if os.path.isdir(item):
+      found = sorted(os.path.join(r, f) for r, _, fs in os.walk(item) for f in fs
+                     if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+      if not found:
+        missing.append((item, "folder without PNG/JPEG/BMP/TIFF images"))
+      for p in found:
+        add(p)
+    elif os.path.isfile(item):
+      add(item)
+    elif glob.has_magic(item):
+      found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+      if not found:
+        missing.append((item, "pattern matches no file"))
+      for p in found:
+        add(p)
+    else:
+      missing.append((item, "no such file or folder"))
+  return files, missing
+
+
+def _why_unreadable(path: str, error: Exception) -> str:
+  from PIL import UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  cause = error.__cause__ or error
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    return "empty file"
+  if isinstance(cause, UnidentifiedImageError):
+    return "not an image (unknown format or corrupt header)"
+  return str(cause).splitlines()[0]
+
+
+def _batches(files: Sequence[str], image_size: int, batch_size: int,
+             unreadable: list[tuple[str, str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(indices into files, images [B, S, S, 3]) per batch; unreadable files are skipped and noted.
+
+  Files are read and checked by the builders' own reader (`splits.read_image`, which re-encodes
+  BMP / TIFF / 16-bit PNG as the datasets store them), then transformed by tf.data with the
+  trainer's evaluation transform.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.data import splits  # pylint: disable=g-import-not-at-top
+
+  def encoded():
+    for i, path in enumerate(files):
+      try:
+        data, _ = splits.read_image(path)
+      except (DataError, OSError) as e:
+        unreadable.append((path, _why_unreadable(path, e)))
+        continue
+      yield i, data
+
+  ds = tf.data.Dataset.from_generator(encoded, output_signature=(
+      tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)))
+  ds = ds.map(lambda i, b: (i, input_pipeline.eval_transform(b, image_size)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  for index, images in ds.as_numpy_iterator():
+    yield index, images
+
+
+def predict_files(loaded: LoadedModel, files: Sequence[str], *, batch_size: int = 64,
+                  progress: bool = True) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+  """(files predicted, probabilities [N, K] float64, [(file, why)] unreadable).
+
+  Every batch is padded to `batch_size`, so one compiled program serves the whole run.
+  """
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  if batch_size <= 0:
+    raise ConfigError(f"--batch_size must be positive, got {batch_size}.")
+  unreadable: list[tuple[str, str]] = []
+  done, probs = [], []
+  bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, file=sys.stderr,
+             dynamic_ncols=True)
+  for index, images in _batches(files, loaded.image_size, batch_size, unreadable):
+    n = len(index)
+    if n < batch_size:
+      images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
+                                                images.dtype)])
+    logits = np.asarray(loaded.logits_fn(loaded.params, images))[:n]
+    probs.append(metrics.softmax(logits.astype(np.float64)))
+    done += [files[i] for i in index]
+    bar.update(min(len(files), len(done) + len(unreadable)) - bar.n)
+  bar.update(len(files) - bar.n)
+  bar.close()
+  k = len(loaded.class_names)
+  return done, (np.concatenate(probs) if probs else np.zeros((0, k))), unreadable
+
+
+def write_csv(path: str, files: Sequence[str], probs: np.ndarray, class_names: Sequence[str]):
+  """One row per image: file, predicted class name, p_<class> for every class (6 decimals)."""
+  from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
+  with utils.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["file", "predicted"] + [f"p_{c}" for c in class_names])
+    for file, p in zip(files, probs):
+      w.writerow([file, class_names[int(np.argmax(p))]] + [f"{x:.6f}" for x in p])
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m shpeft_jax.predict", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("model_dir", help="trainer workdir, WORKDIR/export/model, WORKDIR/best, or "
+                      "a task adapter (with --base)")
+  parser.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+  parser.add_argument("--out", required=True, help="CSV file to write")
+  parser.add_argument("--base", default=None, help="base checkpoint of a task adapter")
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    if os.path.exists(args.out) and not args.overwrite:
+      raise ConfigError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+    if args.batch_size <= 0:
+      raise ConfigError(f"--batch_size must be positive, got {args.batch_size}.")
+    files, missing = list_inputs(args.images)
+    for item, why in missing:
+      print(f"warning: {item}: {why}", file=sys.stderr)
+    if not files:
+      raise DataError("no images to classify (see the warnings above).")
+    from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
+    utils.hide_accelerators_from_tf()
+    loaded = load_model(args.model_dir, args.base)
+    done, probs, unreadable = predict_files(loaded, files, batch_size=args.batch_size,
+                                            progress=not args.no_progress)
+    if done:
+      write_csv(args.out, done, probs, loaded.class_names)
+  except ShpeftError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  counts = np.bincount(probs.argmax(-1), minlength=len(loaded.class_names)) if done else []
+  summary = ", ".join(f"{n} {c}" for c, n in zip(loaded.class_names, counts) if n)
+  if done:
+    print(f"wrote {args.out}: {len(done)} images ({summary}) with {loaded.checkpoint}")
+  if unreadable:
+    print(f"{len(unreadable)} unreadable file(s), not classified:", file=sys.stderr)
+    for path, why in unreadable:
+      print(f"  {path}: {why}", file=sys.stderr)
+  if not done:
+    print("error: no image could be read.", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,146 @@
+"""`python -m shpeft_jax.report` on fixture run directories: numbers equal sklearn's, the PNGs are
+real images of a sensible size, the HTML page embeds them, a directory of runs gets one page."""
+
+import base64
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from shpeft_jax import report
+from shpeft_jax.evaluation import metrics as M
+from shpeft_jax.peft import mask_io
+
+CLASSES = ["benign", "malignant", "normal", "other"]
+
+
+def _fake_run(run_dir, method="shpeft", seed=0, n=120, with_mask=True, dataset="busi"):
+  """A finished run as the trainer leaves it: results, metrics.jsonl, mask stats, predictions."""
+  rng = np.random.default_rng(seed)
+  k = len(CLASSES)
+  labels = rng.integers(0, k, n)
+  logits = rng.normal(size=(n, k)) + (1.0 + seed) * np.eye(k)[labels]
+  os.makedirs(run_dir, exist_ok=True)
+  report.save_predictions(os.path.join(run_dir, report.PREDICTIONS), logits, labels, CLASSES)
+  test = M.classification_metrics(logits, labels, k)
+  with open(os.path.join(run_dir, "results.json"), "w") as f:
+    json.dump({"method": method, "dataset": dataset, "steps": 300, "trainable": 1234,
+               "total": 100000, "trainable_percent": 1.234, "test": test, "test_final": test,
+               "reported": "final"}, f)
+  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+    for step in range(10, 301, 10):
+      f.write(json.dumps({"step": step, "kind": "train", "loss": 2.0 / step ** (0.3 + 0.1 * seed),
+                          "lr": 0.3 * (1 + np.cos(np.pi * step / 300)) / 2}) + "\n")
+      if step % 100 == 0:
+        f.write(json.dumps({"step": step, "kind": "val", "f1_macro": 0.5 + step / 1000 + 0.05 * seed,
+                            "accuracy": 0.55 + step / 1000, "auc_macro": 0.8 + step / 3000}) + "\n")
+    f.write('{"step": 300, "kind": "tr')  # a torn last line (killed run) is skipped
+  if with_mask:
+    mask = {"encoder": {f"resblocks_{i}": {"attn": {"query": {"kernel": rng.random((8, 2, 4)) < 0.02 * (i + 1)}},
+                                           "mlp": {"c_fc": {"kernel": rng.random((8, 32)) < 0.01}}}
+                        for i in range(3)}, "head": None}
+    mask_io.save_mask_stats(os.path.join(run_dir, "mask_stats.json"), mask)
+  return logits, labels
+
+
+def _check_png(path, min_w=400, min_h=300):
+  assert os.path.isfile(path), path
+  assert os.path.getsize(path) > 15_000, (path, os.path.getsize(path))
+  with Image.open(path) as im:
+    assert im.format == "PNG"
+    w, h = im.size
+    assert w >= min_w and h >= min_h, (path, im.size)
+    a = np.asarray(im.convert("L"))
+  # Not blank: a real figure has many grey levels and ink on a good part of the canvas.
+  assert len(np.unique(a)) > 20 and (a < 200).mean() > 0.01, path
+
+
+def test_run_report_numbers_equal_sklearn(tmp_path):
+  run = str(tmp_path / "run")
+  logits, labels = _fake_run(run)
+  assert report.main([run]) == 0
+  out = os.path.join(run, "report")
+  rep = json.load(open(os.path.join(out, "per_class.json")))
+  preds = logits.argmax(-1)
+  p, r, f, s = skm.precision_recall_fscore_support(labels, preds, zero_division=0)
+  assert [c["name"] for c in rep["classes"]] == CLASSES
+  np.testing.assert_allclose([c["precision"] for c in rep["classes"]], p, atol=1e-6)
+  np.testing.assert_allclose([c["recall"] for c in rep["classes"]], r, atol=1e-6)
+  np.testing.assert_allclose([c["f1"] for c in rep["classes"]], f, atol=1e-6)
+  assert [c["support"] for c in rep["classes"]] == list(s)
+  probs = M.softmax(logits.astype(np.float32).astype(np.float64))  # saved as float32
+  for c, name in enumerate(CLASSES):
+    assert rep["classes"][c]["auc"] == pytest.approx(
+        skm.roc_auc_score(labels == c, probs[:, c]), abs=1e-9)
+  assert rep["auc_macro"] == pytest.approx(
+      skm.roc_auc_score(labels, probs, multi_class="ovr"), abs=1e-9)
+  assert rep["macro"]["f1"] == pytest.approx(skm.f1_score(labels, preds, average="macro"), abs=1e-9)
+  assert rep["accuracy"] == pytest.approx(skm.accuracy_score(labels, preds), abs=1e-12)
+  assert rep["confusion"] == skm.confusion_matrix(labels, preds).tolist()
+
+  pngs = {"confusion_matrix.png": (800, 350), "roc_curves.png": (450, 450),
+          "training_curves.png": (1200, 350), "mask.png": (1000, 350)}
+  for name, (w, h) in pngs.items():
+    _check_png(os.path.join(out, name), w, h)
+  page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+  embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+  assert len(embedded) == 4 and "src=\"http" not in page and "<link" not in page
+  for data in embedded:
+    assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
+  for name in CLASSES:
+    assert f"<td>{name}</td>" in page
+  text = open(os.path.join(out, "per_class.txt")).read()
+  assert "macro avg" in text and "malignant" in text
+
+
+def test_run_without_mask_or_curves(tmp_path):
+  run = str(tmp_path / "run")
+  _fake_run(run, method="full", with_mask=False)
+  os.remove(os.path.join(run, "metrics.jsonl"))
+  out = report.write_report(run, log=lambda *_: None)
+  assert "mask" not in out and "curves" not in out
+  assert sorted(os.listdir(os.path.join(run, "report"))) == [
+      "confusion_matrix.png", "per_class.json", "per_class.txt", "report.html", "roc_curves.png"]
+
+
+def test_directory_of_runs_gets_one_comparison_page(tmp_path):
+  top = tmp_path / "sweep"
+  for i, method in enumerate(("shpeft", "full", "linear")):
+    _fake_run(str(top / "busi" / method), method=method, seed=i)
+  _fake_run(str(top / "pretrain"), method="full", seed=5)  # the demo's source task: not compared
+  assert report.main([str(top)]) == 0
+  out = top / "report"
+  page = (out / "report.html").read_text()
+  for method in ("shpeft", "full", "linear"):
+    assert f'href="../busi/{method}/report/report.html"' in page
+    assert (top / "busi" / method / "report" / "report.html").is_file()
+  assert "pretrain" not in page and not (top / "pretrain" / "report").exists()
+  _check_png(str(out / "per_class_f1_0.png"), 500, 300)
+  _check_png(str(out / "training_curves.png"), 1200, 350)
+
+
+def test_errors(tmp_path, capsys):
+  assert report.main([str(tmp_path / "nope")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert report.main([str(tmp_path)]) == 2
+  assert "holds no finished run" in capsys.readouterr().err
+
+
+def test_after_run_says_where_everything_is(tmp_path):
+  top = tmp_path / "demo"
+  for i, method in enumerate(("shpeft", "full")):
+    _fake_run(str(top / method), method=method, seed=i)
+    (top / method / "export" / "model").mkdir(parents=True)
+  (top / "results.json").write_text("{}")
+  lines = report.after_run(str(top))
+  assert lines == [f"results: {top}/results.json", f"report:  {top}/report/report.html",
+                   f"export:  {top}/{{full,shpeft}}/export/model"]
+  # A broken run: the training's results stand, the report is one warning line.
+  os.remove(top / "full" / report.PREDICTIONS)
+  (top / "full" / "results.json").write_text('{"method": "full", "test": {}}')
+  lines = report.after_run(str(top))
+  assert lines[1].startswith("warning: no report (") and "python -m shpeft_jax.report" in lines[1]
