@@ -29,7 +29,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from absl import logging
 
-from shpeft_jax import utils
 from shpeft_jax.errors import ConfigError, StageMismatchError
 
 # In pipeline order: --restart_from=STAGE redoes STAGE and everything after it.
@@ -142,6 +141,7 @@ class Stage:
       return json.load(f)
 
   def record(self) -> None:
+    from shpeft_jax import utils  # pylint: disable=g-import-not-at-top  (keeps `main --help` light)
     with utils.atomic_path(self.path) as tmp, open(tmp, "w") as f:
       json.dump({"stage": self.name, "fingerprint": self.fingerprint, "inputs": self.inputs}, f,
                 indent=1, sort_keys=True)

@@ -83,8 +83,7 @@ def _trainer_eval(config, workdir):
   m = evaluator.evaluate(eval_fn, params, config, "test", sharding.make_mesh(config.mesh),
                          meta["num_classes"])
   logits, labels, valid = (np.concatenate(x) for x in zip(*seen))
-  builder = builders.BUILDERS["image_folder"](root_dir=config.data.manual_dir,
-                                               data_dir=config.data.data_dir)
+  builder, _ = builders.open_builder("image_folder", config.data.data_dir, config.data.manual_dir)
   names = [ex["file_name"].decode() for ex in tfds.as_numpy(
       builder.as_dataset(split="test", shuffle_files=False))]
   return dict(zip(names, logits[valid])), labels[valid], m

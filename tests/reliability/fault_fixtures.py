@@ -49,8 +49,15 @@ def error_lines(stderr: str) -> list[str]:
   """The non-empty stderr lines, without library start-up noise that precedes our output."""
   noise = ("WARNING: All log messages before absl::InitializeLog()", "E0000 ", "W0000 ", "I0000 ")
   info = re.compile(r"^[IW]\d{4} \d\d:\d\d:\d\d")  # absl INFO / WARNING log lines
-  return [l for l in stderr.splitlines()
-          if l.strip() and not l.startswith(noise) and not info.match(l)]
+  lines = [l for l in stderr.splitlines()
+           if l.strip() and not l.startswith(noise) and not info.match(l)]
+  # At the default verbosity the console prints plain stage lines (shpeft_jax.console) before any
+  # error: the error is what follows the first `error:` line, and no traceback may precede it.
+  first = next((i for i, l in enumerate(lines) if l.startswith("error:")), None)
+  if first is None:
+    return lines
+  assert not any(l.startswith("Traceback") for l in lines[:first]), stderr[-3000:]
+  return lines[first:]
 
 
 @contextlib.contextmanager
