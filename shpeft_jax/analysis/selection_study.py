@@ -43,8 +43,16 @@ from typing import Sequence
 import numpy as np
 
 METHODS = ("shpeft", "random", "ta", "td_l2")
-# (importance mode, estimator) of each scored method; `random` has uniform scores.
-_SCORING = {"shpeft": ("hybrid", "l2"), "ta": ("ta", "l2"), "td_l2": ("td", "l2")}
+# (importance mode, estimator) of each scored method (the sweep's Table 4 keys; `shpeft` is
+# hybrid_l2); `random` has uniform scores through the same exact top-k.
+_SCORING = {"shpeft": ("hybrid", "l2"), "ta": ("ta", "l2"), "td_l1": ("td", "l1"),
+            "hybrid_l1": ("hybrid", "l1"), "td_l2": ("td", "l2")}
+# Methods whose trainable set is a rule over parameter names (peft/methods.py), no scores.
+_RULES = ("full", "linear", "bitfit", "ln", "attn")
+KNOWN = tuple(_SCORING) + ("random",) + _RULES
+# The linear probe's input is the L2-normalised feature: it needs rates two decades higher
+# (configs/demo.py); its grid is the shared one times 100.
+_LR_SCALE = {"linear": 100.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +190,11 @@ def fresh_head(model, sample, seed: int):
   return model.init(jax.random.PRNGKey(seed), sample)["params"]["head"]
 
 
-def masks_for_seed(c: Candidate, model, encoder, data, seed: int, k_percent: float):
+def masks_for_seed(c: Candidate, model, encoder, data, seed: int, k_percent: float,
+                   methods: Sequence[str] = METHODS):
   """{method: mask tree (encoder bools, head None)} and the hybrid selection's info."""
   import jax  # pylint: disable=g-import-not-at-top
-  from shpeft_jax.peft import importance, selection  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.peft import importance, methods as methods_lib, selection  # pylint: disable=g-import-not-at-top
   x, y = data["train"]
   params = {"encoder": encoder, "head": fresh_head(model, x[:1], seed)}
   nb = len(y) // 64
@@ -194,7 +203,10 @@ def masks_for_seed(c: Candidate, model, encoder, data, seed: int, k_percent: flo
   loss_fn = importance.cross_entropy_loss_fn(model.apply)
   acc = importance.accumulate_gradients(loss_fn, params, batches)
   out, info = {}, None
-  for method in METHODS:
+  for method in dict.fromkeys(("shpeft",) + tuple(methods)):
+    if method in _RULES:
+      out[method] = methods_lib.trainable_mask({"method": method}, params, log=False)
+      continue
     if method == "random":
       rng = np.random.default_rng(2000 + seed)
       scores = {"encoder": jax.tree.map(lambda w: rng.random(w.shape), encoder), "head": None}
@@ -290,7 +302,7 @@ def weight_change(init, trained) -> dict:
 
 
 def study(c: Candidate, workdir: str, seeds: Sequence[int], lr_grid: Sequence[float],
-          steps: int) -> dict:
+          steps: int, methods: Sequence[str] = METHODS) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax.evaluation import stats  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
@@ -308,13 +320,13 @@ def study(c: Candidate, workdir: str, seeds: Sequence[int], lr_grid: Sequence[fl
   runs, heads, masks, lrs, orders = [], [], [], [], []
   budget = None
   for s in seeds:
-    m, info = masks_for_seed(c, model, encoder, target, s, c.k_percent)
+    m, info = masks_for_seed(c, model, encoder, target, s, c.k_percent, methods)
     if budget is None:
       budget = budget_table(m["shpeft"], info, encoder)
     head = fresh_head(model, target["train"][0][:1], s)
     order = batch_order(len(target["train"][1]), 64, steps, seed=s)
-    for method in METHODS:
-      for lr in lr_grid:
+    for method in methods:
+      for lr in (g * _LR_SCALE.get(method, 1.0) for g in lr_grid):
         runs.append((method, s, lr))
         heads.append(head)
         masks.append(m[method]["encoder"])
@@ -335,10 +347,11 @@ def study(c: Candidate, workdir: str, seeds: Sequence[int], lr_grid: Sequence[fl
     results.append({"method": method, "seed": s, "lr": lr, **f1})
   # Each method's lr: best mean validation F1 over the seeds; test read at that lr only.
   chosen, test_at = {}, {}
-  for method in METHODS:
+  for method in methods:
+    grid = [g * _LR_SCALE.get(method, 1.0) for g in lr_grid]
     by_lr = {lr: np.mean([r["validation"] for r in results
-                          if r["method"] == method and r["lr"] == lr]) for lr in lr_grid}
-    chosen[method] = max(lr_grid, key=lambda lr: by_lr[lr])
+                          if r["method"] == method and r["lr"] == lr]) for lr in grid}
+    chosen[method] = max(grid, key=lambda lr: by_lr[lr])
     test_at[method] = {r["seed"]: r["test"] for r in results
                        if r["method"] == method and r["lr"] == chosen[method]}
   cmp = stats.compare_methods(test_at, "shpeft")
@@ -346,6 +359,7 @@ def study(c: Candidate, workdir: str, seeds: Sequence[int], lr_grid: Sequence[fl
                "vs_shpeft": None if v["vs_reference"] is None
                else dataclasses.asdict(v["vs_reference"])} for m, v in cmp.items()}
   out = {"candidate": dataclasses.asdict(c), "seeds": list(seeds), "lr_grid": list(lr_grid),
+         "methods": list(methods),
          "steps": steps, "pretrain_seconds": t_pre, "train_seconds": t_train,
          "num_runs": len(runs), "pretrain_source_test": pre_test,
          "weight_change": weight_change(init, pre), "budget": budget, "runs": results,
@@ -389,10 +403,17 @@ def main(argv=None) -> int:
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--lr_grid", default="0.1,0.3,1")
   parser.add_argument("--steps", type=int, default=150)
+  parser.add_argument("--methods", default=",".join(METHODS),
+                      help=f"known: {','.join(KNOWN)} (shpeft is always scored: it is the reference)")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",")]
   grid = [float(x) for x in args.lr_grid.split(",")]
   names = [n for n in args.candidates.split(",") if n]
+  methods = [m for m in args.methods.split(",") if m]
+  bad = [m for m in methods if m not in KNOWN]
+  if bad:
+    print(f"error: unknown method(s) {bad}; choose from {KNOWN}", file=sys.stderr)
+    return 2
   unknown = [n for n in names if n not in CANDIDATES]
   if unknown:
     print(f"error: unknown candidate(s) {unknown}; choose from {sorted(CANDIDATES)}",
@@ -401,7 +422,7 @@ def main(argv=None) -> int:
   parts = []
   for n in names:
     _log(f"candidate {n}")
-    res = study(CANDIDATES[n], os.path.join(args.workdir, n), seeds, grid, args.steps)
+    res = study(CANDIDATES[n], os.path.join(args.workdir, n), seeds, grid, args.steps, methods)
     parts.append(markdown(res))
     print(parts[-1], flush=True)
     with open(os.path.join(args.workdir, "summary.md"), "w") as f:
