@@ -301,15 +301,54 @@ def weight_change(init, trained) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def budget_only(c: Candidate, workdir: str, seed: int = 0) -> dict:
+  """Steps 1-2 alone (pre-training, cached, and the budget table of one seed's SH-PEFT mask)."""
+  os.makedirs(workdir, exist_ok=True)
+  source, target = load_task("source", c.image_size), load_task("target", c.image_size)
+  model = build(c)
+  init, pre = pretrain(c, source, os.path.dirname(workdir.rstrip("/")))
+  m, info = masks_for_seed(c, model, pre["encoder"], target, seed, c.k_percent, ("shpeft",))
+  out = {"candidate": dataclasses.asdict(c), "seed": seed,
+         "pretrain_source_test": evaluate(model, pre, *source["test"]),
+         "weight_change": weight_change(init, pre),
+         "budget": budget_table(m["shpeft"], info, pre["encoder"])}
+  with open(os.path.join(workdir, "budget.json"), "w") as f:
+    json.dump(out, f, indent=2, default=float)
+  return out
+
+
+def _train_and_score(model, encoder, heads, masks, lrs, orders, runs, target, steps):
+  import jax  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  final = jax.device_get(train_runs(model, encoder, _stack(heads), _stack(masks), lrs,
+                                    np.stack(orders), target, steps))
+  apply_all = jax.jit(jax.vmap(lambda p, x: model.apply({"params": p}, x), in_axes=(0, None)))
+  logits = {split: np.asarray(apply_all(final, target[split][0]))
+            for split in ("validation", "test")}
+  out = []
+  for i, (method, s, lr) in enumerate(runs):
+    f1 = {split: metrics.classification_metrics(logits[split][i], target[split][1], 5)["f1_macro"]
+          for split in logits}
+    out.append({"method": method, "seed": s, "lr": lr, **f1})
+  return out
+
+
 def study(c: Candidate, workdir: str, seeds: Sequence[int], lr_grid: Sequence[float],
           steps: int, methods: Sequence[str] = METHODS) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax.evaluation import stats  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   out_path = os.path.join(workdir, "study.json")
+  # Runs already in study.json are kept (a wider grid or more seeds only trains what is new).
+  done = []
   if os.path.exists(out_path):
     with open(out_path) as f:
-      return json.load(f)
+      prev = json.load(f)
+    if prev["steps"] != steps:
+      raise SystemExit(f"{out_path} has runs of {prev['steps']} steps, not {steps}; use another "
+                       "--workdir.")
+    done = prev["runs"]
+  have = {(r["method"], r["seed"], r["lr"]) for r in done}
   t0 = time.time()
   source, target = load_task("source", c.image_size), load_task("target", c.image_size)
   model = build(c)
@@ -320,31 +359,29 @@ def study(c: Candidate, workdir: str, seeds: Sequence[int], lr_grid: Sequence[fl
   runs, heads, masks, lrs, orders = [], [], [], [], []
   budget = None
   for s in seeds:
+    todo = [(method, lr) for method in methods
+            for lr in (g * _LR_SCALE.get(method, 1.0) for g in lr_grid)
+            if (method, s, lr) not in have]
+    if not todo and budget is not None:
+      continue
     m, info = masks_for_seed(c, model, encoder, target, s, c.k_percent, methods)
     if budget is None:
       budget = budget_table(m["shpeft"], info, encoder)
     head = fresh_head(model, target["train"][0][:1], s)
     order = batch_order(len(target["train"][1]), 64, steps, seed=s)
-    for method in methods:
-      for lr in (g * _LR_SCALE.get(method, 1.0) for g in lr_grid):
-        runs.append((method, s, lr))
-        heads.append(head)
-        masks.append(m[method]["encoder"])
-        lrs.append(lr)
-        orders.append(order)
+    for method, lr in todo:
+      runs.append((method, s, lr))
+      heads.append(head)
+      masks.append(m[method]["encoder"])
+      lrs.append(lr)
+      orders.append(order)
   t1 = time.time()
-  final = jax.device_get(train_runs(model, encoder, _stack(heads), _stack(masks), lrs,
-                                    np.stack(orders), target, steps))
+  all_runs = list(done)
+  if runs:
+    all_runs += _train_and_score(model, encoder, heads, masks, lrs, orders, runs, target, steps)
   t_train = time.time() - t1
-  from shpeft_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
-  apply_all = jax.jit(jax.vmap(lambda p, x: model.apply({"params": p}, x), in_axes=(0, None)))
-  logits = {split: np.asarray(apply_all(final, target[split][0]))
-            for split in ("validation", "test")}
-  results = []
-  for i, (method, s, lr) in enumerate(runs):
-    f1 = {split: metrics.classification_metrics(logits[split][i], target[split][1], 5)["f1_macro"]
-          for split in logits}
-    results.append({"method": method, "seed": s, "lr": lr, **f1})
+  results = [r for r in all_runs if r["method"] in methods and r["seed"] in seeds and
+             r["lr"] in {g * _LR_SCALE.get(r["method"], 1.0) for g in lr_grid}]
   # Each method's lr: best mean validation F1 over the seeds; test read at that lr only.
   chosen, test_at = {}, {}
   for method in methods:
@@ -361,12 +398,27 @@ def study(c: Candidate, workdir: str, seeds: Sequence[int], lr_grid: Sequence[fl
   out = {"candidate": dataclasses.asdict(c), "seeds": list(seeds), "lr_grid": list(lr_grid),
          "methods": list(methods),
          "steps": steps, "pretrain_seconds": t_pre, "train_seconds": t_train,
-         "num_runs": len(runs), "pretrain_source_test": pre_test,
-         "weight_change": weight_change(init, pre), "budget": budget, "runs": results,
+         "num_runs": len(results), "new_runs": len(runs), "pretrain_source_test": pre_test,
+         "weight_change": weight_change(init, pre), "budget": budget, "runs": all_runs,
          "table": table}
   with open(out_path, "w") as f:
     json.dump(out, f, indent=2, default=float)
   return out
+
+
+def budget_markdown(res: dict) -> str:
+  c = res["candidate"]
+  lines = [f"### {c['name']}: {c['note']} (budget only)", "",
+           f"k = {c['k_percent']}% ({res['budget']['k']} of {res['budget']['n']}), source test F1 "
+           f"{100 * res['pretrain_source_test']['f1_macro']:.1f}", "",
+           "| type | share of k (SH-PEFT) | type size / k | relative change in pre-training |",
+           "|---|---:|---:|---:|"]
+  wc = res["weight_change"]
+  for t, v in res["budget"]["per_type"].items():
+    change = wc.get(t if t != "layernorm_scale" else "layernorm", float("nan"))
+    lines.append(f"| {t} | {100 * v['share_of_k']:.1f}% | {v['size_over_k']:.2f} | "
+                 f"{change:.3f} |")
+  return "\n".join(lines) + "\n"
 
 
 def markdown(res: dict) -> str:
@@ -376,8 +428,8 @@ def markdown(res: dict) -> str:
            f"width {c['width']}, {c['layers']} layers, {c['image_size']} px / patch {c['patch']}, "
            f"k = {c['k_percent']}% ({res['budget']['k']} of {res['budget']['n']}), pre-training "
            f"{c['pretrain_steps']} steps, decay {c['pretrain_wd']} (source test F1 "
-           f"{100 * res['pretrain_source_test']['f1_macro']:.1f}); {res['num_runs']} runs trained "
-           f"in {res['train_seconds']:.0f}s, pre-training {res['pretrain_seconds']:.0f}s.", "",
+           f"{100 * res['pretrain_source_test']['f1_macro']:.1f}); {res['num_runs']} runs ({res.get('new_runs', res['num_runs'])} new, trained "
+           f"in {res['train_seconds']:.0f}s), pre-training {res['pretrain_seconds']:.0f}s.", "",
            "| type | share of k (SH-PEFT) | type size / k | relative change in pre-training |",
            "|---|---:|---:|---:|"]
   wc = res["weight_change"]
@@ -405,6 +457,8 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=150)
   parser.add_argument("--methods", default=",".join(METHODS),
                       help=f"known: {','.join(KNOWN)} (shpeft is always scored: it is the reference)")
+  parser.add_argument("--budget_only", action="store_true",
+                      help="pre-train and measure the budget proportions, no transfer runs")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",")]
   grid = [float(x) for x in args.lr_grid.split(",")]
@@ -422,10 +476,15 @@ def main(argv=None) -> int:
   parts = []
   for n in names:
     _log(f"candidate {n}")
-    res = study(CANDIDATES[n], os.path.join(args.workdir, n), seeds, grid, args.steps, methods)
-    parts.append(markdown(res))
+    if args.budget_only:
+      parts.append(budget_markdown(budget_only(CANDIDATES[n], os.path.join(args.workdir, n),
+                                               seeds[0])))
+    else:
+      res = study(CANDIDATES[n], os.path.join(args.workdir, n), seeds, grid, args.steps, methods)
+      parts.append(markdown(res))
     print(parts[-1], flush=True)
-    with open(os.path.join(args.workdir, "summary.md"), "w") as f:
+    with open(os.path.join(args.workdir, "budget.md" if args.budget_only else "summary.md"),
+              "w") as f:
       f.write("\n".join(parts))
   return 0
 

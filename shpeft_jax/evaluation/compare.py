@@ -248,3 +248,94 @@ def summary_json(records: Sequence[dict], reference: str = REFERENCE) -> list[di
         r["vs_reference"])
     out.append(row)
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one method over learning rates and seeds (used by the sweep and by `main`'s method list).
+
+
+def lr_grid_of(config, lr_grid: Sequence[float] | None = None) -> tuple[float, ...]:
+  """The learning rates to try for one resolved method config.
+
+  `config.sweep.lr_grid` of the resolved config (a method's own grid comes in through
+  `method_overrides[method].sweep.lr_grid`), else `lr_grid` (the sweep's --lr_grid), else the
+  config's single `optim.lr`. A method's own grid wins over --lr_grid: the linear probe needs
+  rates two decades above the others (configs/demo.py).
+  """
+  sweep = config.get("sweep") if hasattr(config, "get") else None
+  own = tuple(sweep.get("lr_grid", ()) or ()) if sweep else ()
+  grid = own or tuple(lr_grid or ()) or (float(config.optim.lr),)
+  grid = tuple(float(x) for x in grid)
+  bad = [x for x in grid if not (math.isfinite(x) and x > 0)]
+  if bad or len(set(grid)) != len(grid):
+    raise ConfigError(f"The learning-rate grid {grid} must hold distinct positive numbers.")
+  return grid
+
+
+def seeds_of(config, seeds: Sequence[int] | None = None) -> tuple[int, ...]:
+  """--seeds, else `config.sweep.seeds`, else (config.seed,)."""
+  sweep = config.get("sweep") if hasattr(config, "get") else None
+  out = tuple(seeds or ()) or (tuple(sweep.get("seeds", ()) or ()) if sweep else ())
+  out = tuple(int(s) for s in out) or (int(config.seed),)
+  if len(set(out)) != len(out):
+    raise ConfigError(f"Seeds {out} repeat a seed; each seed is one paired run.")
+  return out
+
+
+def run_dir_of(base: str, lr: float, seed: int, *, by_lr: bool, by_seed: bool) -> str:
+  """base/lr_<lr>/seed_<seed>; a level only when the sweep varies it, so a one-lr one-seed run
+  keeps the layout (and the cached results) of earlier versions."""
+  parts = [base]
+  if by_lr:
+    parts.append(f"lr_{lr:g}")
+  if by_seed:
+    parts.append(f"seed_{seed}")
+  return os.path.join(*parts)
+
+
+def run_grid(config, run_dir: str, run_fn, *, seeds: Sequence[int], lr_grid: Sequence[float],
+             by_lr: bool, by_seed: bool) -> list[dict]:
+  """run_fn(config with optim.lr = lr and seed = s, its run dir) for every lr x seed.
+
+  Returns [{'lr', 'seed', 'run_dir', 'results'}]. The seed changes what the trainer seeds with
+  config.seed (head init, data order, scoring batches, the random mask), never the encoder: the
+  pre-trained / converted weights come from config.model.init_checkpoint, the same for every run.
+  """
+  import copy  # pylint: disable=g-import-not-at-top
+  out = []
+  for lr in lr_grid:
+    for seed in seeds:
+      c = copy.deepcopy(config)
+      c.optim.lr = float(lr)
+      c.seed = int(seed)
+      d = run_dir_of(run_dir, lr, seed, by_lr=by_lr, by_seed=by_seed)
+      out.append({"lr": float(lr), "seed": int(seed), "run_dir": d, "results": run_fn(c, d)})
+  return out
+
+
+def metrics_of(results: dict) -> dict:
+  """The fields of a record that come from one run's results.json."""
+  test = results.get("test") or {}
+  val = results.get("validation") or {}
+  return {"trainable": results.get("trainable"), "total": results.get("total"),
+          "trainable_percent": results.get("trainable_percent", NAN),
+          "val_f1": val.get("f1_macro", NAN), "f1": test.get("f1_macro", NAN),
+          "accuracy": test.get("accuracy", NAN), "auc": test.get("auc_macro", NAN)}
+
+
+def format_seed_table(records: Sequence[dict], reference: str = REFERENCE) -> str:
+  """The demo's closing table: mean ± sd over seeds, lr, and the paired difference to SH-PEFT."""
+  rows = summarize(records, reference)
+  n = max((r["f1"].n for r in rows), default=0)
+  head = (f"{'method':<10} {'trainable %':>11} {'lr':>6} {'F1 (mean ± sd)':>15} "
+          f"{'accuracy':>15} {'AUC':>15} {'Δ F1 vs shpeft [95% CI]':>24} {'W-T-L':>6}")
+  lines = [f"test metrics (%) over {n} seed(s) "
+           f"{', '.join(map(str, sorted({s for r in rows for s in r['seeds']})))}", head,
+           "-" * len(head)]
+  for r in rows:
+    d = r["vs_reference"]
+    lines.append(f"{r['variant']:<10} {r['trainable_percent']:>11.3f} {r['lr']:>6g} "
+                 f"{r['f1'].format(100):>15} {r['accuracy'].format(100):>15} "
+                 f"{r['auc'].format(100):>15} {'' if d is None else d.format(100):>24} "
+                 f"{'' if d is None else d.record:>6}")
+  return "\n".join(lines)

@@ -98,3 +98,52 @@ def test_average_over_datasets_needs_every_dataset():
   assert compare._avg([table["shpeft"]["a"], table["shpeft"]["b"]], ["a", "b"]) == \
       pytest.approx(0.7)
   assert math.isnan(compare._avg([table["full"]["a"], None], ["a", "b"]))
+
+
+def _config(**sweep):
+  import ml_collections
+  c = ml_collections.ConfigDict({"seed": 0, "optim": {"lr": 0.3},
+                                 "model": {"init_checkpoint": "/ckpt/encoder"},
+                                 "sweep": {"seeds": (), "lr_grid": ()}})
+  c.sweep.update(sweep)
+  return c
+
+
+def test_grid_and_seed_resolution():
+  c = _config()
+  assert compare.lr_grid_of(c) == (0.3,) and compare.seeds_of(c) == (0,)
+  assert compare.lr_grid_of(c, [0.1, 1]) == (0.1, 1.0)
+  assert compare.seeds_of(c, [3, 4]) == (3, 4)
+  own = _config(lr_grid=(10.0, 100.0), seeds=(0, 1, 2))
+  assert compare.lr_grid_of(own, [0.1, 1]) == (10.0, 100.0)  # the method's own grid wins
+  assert compare.seeds_of(own) == (0, 1, 2)
+  with pytest.raises(ConfigError, match="distinct positive"):
+    compare.lr_grid_of(c, [0.1, -1])
+  with pytest.raises(ConfigError, match="repeat a seed"):
+    compare.seeds_of(c, [1, 1])
+
+
+def test_run_grid_sets_lr_and_seed_never_the_encoder(tmp_path):
+  seen = []
+
+  def run_fn(cfg, run_dir):
+    seen.append((cfg.optim.lr, cfg.seed, cfg.model.init_checkpoint, run_dir))
+    return {"test": {"f1_macro": 0.5}, "validation": {"f1_macro": 0.4}, "trainable_percent": 1.0}
+
+  base = _config()
+  out = compare.run_grid(base, str(tmp_path / "shpeft"), run_fn, seeds=(0, 1), lr_grid=(0.1, 1.0),
+                         by_lr=True, by_seed=True)
+  assert [(lr, s) for lr, s, _, _ in seen] == [(0.1, 0), (0.1, 1), (1.0, 0), (1.0, 1)]
+  assert {ckpt for _, _, ckpt, _ in seen} == {"/ckpt/encoder"}
+  assert seen[1][3] == str(tmp_path / "shpeft" / "lr_0.1" / "seed_1")
+  assert base.optim.lr == 0.3 and base.seed == 0  # the caller's config is not changed
+  assert compare.metrics_of(out[0]["results"])["val_f1"] == 0.4
+  # One lr and one seed: the old layout, so earlier results are reused.
+  assert compare.run_dir_of("/w/d/shpeft", 0.3, 0, by_lr=False, by_seed=False) == "/w/d/shpeft"
+
+
+def test_seed_table_text():
+  text = compare.format_seed_table(_records())
+  assert "over 3 seed(s) 0, 1, 2" in text
+  line = next(l for l in text.splitlines() if l.startswith("random"))
+  assert "82.3 ± 2.9" in line and "+1.3 [" in line and "2-0-1" in line
