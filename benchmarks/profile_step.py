@@ -28,8 +28,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from shpeft_jax import optim, train
 from shpeft_jax.models.clip_vit import build_model, init_params
 from shpeft_jax.peft import masking, sparse_optim
 from shpeft_jax.utils import flatten_names, unflatten_names
@@ -84,25 +84,17 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   mask = unflatten_names({n: None if n.startswith("head/") else rng.random(x.shape) < args.k_percent / 100
                           for n, x in flatten_names(params).items()})
-  chain = masking.optimizer(dict(lr=1e-3, total_steps=1000, momentum=0.9)).tx
+  chain = optim.build(dict(lr=1e-3, momentum=0.9), 1000).tx
   tx = (sparse_optim.sparse_masked_optimizer(chain, mask) if args.sparse_state
         else masking.masked_update(chain, mask))
 
-  def loss_fn(p, batch):
-    logits = model.apply({"params": p}, batch["image"], train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-  def train_step(state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt": opt,
-            "step": state["step"] + 1}, {"loss": loss}
-
-  train_step = jax.jit(train_step, donate_argnums=(0,))
+  # The trainer's loss and update step.
+  train_step = jax.jit(train.make_train_step(train.make_loss_fn(model), tx), donate_argnums=(0,))
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   batches = [jax.device_put({
       "image": rng.normal(size=(args.batch, size, size, 3)).astype(np.float32),
-      "label": rng.integers(0, 4, args.batch).astype(np.int32)}) for _ in range(args.steps)]
+      "label": rng.integers(0, 4, args.batch).astype(np.int32),
+      "valid": np.ones(args.batch, bool)}) for _ in range(args.steps)]
 
   compiled_fns = []
   listener = lambda event, duration, **kw: (

@@ -70,6 +70,7 @@ def build_jax(args, mode: str, dtype: str):
   import numpy as np
   import optax
 
+  from shpeft_jax import optim, train
   from shpeft_jax.models.clip_vit import AdditiveConfig, build_model, init_params
   from shpeft_jax.peft import masking, sparse_optim
   from shpeft_jax.utils import count_params, flatten_names, unflatten_names
@@ -79,7 +80,7 @@ def build_jax(args, mode: str, dtype: str):
   model = build_model(args.model, args.num_classes, image_size=args.image_size, dtype=dtype,
                       additive=additive)
   params = jax.jit(lambda r: init_params(model, r))(jax.random.PRNGKey(0))
-  chain = masking.optimizer(dict(lr=1e-3, total_steps=1000, momentum=0.9)).tx
+  chain = optim.build(dict(lr=1e-3, momentum=0.9), 1000).tx
 
   def loss_of(p, batch):
     logits = model.apply({"params": p}, batch["image"], train=True).astype(jnp.float32)
@@ -101,12 +102,13 @@ def build_jax(args, mode: str, dtype: str):
     trainable = {n for n in names if is_trainable(n)}
     tx = chain
 
-  if trainable is None:
+  if trainable is None:  # The trainer's update step (its loss is `loss_of` with valid = 1).
+    train_step = train.make_train_step(train.make_loss_fn(model), tx)
+
     def step(state, batch):
-      loss, grads = jax.value_and_grad(loss_of)(state["params"], batch)
-      updates, opt = tx.update(grads, state["opt"], state["params"])
-      return {"params": optax.apply_updates(state["params"], updates), "opt": opt}, loss
-    state = {"params": params, "opt": tx.init(params)}
+      state, m = train_step(state, batch)
+      return state, m["loss"]
+    state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   else:
     def split(p):
       f = flatten_names(p)
@@ -128,7 +130,8 @@ def build_jax(args, mode: str, dtype: str):
   rng = np.random.default_rng(1)
   batch = {"image": jnp.asarray(rng.normal(size=(args.batch, args.image_size, args.image_size, 3)),
                                 jnp.float32),
-           "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32)}
+           "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32),
+           "valid": jnp.ones(args.batch, bool)}
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0

@@ -13,18 +13,14 @@ cosine) with larger learning rates and far fewer steps than the paper's 40k, bec
 the data are tiny.
 """
 
-import os
-import sys
-
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from shpeft_jax import base_config
 
 
 def get_config(arg=None):
   del arg
-  config = common.get_config()
+  config = base_config.get_config()
   config.model.name = "demo_small"
   config.model.image_size = 16
 
@@ -41,6 +37,7 @@ def get_config(arg=None):
   # as the head's weights do.
   config.optim.lr = 0.1            # full fine-tuning
   config.optim.warmup_steps = 0
+  # The random control has no entry: it shares SH-PEFT's (methods.Method.settings_of).
   config.method_overrides = ml_collections.ConfigDict({
       "shpeft": {"optim": {"lr": 0.3}},
       "linear": {"optim": {"lr": 100.0}},
@@ -57,18 +54,15 @@ def get_config(arg=None):
   config.compilation_cache_dir = "xla_cache"
 
   # Stage 0: pre-train the encoder on the source task (cached in WORKDIR/pretrain).
-  config.pretrain = ml_collections.ConfigDict()
   config.pretrain.enabled = True
-  config.pretrain.data = common.default_data_config()
   config.pretrain.data.name = "digits"
   config.pretrain.data.task = "source"  # digits 0-4
   config.pretrain.data.augment = False
   config.pretrain.data.shuffle_buffer = 0
   config.pretrain.num_steps = 1500
   config.pretrain.eval_every = 500
-  config.pretrain.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, momentum=0.9, weight_decay=1e-4, schedule="cosine",
-      warmup_steps=100, grad_clip=1.0))
+  config.pretrain.optim.update(dict(name="adamw", lr=1e-3, weight_decay=1e-4, warmup_steps=100,
+                                    grad_clip=1.0))
 
   # The same transfer with several methods, one sub-directory each, then a table.
   config.methods = ("shpeft", "full", "linear")

@@ -41,7 +41,7 @@ def main(argv=None):
   import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
 
-  from shpeft_jax import train  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import optim, sharding, train  # pylint: disable=g-import-not-at-top
   from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
   from shpeft_jax.peft import masking  # pylint: disable=g-import-not-at-top
 
@@ -59,12 +59,12 @@ def main(argv=None):
   combos = [(n, f) for n in counts for f in (int(f) for f in args.fsdp.split(","))
             if n % f == 0 and args.batch % n == 0]
   for n, fsdp in combos:
-    mesh = Mesh(np.asarray(jax.devices()[:n]).reshape(n // fsdp, fsdp), train.BATCH_AXES)
-    tx = masking.optimizer(dict(lr=1e-3, total_steps=1000, momentum=0.9), mask).tx
-    param_sh = train.tree_shardings(mesh, abstract_params)
+    mesh = Mesh(np.asarray(jax.devices()[:n]).reshape(n // fsdp, fsdp), sharding.BATCH_AXES)
+    tx = optim.build(dict(lr=1e-3, momentum=0.9), 1000, mask).tx
+    param_sh = sharding.tree_shardings(mesh, abstract_params)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = train.tree_shardings(mesh, abstract_opt)
-    batch_sh = train.batch_sharding(mesh)
+    opt_sh = sharding.tree_shardings(mesh, abstract_opt)
+    batch_sh = sharding.batch_sharding(mesh)
     state_sh = {"params": param_sh, "opt": opt_sh}
 
     def step(state, batch):

@@ -1,7 +1,9 @@
 """Entry point: `python -m shpeft_jax.main --config configs/busi.py --workdir /tmp/busi`.
 
 Thin, like the flax examples: parse the flags, bring up JAX (multi-host when the environment says
-so: `shpeft_jax.distributed`), hide accelerators from TensorFlow (it only feeds data), then `train.train_and_evaluate`.
+so: `shpeft_jax.distributed`), hide accelerators from TensorFlow (it only feeds data), then
+`runs.run`: the config it is given (one run of `peft.method`, or `config.methods`, with the
+`pretrain` stage when enabled; the demo, configs/demo.py, is such a preset).
 Config fields are overridden with `--config.train.num_steps=100`; a field the config does not have
 is an error (lock_config=True), reported with the list of fields that do exist.
 """
@@ -50,9 +52,9 @@ def main(argv):
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s).", jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())
-  from shpeft_jax import train  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import runs  # pylint: disable=g-import-not-at-top
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    runs.run(config, _WORKDIR.value)
   except ShpeftError as e:
     # Bad input: a one-paragraph message is more useful than a traceback.
     logging.error("%s: %s", type(e).__name__, e)

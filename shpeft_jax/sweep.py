@@ -3,8 +3,9 @@
   python -m shpeft_jax.sweep --config configs/demo.py --workdir /tmp/sweep \\
       --methods full,linear,bitfit,lora,shpeft,random [--datasets digits] [--ablation table4]
 
-Every run is `train.train_and_evaluate` on the config with `peft.method` (and, for the ablations,
-`peft.estimator` / `mode` / `lam`) replaced, in WORKDIR/<dataset>/<variant>/. A finished run leaves
+Every run is `runs.run_one` on `runs.method_config(config, method, ...)` (the method's
+`method_overrides`, as `main` applies them, then for the ablations `peft.estimator` / `mode` /
+`lam`), in WORKDIR/<dataset>/<variant>/. A finished run leaves
 results.json there and is not repeated, so an interrupted sweep resumes where it stopped. When the
 config has a `pretrain` stage (the demo), it runs once, in WORKDIR/pretrain, and every run starts
 from its encoder.
@@ -25,7 +26,6 @@ Ablation presets (`--ablation`, comma-separated, added after `--methods`):
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import json
@@ -106,61 +106,19 @@ def build_variants(methods: Sequence[str], ablations: Sequence[str]) -> list[Var
 
 def variant_config(base: ml_collections.ConfigDict, variant: Variant,
                    dataset: str | None = None) -> ml_collections.ConfigDict:
-  """The base config for one run: `method_overrides[method]` applied (as `train` does for
-  `config.methods`), then this variant's peft fields and data.name; `methods` emptied."""
-  cfg = copy.deepcopy(base)
-  if cfg.get("method_overrides"):
-    # Per-method settings of the config (e.g. the demo's learning rates), as `main` applies them.
-    # The random-mask control shares SH-PEFT's settings unless it has its own: it must differ
-    # from SH-PEFT in the selection only.
-    from shpeft_jax import train  # pylint: disable=g-import-not-at-top
-    source = variant.method
-    if source == "random" and "random" not in cfg.method_overrides:
-      source = "shpeft"
-    cfg = train.method_config(cfg, source)
-  with cfg.unlocked():
-    cfg.peft.method = variant.method
-    for field, value in variant.overrides:
-      cfg.peft[field] = value
-    if dataset is not None:
-      cfg.data.name = dataset
-    if "methods" in cfg:
-      cfg.methods = ()
-  return cfg
-
-
-def _pretrained_init(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """Runs the config's pretrain stage once (cached in workdir/pretrain) and points runs at it."""
-  if not (config.get("pretrain") and config.pretrain.get("enabled", True)):
-    return config
-  from shpeft_jax import train  # pylint: disable=g-import-not-at-top
-  # pylint: disable=protected-access
-  if config.get("compilation_cache_dir", "") and hasattr(train, "_enable_compilation_cache"):
-    train._enable_compilation_cache(config, workdir)
-  init = train._pretrain(config, workdir)
-  # pylint: enable=protected-access
-  config = copy.deepcopy(config)
-  with config.unlocked():
-    config.model.init_checkpoint = init
-    config.pretrain.enabled = False
-  return config
+  """The config of one run: `runs.method_config` with this variant's peft fields and data.name."""
+  from shpeft_jax import runs  # pylint: disable=g-import-not-at-top  (imports jax)
+  return runs.method_config(base, variant.method, variant.overrides, dataset)
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequence[Variant],
               datasets: Sequence[str] | None = None,
               run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> list[dict]:
   """Runs every (dataset, variant); returns one record per run (see `_record`)."""
-  if run_fn is None:
-    from shpeft_jax import train  # pylint: disable=g-import-not-at-top
-    run_fn = train.train_and_evaluate
+  from shpeft_jax import runs  # pylint: disable=g-import-not-at-top  (imports jax)
+  run_fn = run_fn or runs.run_one
   datasets = list(datasets or [config.data.name])
-  config = copy.deepcopy(config)
-  cache = config.get("compilation_cache_dir", "")
-  if cache and not os.path.isabs(cache):
-    # One XLA cache for the whole sweep (the runs share model shapes, hence compiled programs).
-    with config.unlocked():
-      config.compilation_cache_dir = os.path.abspath(os.path.join(workdir, cache))
-  base = _pretrained_init(config, workdir)
+  base = runs.prepare(config, workdir)
   records = []
   for dataset in datasets:
     for v in variants:

@@ -14,10 +14,12 @@ from train_fixtures import REPO_ROOT, TINY_OVERRIDES, XLA_CACHE, cli_overrides, 
 from shpeft_jax import checkpoints, train, utils
 
 
-def _main(*args, timeout=600):
+def _main(*args, timeout=600, cwd=REPO_ROOT, pythonpath=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "shpeft_jax.main", *args], cwd=REPO_ROOT, env=env,
+  if pythonpath:
+    env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
+  return subprocess.run([sys.executable, "-m", "shpeft_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -77,6 +79,18 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
   assert proc.returncode == 2
   assert "unknown config field" in proc.stderr
   assert 'Did you mean "num_steps"' in proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_dataset_config_loads_from_anywhere_and_rejects_unknown_fields(tmp_path):
+  """configs/oct.py imports the recipe from the package (no sys.path tricks): it loads by absolute
+  path from another directory, and an unknown field is still the one-line error."""
+  proc = _main("--config", os.path.join(REPO_ROOT, "configs", "oct.py"), "--workdir",
+               str(tmp_path / "w"), "--config.bogus=1", timeout=120, cwd=str(tmp_path),
+               pythonpath=REPO_ROOT)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "unknown config field" in proc.stderr and "bogus" in proc.stderr
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()
 

@@ -12,10 +12,10 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from train_fixtures import make_tiny_config
+from shpeft_jax import optim
 from shpeft_jax import train
 from shpeft_jax.models.clip_vit import build_model, init_params
 from shpeft_jax.peft import masking
@@ -64,19 +64,10 @@ def _tiny_state(sparse: bool):
   rng = np.random.default_rng(0)
   mask = unflatten_names({n: None if n.startswith("head/") else rng.random(x.shape) < 0.05
                           for n, x in flatten_names(params).items()})
-  chain = masking.optimizer(dict(lr=0.1, total_steps=10, momentum=0.9, weight_decay=1e-4)).tx
+  chain = optim.build(dict(lr=0.1, momentum=0.9, weight_decay=1e-4), 10).tx
   tx = sparse_masked_optimizer(chain, mask) if sparse else masking.masked_update(chain, mask)
 
-  def loss_fn(p, batch):
-    logits = model.apply({"params": p}, batch["image"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-  def train_step(state, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    return {"params": optax.apply_updates(state["params"], updates), "opt": opt,
-            "step": state["step"] + 1}, {"loss": loss}
-
+  train_step = train.make_train_step(train.make_loss_fn(model), tx)  # The trainer's step.
   state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   return jax.jit(train_step, donate_argnums=(0,)), state
 
@@ -85,7 +76,8 @@ def _tiny_state(sparse: bool):
 def test_masked_step_compiles_once_and_donates(sparse):
   step, state = _tiny_state(sparse)
   batches = [{"image": jax.random.normal(jax.random.PRNGKey(i), (4, 16, 16, 3)),
-              "label": jnp.arange(4, dtype=jnp.int32) % 3} for i in range(4)]
+              "label": jnp.arange(4, dtype=jnp.int32) % 3, "valid": jnp.ones(4, bool)}
+             for i in range(4)]
   with count_compiles() as names, warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for i, batch in enumerate(batches):

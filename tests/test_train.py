@@ -17,9 +17,10 @@ import pytest
 from sklearn import metrics as skm
 
 from train_fixtures import REPO_ROOT, make_tiny_config
-from shpeft_jax import checkpoints, train, utils
+from shpeft_jax import checkpoints, sharding, train, utils
 from shpeft_jax.errors import CheckpointError, ConfigError, DataError
 from shpeft_jax.models import clip_vit
+from shpeft_jax.peft import methods
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,6 +102,21 @@ def test_stop_and_resume_gives_exactly_the_uninterrupted_params(tmp_path):
     moved += int(np.count_nonzero(value[~frozen] != init[name][~frozen]))
   assert moved > 0.5 * n_selected
 
+  # mask_stats.json records the selection next to the counts, checked against a hand count over
+  # the saved scores: k of N encoder weights, tau = the k-th largest score, the ties at tau.
+  from shpeft_jax import params_io
+  stats = json.load(open(tmp_path / "a" / "mask_stats.json"))
+  scores = utils.flatten_names(params_io.restore_tree(str(tmp_path / "a" / "scores")))
+  flat_scores = np.concatenate([np.asarray(scores[n], np.float32).ravel() for n in sorted(scores)
+                                if n.startswith("encoder/")])
+  tau = np.sort(flat_scores)[::-1][n_selected - 1]
+  assert (stats["k"], stats["n"], stats["selected"]) == (n_selected, n_encoder, n_selected)
+  assert stats["k_percent"] == pytest.approx(100.0 * n_selected / n_encoder)
+  assert stats["threshold"] == pytest.approx(float(tau), rel=1e-6)
+  assert stats["num_tied"] == int(np.sum(flat_scores == tau))
+  assert stats["num_above"] == int(np.sum(flat_scores > tau))
+  assert stats["config"]["method"] == "shpeft"
+
   # metrics.jsonl has each logged step once, even though run b was interrupted and resumed.
   lines = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
   train_steps = [l["step"] for l in lines if l["kind"] == "train"]
@@ -165,7 +181,7 @@ def test_reported_metrics_match_sklearn_on_the_exported_model(tmp_path):
   tb = os.path.join(tmp_path, "tb")
   events = [e for f in os.listdir(tb) for e in tf.compat.v1.train.summary_iterator(
       os.path.join(tb, f))]
-  losses = {e.step: v.simple_value for e in events for v in e.summary.value
+  losses = {e.step: float(tf.make_ndarray(v.tensor)) for e in events for v in e.summary.value
             if v.tag == "train/loss"}
   jsonl = {l["step"]: l["loss"] for l in map(json.loads, open(tmp_path / "metrics.jsonl"))
            if l["kind"] == "train"}
@@ -183,7 +199,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     from train_fixtures import make_tiny_config
     import jax
     assert jax.device_count() == 8, jax.devices()
-    from shpeft_jax import train
+    from shpeft_jax import sharding, train
     from shpeft_jax.errors import ConfigError
     bad = make_tiny_config(batch_size=12)
     try:
@@ -197,7 +213,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
       os.makedirs(workdir)
       shutil.copy({mask!r}, os.path.join(workdir, "mask.npz"))  # the 1-device run's selection
     train.train_and_evaluate(config, {full!r})
-    mesh = train.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
     print("MESH:", json.dumps(dict(mesh.shape)))
     config.train.stop_after_steps = 3
     print("STOPPED:", train.train_and_evaluate(config, {half!r}))
@@ -315,9 +331,10 @@ def test_head_warmup_changes_only_the_scoring_head(tmp_path):
   model = train.build_model(warm, num_classes)
   params = clip_vit.init_params(model, jax.random.PRNGKey(warm.seed))
   loss_fn = train.make_loss_fn(model)
-  mesh = train.make_mesh(warm.mesh)
-  s_fresh = train._score_stage(fresh, str(tmp_path / "fresh"), loss_fn, params, mesh)
-  s_warm = train._score_stage(warm, str(tmp_path / "warm"), loss_fn, params, mesh)
+  mesh = sharding.make_mesh(warm.mesh)
+  method = methods.resolve(warm.peft)
+  s_fresh = train.score(fresh, method, str(tmp_path / "fresh"), loss_fn, params, mesh)
+  s_warm = train.score(warm, method, str(tmp_path / "warm"), loss_fn, params, mesh)
 
   # Independent reference: warm the head by hand, then score with the fresh-head code path.
   it = input_pipeline.make_train_iterator(
@@ -325,7 +342,7 @@ def test_head_warmup_changes_only_the_scoring_head(tmp_path):
       image_size=warm.model.image_size, seed=warm.seed + 2, start_step=0)
   warmed, _ = importance.warm_up_head(loss_fn, params, it, steps=3, lr=0.5)
   assert not np.allclose(warmed["head"]["kernel"], params["head"]["kernel"])
-  s_ref = train._score_stage(fresh, str(tmp_path / "ref"), loss_fn, warmed, mesh)
+  s_ref = train.score(fresh, method, str(tmp_path / "ref"), loss_fn, warmed, mesh)
   k = "encoder/resblocks_0/mlp/c_fc/kernel"
   fw, ff, fr = (utils.flatten_names(s)[k] for s in (s_warm, s_fresh, s_ref))
   np.testing.assert_allclose(np.asarray(fw), np.asarray(fr), rtol=1e-5, atol=1e-12)

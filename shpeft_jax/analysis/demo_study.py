@@ -6,7 +6,7 @@ r"""The statistical study on the bundled demo data, end to end with the real tra
 1. Pre-trains the demo encoder (`demo_small`) on the source task (digits 0-4), exactly as
    `configs/demo.py` does (`WORKDIR/pretrain`, cached).
 2. Fine-tunes that same encoder on each task with full fine-tuning and with SH-PEFT (k = 1%)
-   through `shpeft_jax.train` (`WORKDIR/<task>/{full,shpeft}`, cached: a rerun skips finished work).
+   through `shpeft_jax.runs` (`WORKDIR/<task>/{full,shpeft}`, cached: a rerun skips finished work).
 3. Runs `python -m shpeft_jax.analysis sparsity` per task and `... hybridity` over all tasks
    (`WORKDIR/analysis/...`), and copies the PNGs to --out.
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default="", help="copy the PNGs here (e.g. docs/img)")
   args = parser.parse_args(argv)
 
-  from shpeft_jax import train  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import runs  # pylint: disable=g-import-not-at-top
   from shpeft_jax.analysis import __main__ as cli  # pylint: disable=g-import-not-at-top
 
   tasks = [t for t in args.tasks.split(",") if t]
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 
   t0 = time.time()
   _log("stage 1: pre-training on the source task")
-  pretrained = train._pretrain(base, args.workdir)  # pylint: disable=protected-access
+  pretrained = runs.pretrain(base, args.workdir)
   _log(f"pretrained encoder: {pretrained} ({time.time() - t0:.0f}s)")
 
   results = {}
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
       c.model.init_checkpoint = pretrained
       c.methods = methods
     _log(f"stage 2: fine-tuning on {task!r} with {methods} ({time.time() - t0:.0f}s)")
-    results[task] = train.train_and_evaluate(c, os.path.join(args.workdir, task))
+    results[task] = runs.run(c, os.path.join(args.workdir, task))
   with open(os.path.join(args.workdir, "transfer_results.json"), "w") as f:
     json.dump(results, f, indent=2, default=float)
 

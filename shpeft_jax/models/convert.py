@@ -40,7 +40,7 @@ FORMATS = ("auto", "openai", "open_clip", "hf")
 LAYOUTS = ("openai", "hf")
 # Name prefixes of the additive / prompt PEFT parameters (see clip_vit.py). They have no place in
 # a plain CLIP state dict: merge them into the base weights first.
-ADDITIVE_PREFIXES = ("lora_", "adapter", "ssf_", "vpt_")
+from shpeft_jax.param_names import ADDITIVE_PREFIXES  # pylint: disable=g-bad-import-order
 HF_PREFIX = "vision_model."
 OPENAI_PREFIX = "visual."
 _QKV = ("query", "key", "value")

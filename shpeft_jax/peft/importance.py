@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from shpeft_jax import param_names
 from shpeft_jax.errors import ConfigError, DataError
 from shpeft_jax.utils import map_with_names
 
@@ -41,7 +42,7 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 ESTIMATORS = ("l1", "l2")
 MODES = ("hybrid", "td", "ta")
 L1_REDUCTIONS = ("abs_of_sum", "sum_of_abs")
-HEAD_PREFIX = "head"
+HEAD_PREFIX = param_names.HEAD
 
 _is_none = lambda x: x is None
 
@@ -367,7 +368,8 @@ def warm_up_head(loss_fn: LossFn, params: PyTree, batch_iterator: Iterable[PyTre
     raise ConfigError(f"The head warm-up needs lr > 0, got {lr}.")
   if not isinstance(params, Mapping) or head_prefix not in params:
     raise ConfigError(f"The head warm-up needs a '{head_prefix}' entry in the params.")
-  tx = optax.sgd(lr, momentum=momentum or None)
+  from shpeft_jax import optim  # pylint: disable=g-import-not-at-top  (optim imports peft)
+  tx = optim.build(dict(name="sgd", lr=lr, momentum=momentum, schedule="constant"), steps).tx
   head = params[head_prefix]
   rest = {k: v for k, v in params.items() if k != head_prefix}
 

@@ -1,4 +1,4 @@
-"""Element masks applied to the FINAL updates of an optax chain (paper Eq. 2), and the optimizer.
+"""Element masks applied to the FINAL updates of an optax chain (paper Eq. 2).
 
 Why the final updates: masking only the gradients is not enough. Momentum carries the history of
 earlier steps and (decoupled) weight decay adds `wd * w` to the update of every weight, so a frozen
@@ -9,8 +9,9 @@ update of every frozen element by -0.0 after the whole chain has run, so that `p
 
 One caveat: XLA on CPU and GPU flushes subnormal floats to zero in arithmetic, so
 `optax.apply_updates` (p + u) turns a frozen subnormal weight (|w| < 1.2e-38) into 0 even though
-u = -0.0. `apply_updates(params, updates, mask_tree)` below selects the old value for frozen
-elements instead of adding, and is bit-exact for every value; the trainer should use it.
+u = -0.0. `apply_updates` below selects the old value for frozen elements instead of adding, and is
+bit-exact for every value; the trainer's step uses it. The optimizer itself (SGD / AdamW and the
+schedule, wrapped in `masked_update`) is built by `shpeft_jax.optim.build`.
 
 The incoming gradients are masked as well (`mask_gradients=True`): it changes nothing for frozen
 weights (their updates are discarded anyway) but keeps their momentum at zero and makes gradient
@@ -22,7 +23,7 @@ fully trainable (the head); `False` = fully frozen.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,12 @@ from shpeft_jax.utils import path_name
 
 PyTree = Any
 
-_is_mask_leaf = lambda x: x is None or isinstance(x, bool)
+def is_mask_leaf(x) -> bool:
+  """A whole-leaf mask entry: None / True (fully trainable) or False (frozen)."""
+  return x is None or isinstance(x, bool)
+
+
+_is_mask_leaf = is_mask_leaf
 
 
 def _apply_mask(mask_tree: PyTree, tree: PyTree, fill: float) -> PyTree:
@@ -107,10 +113,14 @@ def masked_update(inner: optax.GradientTransformation, mask_tree: PyTree, *,
 def apply_updates(params: PyTree, updates: PyTree, mask_tree: PyTree | None = None) -> PyTree:
   """p + u for trainable elements, p itself (a select, no arithmetic) for frozen ones.
 
-  Equal to `optax.apply_updates` except that frozen subnormal weights are not flushed to zero.
+  Without `mask_tree`, an element whose update is exactly zero counts as frozen (`masked_update`
+  gives frozen elements -0.0, and p + 0 == p anyway), so the step needs no mask; with it, the mask
+  decides. Equal to `optax.apply_updates` except that frozen subnormal weights are not flushed to
+  zero.
   """
   if mask_tree is None:
-    return optax.apply_updates(params, updates)
+    return jax.tree.map(lambda p, u: jnp.where(u == 0, p, (p + u).astype(p.dtype)),
+                        params, updates)
   new = optax.apply_updates(params, updates)
 
   def keep(m, p, n):
@@ -130,62 +140,11 @@ def state_masks(opt_state: Any, mask_tree: PyTree) -> PyTree:
       treedef, [m if _is_mask_leaf(m) else next(it) for m in leaves])
 
 
-class Optimizer(NamedTuple):
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-  if isinstance(config, Mapping):
-    return config.get(key, default)
-  return getattr(config, key, default) if hasattr(config, key) else default
-
-
-def optimizer(config: Any, mask_tree: PyTree | None = None) -> Optimizer:
-  """SGD with momentum, decoupled weight decay, linear warm-up + cosine decay, optional clipping.
-
-  `config` (a ConfigDict or dict) fields: `lr` (peak, paper: 1e-3), `total_steps` (paper: 40k),
-  `warmup_steps` (0), `end_lr` (0), `momentum` (0.9), `nesterov` (False), `weight_decay` (0),
-  `grad_clip_norm` (None = off).
-
-  Per step: g -> [clip by global norm] -> momentum trace -> + weight_decay * w -> * -lr(step) ->
-  [mask]. The decay is decoupled from the momentum buffer (it is added after the trace, AdamW-style,
-  and scaled by the scheduled learning rate), unlike torch.optim.SGD's weight_decay, which is added to
-  the gradient before momentum. With `mask_tree`, the chain is wrapped in `masked_update`.
-  """
-  lr = _get(config, "lr")
-  total = _get(config, "total_steps")
-  warmup = int(_get(config, "warmup_steps", 0) or 0)
-  end_lr = float(_get(config, "end_lr", 0.0) or 0.0)
-  momentum = _get(config, "momentum", 0.9)
-  wd = float(_get(config, "weight_decay", 0.0) or 0.0)
-  clip = _get(config, "grad_clip_norm", None)
-  if lr is None or not lr > 0:
-    raise ConfigError(f"optimizer: lr must be > 0, got {lr!r}.")
-  if total is None or int(total) <= 0:
-    raise ConfigError(f"optimizer: total_steps must be a positive integer, got {total!r}.")
-  total = int(total)
-  if not 0 <= warmup < total:
-    raise ConfigError(f"optimizer: warmup_steps must be in [0, total_steps={total}), got {warmup}.")
-  if momentum is not None and not 0 <= momentum < 1:
-    raise ConfigError(f"optimizer: momentum must be in [0, 1), got {momentum}.")
-  if wd < 0:
-    raise ConfigError(f"optimizer: weight_decay must be >= 0, got {wd}.")
-  if clip is not None and not clip > 0:
-    raise ConfigError(f"optimizer: grad_clip_norm must be > 0 or None, got {clip}.")
-
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=float(lr), warmup_steps=warmup, decay_steps=total,
-      end_value=end_lr)
-  parts = []
-  if clip is not None:
-    parts.append(optax.clip_by_global_norm(float(clip)))
-  if momentum:
-    parts.append(optax.trace(decay=float(momentum), nesterov=bool(_get(config, "nesterov", False))))
-  if wd:
-    parts.append(optax.add_decayed_weights(wd))
-  parts.append(optax.scale_by_learning_rate(schedule))
-  tx = optax.chain(*parts)
-  if mask_tree is not None:
-    tx = masked_update(tx, mask_tree)
-  return Optimizer(tx, schedule)
+def full_mask(mask_tree: PyTree, params: PyTree) -> PyTree:
+  """The mask with every leaf a bool array of its parameter's shape (None / True / False leaves
+  materialised), as the trainer keeps it on the host and in the optimizer state."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(
+      lambda m, p: np.ones(p.shape, bool) if m is None else
+      np.broadcast_to(np.asarray(m, bool), p.shape).copy(),
+      mask_tree, params, is_leaf=lambda x: x is None)

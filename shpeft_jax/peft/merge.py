@@ -17,7 +17,6 @@ folded into the weights; `merge_additive` refuses them with an error that says s
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
@@ -27,9 +26,9 @@ from shpeft_jax import utils
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.models.clip_vit import AdditiveConfig
 
-_LORA_RE = re.compile(r"(.*/)lora_([^/]+)/(a|b)")
-_SSF_RE = re.compile(r"(.*/)?ssf_([^/]+)/(scale|shift)")
-_UNMERGEABLE_RE = re.compile(r"(?:.*/)?(adapter|vpt_prompts_\d+)(?:/.*)?")
+from shpeft_jax.param_names import LORA_LEAF_RE as _LORA_RE  # pylint: disable=g-bad-import-order
+from shpeft_jax.param_names import SSF_LEAF_RE as _SSF_RE  # pylint: disable=g-bad-import-order
+from shpeft_jax.param_names import UNMERGEABLE_RE as _UNMERGEABLE_RE  # pylint: disable=g-bad-import-order
 
 
 def additive_leaves(params) -> list[str]:

@@ -1,10 +1,15 @@
 """Every `config.peft.method`: which parameters train, and which model hooks each method needs.
 
-SH-PEFT and the baselines of Table 1 of the paper share one trainer. A method is two things:
-  * the model it trains (`additive_config_for`: LoRA / adapter / SSF / VPT hooks of the CLIP tower),
-  * an element mask over the parameters (`trainable_mask`): True where the optimizer may move a
+SH-PEFT and the baselines of Table 1 of the paper share one trainer. A method is one `Method`
+entry of the registry `METHODS`, and `resolve(config.peft)` turns it into a `PeftMethod` value
+once per run, which the trainer passes along:
+  * the model it trains (`.additive`: LoRA / adapter / SSF / VPT hooks of the CLIP tower),
+  * whether it scores weights first and with which estimator settings (`.importance`),
+  * an element mask over the parameters (`build_mask`): True where the optimizer may move a
     weight. The trainer multiplies it into the final optax updates (`masking.masked_update`), so a
-    frozen weight cannot move even under weight decay.
+    frozen weight cannot move even under weight decay,
+  * whether its additive leaves are folded into the plain weights at export (`.merges`).
+Nothing outside this registry branches on a method's name.
 
 Rule-based methods are ordered lists of `(rule name, regex, trainable)`; a parameter's '/'-joined
 name is matched with `re.fullmatch` against the rules in order, the first match wins, and every
@@ -20,7 +25,7 @@ Readings of the baselines (see docs/BASELINES.md for the full discussion):
   * attn (FT-Attention, Touvron et al. ECCV'22 "Three things everyone should know about ViTs"):
     the multi-head self-attention weights of every block, q/k/v/out kernels and their biases;
     the MLPs, LayerNorms, embeddings and patch projection stay frozen.
-  * spt_lora (He et al. ICCV'23): see `_spt_mask`.
+  * spt_lora (He et al. ICCV'23): see `SptLora`.
 The classifier head is always fully trainable (it is new), except that `peft.include_head=True`
 lets SH-PEFT / random rank the head's elements with the encoder's.
 """
@@ -30,161 +35,223 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from absl import logging
 import jax
 import numpy as np
 
+from shpeft_jax import param_names as pn
 from shpeft_jax import utils
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.models.clip_vit import LORA_TARGETS, AdditiveConfig
 
-# A leaf created by an additive hook: LoRA factors, adapter, SSF scale/shift, VPT prompts.
-ADDITIVE_RE = r"(?:.*/)?(?:lora_[^/]+|adapter|ssf_[^/]+|vpt_prompts_\d+)(?:/.*)?"
-# Pretrained encoder weights (no additive leaf).
-BACKBONE_RE = r"encoder/(?!(?:.*/)?(?:lora_|adapter/|ssf_|vpt_prompts_)).*"
-HEAD_RE = r"head/.*"
-# Linear layers of the transformer blocks (SPT's selection scope) and their LoRA module names.
-_LINEAR_RE = re.compile(r"encoder/resblocks_(\d+)/(attn/(?:query|key|value|out)|mlp/(?:c_fc|c_proj))/kernel")
-_LORA_NAME = {"attn/query": "attn/lora_query", "attn/key": "attn/lora_key",
-              "attn/value": "attn/lora_value", "attn/out": "attn/lora_out",
-              "mlp/c_fc": "mlp/lora_c_fc", "mlp/c_proj": "mlp/lora_c_proj"}
+# Re-exported: the vocabulary lives in shpeft_jax.param_names.
+ADDITIVE_RE, BACKBONE_RE, HEAD_RE = pn.ADDITIVE_RE, pn.BACKBONE_RE, pn.HEAD_RE
+
+PeftConfig = Any  # config.peft: a ConfigDict or dict with every field of `default_peft_config`.
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """One `config.peft.method`."""
-  name: str
-  kind: str              # Table 1's type: 'S' selective, 'A' additive, 'P' prompt, 'S+A'.
-  label: str             # Row label of the results table.
-  rules: tuple[tuple[str, str, bool], ...]  # (rule name, regex, trainable); first fullmatch wins.
-  scored: bool = False   # Needs importance scores (a scoring pass) before training.
-  element_mask: bool = False  # Mask chosen per element (by scores or at random), not per leaf.
+def default_peft_config():
+  """`config.peft` with every field and its default (configs/common.py uses it as it is)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(dict(
+      method="shpeft",
+      k_percent=1.0,         # % of the encoder's weights that are trained
+      k_count=0,             # > 0: an absolute number of weights instead
+      estimator="l2",        # 'l1' | 'l2' (the importance's norm)
+      mode="hybrid",         # 'hybrid' | 'td' | 'ta' (Table 4's rows)
+      lam=1.0,               # hybrid balance lambda
+      score_batches=-1,      # -1: one epoch of the training split
+      score_chunk=8,         # batches per jitted lax.scan call
+      include_head=False,    # the head is not ranked; it is always trained
+      head_warmup_steps=0,   # > 0: linear-probe the head this many steps before scoring
+      head_warmup_lr=0.1,    # SGD(momentum 0.9) lr of that warm-up
+      lora=dict(rank=8, alpha=8.0, targets=("q", "v")),
+      adapter=dict(bottleneck=64, scale=0.1), ssf=dict(init_std=0.0), vpt=dict(tokens=10),
+      spt=dict(rank=8, alpha=0.0, threshold=0)))
 
 
-_HEAD = ("head", HEAD_RE, True)
-_FROZEN_BACKBONE = ("frozen_backbone", BACKBONE_RE, False)
+def validate_peft(peft_cfg: PeftConfig) -> "PeftMethod":
+  """Raises ConfigError for a bad `config.peft`; returns the resolved method."""
+  method = resolve(peft_cfg)
+  k_count = int(peft_cfg["k_count"] or 0)
+  if k_count < 0:
+    raise ConfigError(f"peft.k_count must be >= 0 (0: use k_percent), got {k_count}.")
+  k = peft_cfg["k_percent"]
+  if not k_count and (isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 100):
+    raise ConfigError(f"peft.k_percent must be in (0, 100] (percent of encoder weights), "
+                      f"got {k!r}; e.g. --config.peft.k_percent=1.0 for the paper's 1%.")
+  _ranking_settings(peft_cfg)
+  if not peft_cfg["lam"] >= 0:
+    raise ConfigError(f"peft.lam must be >= 0, got {peft_cfg['lam']}.")
+  return method
 
 
-def _rules(*trainable: tuple[str, str]) -> tuple[tuple[str, str, bool], ...]:
-  return (_HEAD,) + tuple((n, r, True) for n, r in trainable) + (_FROZEN_BACKBONE,)
+# ----------------------------------------------------------------------------------------------
+# What a method is: rules over parameter names, model hooks, how its mask is chosen.
 
 
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("full", "S", "Full Finetune", ((_HEAD), ("backbone", BACKBONE_RE, True))),
-    Method("linear", "S", "Linear Prob", _rules()),
-    Method("bitfit", "S", "BitFit", _rules(("bias", r"encoder/.*/bias"))),
-    Method("ln", "S", "FT-LN", _rules(("layernorm", r"encoder/(?:.*/)?ln_[^/]+/(?:scale|bias)"))),
-    Method("attn", "S", "FT-Att", _rules(
-        ("attention", r"encoder/resblocks_\d+/attn/(?:query|key|value|out)/(?:kernel|bias)"))),
-    Method("shpeft", "S", "SH-PEFT", ((_HEAD), ("scored_backbone", BACKBONE_RE, True)),
-           scored=True, element_mask=True),
-    Method("random", "S", "Random mask", ((_HEAD), ("random_backbone", BACKBONE_RE, True)),
-           element_mask=True),
-    Method("lora", "A", "LoRA", _rules(("lora", r"encoder/.*/lora_[^/]+/(?:a|b)"))),
-    Method("adapter", "A", "Adapter-par", _rules(("adapter", r"encoder/resblocks_\d+/adapter/.*"))),
-    Method("ssf", "A", "SSF", _rules(("ssf", r"encoder/(?:.*/)?ssf_[^/]+/(?:scale|shift)"))),
-    Method("vpt_shallow", "P", "VPT-Shallow", _rules(("vpt", r"encoder/vpt_prompts_0"))),
-    Method("vpt_deep", "P", "VPT-Deep", _rules(("vpt", r"encoder/vpt_prompts_\d+"))),
-    # LoRA leaves are matched here only to say they are eligible; `_spt_mask` decides which train.
-    Method("spt_lora", "S+A", "SPT-LoRA", ((_HEAD), ("spt_lora", r"encoder/.*/lora_[^/]+/(?:a|b)", True),
-                                         ("spt_backbone", BACKBONE_RE, True)),
-           scored=True, element_mask=True),
-]}
-
-# Row order of Table 1 (then the controls).
-TABLE1_ORDER = ("full", "linear", "adapter", "ssf", "lora", "vpt_deep", "vpt_shallow", "ln",
-                "bitfit", "attn", "spt_lora", "shpeft", "random")
-
-
-def method_names() -> list[str]:
-  return list(TABLE1_ORDER)
-
-
-def get_method(name: str) -> Method:
-  if name not in METHODS:
-    raise ConfigError(f"Unknown config.peft.method {name!r}; choose one of {method_names()}.")
-  return METHODS[name]
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  """Field of a ConfigDict / dict / None with a default (older configs lack newer knobs)."""
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(key, default)
-  try:
-    return cfg.get(key, default)
-  except AttributeError:
-    return getattr(cfg, key, default)
-
-
-def spt_settings(peft_cfg) -> dict[str, Any]:
-  """`config.peft.spt` with defaults: LoRA rank/alpha of SPT-LoRA, and the LoRA-vs-sparse threshold.
-
-  threshold <= 0 means "automatic": a matrix gets LoRA when it has more sensitive weights than its
-  LoRA would cost (rank * (d_in + d_out)); see `_spt_mask`.
-  """
-  spt = _get(peft_cfg, "spt", None) or {}
-  return dict(rank=int(_get(spt, "rank", 8)), alpha=float(_get(spt, "alpha", 0.0) or 0.0),
-              threshold=int(_get(spt, "threshold", 0) or 0))
-
-
-def additive_config_for(peft_cfg) -> AdditiveConfig:
-  """Model hooks for `peft_cfg.method` (pass to `build_model(..., additive=...)`)."""
-  method = get_method(_get(peft_cfg, "method"))
-  if method.name == "lora":
-    lora = _get(peft_cfg, "lora", {}) or {}
-    rank = int(_get(lora, "rank", 8))
-    if rank <= 0:
-      raise ConfigError(f"peft.lora.rank must be > 0 for method 'lora', got {rank}.")
-    return AdditiveConfig(lora_rank=rank, lora_alpha=float(_get(lora, "alpha", 0.0) or 0.0),
-                          lora_targets=tuple(_get(lora, "targets", ("q", "v"))))
-  if method.name == "adapter":
-    adapter = _get(peft_cfg, "adapter", {}) or {}
-    bottleneck = int(_get(adapter, "bottleneck", 64))
-    if bottleneck <= 0:
-      raise ConfigError(f"peft.adapter.bottleneck must be > 0, got {bottleneck}.")
-    return AdditiveConfig(adapter_bottleneck=bottleneck,
-                          adapter_scale=float(_get(adapter, "scale", 0.1)))
-  if method.name == "ssf":
-    ssf = _get(peft_cfg, "ssf", {}) or {}
-    return AdditiveConfig(ssf=True, ssf_init_std=float(_get(ssf, "init_std", 0.0)))
-  if method.name in ("vpt_shallow", "vpt_deep"):
-    tokens = int(_get(_get(peft_cfg, "vpt", {}) or {}, "tokens", 10))
-    if tokens <= 0:
-      raise ConfigError(f"peft.vpt.tokens must be > 0 for method {method.name!r}, got {tokens}.")
-    return AdditiveConfig(vpt_tokens=tokens, vpt_deep=method.name == "vpt_deep")
-  if method.name == "spt_lora":
-    spt = spt_settings(peft_cfg)
-    if spt["rank"] <= 0:
-      raise ConfigError(f"peft.spt.rank must be > 0, got {spt['rank']}.")
-    return AdditiveConfig(lora_rank=spt["rank"], lora_alpha=spt["alpha"], lora_targets=LORA_TARGETS)
+def _no_hooks(peft_cfg) -> AdditiveConfig:
+  del peft_cfg
   return AdditiveConfig()
 
 
-def needs_scoring(peft_cfg) -> bool:
-  """True when the trainer must run the importance pass before building the mask."""
-  return get_method(_get(peft_cfg, "method")).scored
+def _positive(value, field: str, method: str) -> int:
+  value = int(value)
+  if value <= 0:
+    raise ConfigError(f"peft.{field} must be > 0 for method {method!r}, got {value}.")
+  return value
 
 
-def importance_settings(peft_cfg) -> dict[str, Any]:
-  """Estimator knobs for `importance.hybrid_importance` for a scored method.
+def _lora_hooks(peft_cfg) -> AdditiveConfig:
+  lora = peft_cfg["lora"]
+  return AdditiveConfig(lora_rank=_positive(lora["rank"], "lora.rank", "lora"),
+                        lora_alpha=float(lora["alpha"] or 0.0), lora_targets=tuple(lora["targets"]))
 
-  SH-PEFT uses the config's `estimator` / `mode` / `lam` (the Table 4 / 5 ablations). SPT's
-  sensitivity is the task-dependent squared gradient only, whatever those knobs say.
-  """
-  method = get_method(_get(peft_cfg, "method"))
-  if method.name == "spt_lora":
-    return dict(estimator="l2", mode="td", lam=0.0)
-  estimator = _get(peft_cfg, "estimator", "l2")
-  mode = _get(peft_cfg, "mode", "hybrid")
+
+def _adapter_hooks(peft_cfg) -> AdditiveConfig:
+  adapter = peft_cfg["adapter"]
+  return AdditiveConfig(
+      adapter_bottleneck=_positive(adapter["bottleneck"], "adapter.bottleneck", "adapter"),
+      adapter_scale=float(adapter["scale"]))
+
+
+def _ssf_hooks(peft_cfg) -> AdditiveConfig:
+  return AdditiveConfig(ssf=True, ssf_init_std=float(peft_cfg["ssf"]["init_std"]))
+
+
+def _vpt_hooks(deep: bool) -> Callable[[PeftConfig], AdditiveConfig]:
+  name = "vpt_deep" if deep else "vpt_shallow"
+  return lambda peft_cfg: AdditiveConfig(
+      vpt_tokens=_positive(peft_cfg["vpt"]["tokens"], "vpt.tokens", name), vpt_deep=deep)
+
+
+def _spt_hooks(peft_cfg) -> AdditiveConfig:
+  spt = spt_settings(peft_cfg)
+  return AdditiveConfig(lora_rank=_positive(spt["rank"], "spt.rank", "spt_lora"),
+                        lora_alpha=spt["alpha"], lora_targets=LORA_TARGETS)
+
+
+def _ranking_settings(peft_cfg) -> dict[str, Any]:
+  """SH-PEFT's estimator knobs (the Table 4 / 5 ablations)."""
+  estimator, mode = peft_cfg["estimator"], peft_cfg["mode"]
   if estimator not in ("l1", "l2"):
     raise ConfigError(f"peft.estimator must be 'l1' or 'l2', got {estimator!r}.")
   if mode not in ("hybrid", "td", "ta"):
     raise ConfigError(f"peft.mode must be 'hybrid', 'td' or 'ta', got {mode!r}.")
-  return dict(estimator=estimator, mode=mode, lam=float(_get(peft_cfg, "lam", 1.0)))
+  return dict(estimator=estimator, mode=mode, lam=float(peft_cfg["lam"]))
+
+
+def _sensitivity_settings(peft_cfg) -> dict[str, Any]:
+  """SPT's sensitivity: the task-dependent squared gradient only, whatever the knobs say."""
+  del peft_cfg
+  return dict(estimator="l2", mode="td", lam=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One `config.peft.method`: a registry entry (see `METHODS`).
+
+  rules: (rule name, regex, trainable); a parameter's name is matched with `re.fullmatch` in
+    order, the first match wins, and every parameter must match one rule.
+  hooks: peft config -> the model's additive hooks (LoRA / adapter / SSF / VPT; none by default).
+  selector: how the mask is chosen: `RULES` (per leaf, by the rules), `TopK` (global top-k of the
+    importance scores, or of uniform random scores), `SptLora`.
+  importance: peft config -> `importance.hybrid_importance` settings; None = no scoring pass.
+  merges: its additive leaves fold into plain weights at export (merge.py).
+  settings_of: whose `method_overrides` apply when the config has none for this method (the
+    random control shares SH-PEFT's, so that the two differ in the selection only).
+  """
+  name: str
+  kind: str              # Table 1's type: 'S' selective, 'A' additive, 'P' prompt, 'S+A'.
+  label: str             # Row label of the results table.
+  rules: tuple[tuple[str, str, bool], ...]
+  hooks: Callable[[PeftConfig], AdditiveConfig] = _no_hooks
+  selector: "Selector" = None  # type: ignore[assignment]  (RULES, set in __post_init__)
+  importance: Callable[[PeftConfig], dict] | None = None
+  merges: bool = False
+  settings_of: str = ""
+
+  def __post_init__(self):
+    if self.selector is None:
+      object.__setattr__(self, "selector", RULES)
+
+  @property
+  def scored(self) -> bool:
+    return self.importance is not None
+
+  @property
+  def element_mask(self) -> bool:
+    return self.selector.element_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftMethod:
+  """A method resolved once per run from `config.peft`: what trains, with which hooks, scored
+  with which settings, merged or not. The trainer passes this value along."""
+  spec: Method
+  peft: PeftConfig
+  additive: AdditiveConfig
+  importance: dict | None  # hybrid_importance settings when the method scores, else None.
+
+  @property
+  def name(self) -> str:
+    return self.spec.name
+
+  @property
+  def scored(self) -> bool:
+    return self.importance is not None
+
+  @property
+  def merges(self) -> bool:
+    return self.spec.merges
+
+  def budget(self, n_eligible: int) -> int:
+    """Number of weights to train: k_count if > 0 else k_percent % of n_eligible (halves up)."""
+    from shpeft_jax.peft import selection  # pylint: disable=g-import-not-at-top
+    k_count = int(self.peft["k_count"] or 0)
+    if k_count > 0:
+      return selection.resolve_k(n_eligible, k_count=k_count)
+    return selection.resolve_k(n_eligible, k_percent=float(self.peft["k_percent"]))
+
+
+def resolve(peft_cfg: PeftConfig | PeftMethod) -> PeftMethod:
+  """`config.peft` -> PeftMethod (raises ConfigError for an unknown method or bad hook sizes)."""
+  if isinstance(peft_cfg, PeftMethod):
+    return peft_cfg
+  spec = get_method(peft_cfg["method"])
+  return PeftMethod(spec, peft_cfg, spec.hooks(peft_cfg),
+                    spec.importance(peft_cfg) if spec.scored else None)
+
+
+def spt_settings(peft_cfg) -> dict[str, Any]:
+  """`config.peft.spt`: LoRA rank/alpha of SPT-LoRA, and the LoRA-vs-sparse threshold.
+
+  threshold <= 0 means "automatic": a matrix gets LoRA when it has more sensitive weights than its
+  LoRA would cost (rank * (d_in + d_out)); see `SptLora`.
+  """
+  spt = peft_cfg["spt"]
+  return dict(rank=int(spt["rank"]), alpha=float(spt["alpha"] or 0.0),
+              threshold=int(spt["threshold"] or 0))
+
+
+def additive_config_for(peft_cfg) -> AdditiveConfig:
+  """Model hooks of the method (pass to `build_model(..., additive=...)`)."""
+  return resolve(peft_cfg).additive
+
+
+def needs_scoring(peft_cfg) -> bool:
+  """True when the trainer must run the importance pass before building the mask."""
+  return resolve(peft_cfg).scored
+
+
+def importance_settings(peft_cfg) -> dict[str, Any]:
+  """Estimator knobs for `importance.hybrid_importance` of a scored method."""
+  method = resolve(peft_cfg)
+  if not method.scored:
+    raise ConfigError(f"peft.method {method.name!r} does not score weights.")
+  return method.importance
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +274,7 @@ def match_rules(method: Method | str, names) -> dict[str, tuple[str, bool]]:
   if unmatched:
     hint = ("it is a LoRA/adapter/SSF/VPT leaf the method does not use: build the model with "
             "`additive_config_for(config.peft)` for the same method"
-            if any(re.fullmatch(ADDITIVE_RE, n) for n in unmatched) else
+            if any(pn.is_additive(n) for n in unmatched) else
             "every parameter must live under 'encoder/' or 'head/'")
     raise ConfigError(f"peft.method {method.name!r}: no rule matches parameter(s) "
                       f"{unmatched[:5]}{' ...' if len(unmatched) > 5 else ''}; {hint}.")
@@ -228,23 +295,14 @@ def _full_like(shape, value: bool) -> np.ndarray:
   return np.full(shape, value, dtype=np.bool_)
 
 
-def _budget(peft_cfg, n_eligible: int) -> int:
-  """Number of weights to train: k_count if > 0 else k_percent % of n_eligible (halves up)."""
-  from shpeft_jax.peft import selection  # pylint: disable=g-import-not-at-top
-  k_count = int(_get(peft_cfg, "k_count", 0) or 0)
-  if k_count > 0:
-    return selection.resolve_k(n_eligible, k_count=k_count)
-  return selection.resolve_k(n_eligible, k_percent=float(_get(peft_cfg, "k_percent", 1.0)))
-
-
-def _select(score_flat: Mapping[str, np.ndarray | None], k_count: int) -> dict[str, np.ndarray]:
-  """Exact global top-k over the non-None scores (selection module); {name: bool mask or None}."""
+def _select(score_flat: Mapping[str, np.ndarray | None], k_count: int):
+  """Exact global top-k over the non-None scores (selection module): ({name: mask}, SelectionInfo)."""
   from shpeft_jax.peft import selection  # pylint: disable=g-import-not-at-top
   tree = utils.unflatten_names(score_flat)
   mask, info = selection.select_top_k(tree, k_count=k_count)
   logging.info("peft selection: %s", info)
   leaves = jax.tree_util.tree_structure(tree, is_leaf=lambda x: x is None).flatten_up_to(mask)
-  return dict(zip(score_flat, leaves))
+  return dict(zip(score_flat, leaves)), info
 
 
 def _rng_seed(rng) -> int:
@@ -269,63 +327,10 @@ def _random_scores(shapes: Mapping[str, tuple[int, ...]], eligible: Mapping[str,
   return {n: (gen.random(s) if eligible[n] else None) for n, s in shapes.items()}
 
 
-def scoring_eligible(peft_cfg, params) -> dict:
-  """Tree of Python bools: the parameters a scored method ranks (pass as `scored=` to importance).
-
-  shpeft: every pretrained encoder weight (all operations, the paper's scope), plus the head when
-  `peft.include_head`; spt_lora: the linear-layer kernels only (SPT's scope). Other methods: none.
-  """
-  method = get_method(_get(peft_cfg, "method"))
-  flat = utils.flatten_names(params)
-  if method.name == "spt_lora":
-    flags = {n: bool(_LINEAR_RE.fullmatch(n)) for n in flat}
-  elif method.element_mask:
-    include_head = bool(_get(peft_cfg, "include_head", False))
-    flags = {n: bool(re.fullmatch(BACKBONE_RE, n)) or (include_head and bool(re.fullmatch(HEAD_RE, n)))
-             for n in flat}
-  else:
-    flags = {n: False for n in flat}
-  return utils.unflatten_names(flags)
-
-
-def trainable_mask(peft_cfg, params, *, scores=None, rng=None, log: bool = True):
-  """Boolean element mask, same tree structure and shapes as `params` (True = trainable).
-
-  params may be arrays or `jax.ShapeDtypeStruct`s (only shapes are read). `scores` (a tree with the
-  params' names; None or missing leaves are unscored) is required for shpeft / spt_lora; `rng` (int
-  seed or PRNG key; default 0) seeds the random-mask control. The head is always fully trainable
-  unless `peft.include_head` lets shpeft / random rank it with the encoder.
-  """
-  method = get_method(_get(peft_cfg, "method"))
-  flat = utils.flatten_names(params)
-  shapes = {n: _shape(v) for n, v in flat.items()}
-  matched = match_rules(method, shapes)
-  if log:
-    _log_rules(method, matched, shapes)
-
-  if method.name == "spt_lora":
-    out = _spt_mask(peft_cfg, shapes, scores)
-  elif method.element_mask:
-    eligible = utils.flatten_names(scoring_eligible(peft_cfg, params))
-    n_eligible = sum(math.prod(shapes[n]) for n, e in eligible.items() if e)
-    k = _budget(peft_cfg, n_eligible)
-    if method.name == "random":
-      score_flat = _random_scores(shapes, eligible, _rng_seed(rng))
-    else:
-      if scores is None:
-        raise ConfigError(f"peft.method {method.name!r} needs importance scores; run the scoring "
-                          "pass first (methods.needs_scoring(config.peft) is True).")
-      score_flat = _scores_by_name(scores, shapes, eligible)
-    selected = _select(score_flat, k)
-    out = {n: (np.asarray(selected[n], np.bool_) if eligible[n]
-               else _full_like(shapes[n], matched[n][0] == "head")) for n in shapes}
-  else:
-    out = {n: _full_like(shapes[n], t) for n, (_, t) in matched.items()}
-  # flatten_names keeps tree order, so the mask leaves line up with params' tree structure.
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), [out[n] for n in flat])
-
-
 def _scores_by_name(scores, shapes, eligible) -> dict[str, np.ndarray | None]:
+  if scores is None:
+    raise ConfigError("This peft.method needs importance scores; run the scoring pass first "
+                      "(methods.resolve(config.peft).scored is True).")
   score_flat = utils.flatten_names(scores)  # None leaves (unscored) are dropped here.
   out = {}
   for n, s in shapes.items():
@@ -334,7 +339,7 @@ def _scores_by_name(scores, shapes, eligible) -> dict[str, np.ndarray | None]:
       continue
     if n not in score_flat:
       raise ConfigError(f"Importance scores lack parameter {n!r}; score the same model the mask "
-                        "is built for (scored=methods.scoring_eligible(config.peft, params)).")
+                        "is built for (scored=methods.scoring_eligible(method, params)).")
     v = np.asarray(jax.device_get(score_flat[n]), np.float32)
     if v.shape != tuple(s):
       raise ConfigError(f"Score of {n!r} has shape {v.shape}, the parameter {tuple(s)}.")
@@ -342,7 +347,64 @@ def _scores_by_name(scores, shapes, eligible) -> dict[str, np.ndarray | None]:
   return out
 
 
-def _spt_mask(peft_cfg, shapes: Mapping[str, tuple[int, ...]], scores) -> dict[str, np.ndarray]:
+Shapes = Mapping[str, tuple[int, ...]]
+Matched = Mapping[str, tuple[str, bool]]
+
+
+class Selector:
+  """How a method's mask is chosen. This base: per leaf, by the method's rules (full, linear,
+  bitfit, LoRA, ...). `mask` returns ({name: bool array}, SelectionInfo or None)."""
+  element_mask = False
+
+  def eligible(self, method: PeftMethod, name: str) -> bool:
+    """Whether the method ranks this parameter's elements (scores or random)."""
+    del method, name
+    return False
+
+  def mask(self, method: PeftMethod, shapes: Shapes, matched: Matched, scores, rng):
+    del method, scores, rng
+    return {n: _full_like(shapes[n], t) for n, (_, t) in matched.items()}, None
+
+  def count(self, method: PeftMethod, sizes: Mapping[str, int], matched: Matched):
+    """(trainable weights, exact?) from the shapes alone."""
+    del method
+    return sum(s for n, s in sizes.items() if matched[n][1]), True
+
+
+RULES = Selector()
+
+
+class TopK(Selector):
+  """Global top-k of the element scores over the pretrained encoder (+ the head with
+  `peft.include_head`); `random=True`: of independent uniform scores (the control)."""
+  element_mask = True
+
+  def __init__(self, random: bool = False):
+    self.random = random
+
+  def eligible(self, method, name):
+    return pn.is_backbone(name) or (bool(method.peft["include_head"]) and
+                                    bool(re.fullmatch(pn.HEAD_RE, name)))
+
+  def mask(self, method, shapes, matched, scores, rng):
+    eligible = {n: self.eligible(method, n) for n in shapes}
+    k = method.budget(sum(math.prod(shapes[n]) for n, e in eligible.items() if e))
+    if self.random:
+      score_flat = _random_scores(shapes, eligible, _rng_seed(rng))
+    else:
+      score_flat = _scores_by_name(scores, shapes, eligible)
+    selected, info = _select(score_flat, k)
+    return {n: (np.asarray(selected[n], np.bool_) if eligible[n]
+                else _full_like(shapes[n], matched[n][0] == "head")) for n in shapes}, info
+
+  def count(self, method, sizes, matched):
+    eligible = {n: self.eligible(method, n) for n in sizes}
+    n_eligible = sum(sizes[n] for n, e in eligible.items() if e)
+    return method.budget(n_eligible) + sum(
+        s for n, s in sizes.items() if matched[n][0] == "head" and not eligible[n]), True
+
+
+class SptLora(Selector):
   """SPT-LoRA (He et al., ICCV'23, "Sensitivity-Aware Visual Parameter-Efficient Fine-Tuning").
 
   Our reading of SPT's Algorithm 1, under one budget of trainable weights:
@@ -359,37 +421,36 @@ def _spt_mask(peft_cfg, shapes: Mapping[str, tuple[int, ...]], scores) -> dict[s
   LayerNorms and embeddings are frozen (SPT tunes linear layers only); the head trains.
   The total is <= B because each LoRA costs no more than the weights it replaces.
   """
-  if scores is None:
-    raise ConfigError("peft.method 'spt_lora' needs sensitivity scores; run the scoring pass "
-                      "first (methods.needs_scoring(config.peft) is True).")
-  spt = spt_settings(peft_cfg)
-  rank = spt["rank"]
-  eligible = {n: bool(_LINEAR_RE.fullmatch(n)) for n in shapes}
-  if not any(eligible.values()):
-    raise ConfigError("spt_lora found no linear-layer kernels to select from.")
-  n_encoder = sum(math.prod(s) for n, s in shapes.items() if re.fullmatch(BACKBONE_RE, n))
-  budget = min(_budget(peft_cfg, n_encoder), sum(math.prod(shapes[n]) for n in shapes
-                                                 if eligible[n]))
-  mask_flat = _select(_scores_by_name(scores, shapes, eligible), budget)
+  element_mask = True
 
-  out = {n: _full_like(s, False) for n, s in shapes.items()}
-  for n in shapes:
-    if re.fullmatch(HEAD_RE, n):
-      out[n] = _full_like(shapes[n], True)
-  lora_chosen = []
-  for n, is_linear in eligible.items():
-    if not is_linear:
-      continue
-    m = _LINEAR_RE.fullmatch(n)
-    layer, module = m.group(1), m.group(2)
-    kernel_shape = shapes[n]
-    d_in, d_out = _fan_in_out(module, kernel_shape)
-    cost = rank * (d_in + d_out)
-    threshold = spt["threshold"] if spt["threshold"] > 0 else cost
-    sel = np.asarray(mask_flat[n], np.bool_)
-    n_sensitive = int(sel.sum())
-    lora_prefix = f"encoder/resblocks_{layer}/{_LORA_NAME[module]}"
-    if n_sensitive > threshold:
+  def eligible(self, method, name):
+    return bool(pn.LINEAR_RE.fullmatch(name))
+
+  def mask(self, method, shapes, matched, scores, rng):
+    del matched, rng
+    spt = spt_settings(method.peft)
+    rank = spt["rank"]
+    eligible = {n: self.eligible(method, n) for n in shapes}
+    if not any(eligible.values()):
+      raise ConfigError("spt_lora found no linear-layer kernels to select from.")
+    n_encoder = sum(math.prod(s) for n, s in shapes.items() if pn.is_backbone(n))
+    budget = min(method.budget(n_encoder), sum(math.prod(shapes[n]) for n in shapes
+                                               if eligible[n]))
+    mask_flat, info = _select(_scores_by_name(scores, shapes, eligible), budget)
+
+    out = {n: _full_like(s, bool(re.fullmatch(pn.HEAD_RE, n))) for n, s in shapes.items()}
+    lora_chosen = []
+    for n in (n for n, e in eligible.items() if e):
+      m = pn.LINEAR_RE.fullmatch(n)
+      layer, module = m.group(1), m.group(2)
+      d_in, d_out = _fan_in_out(module, shapes[n])
+      cost = rank * (d_in + d_out)
+      threshold = spt["threshold"] if spt["threshold"] > 0 else cost
+      sel = np.asarray(mask_flat[n], np.bool_)
+      if int(sel.sum()) <= threshold:
+        out[n] = sel
+        continue
+      lora_prefix = f"encoder/resblocks_{layer}/{pn.LORA_MODULE[module]}"
       for leaf in ("a", "b"):
         name = f"{lora_prefix}/{leaf}"
         if name not in shapes:
@@ -397,11 +458,14 @@ def _spt_mask(peft_cfg, shapes: Mapping[str, tuple[int, ...]], scores) -> dict[s
                             "with `additive_config_for(config.peft)`.")
         out[name] = _full_like(shapes[name], True)
       lora_chosen.append(n)
-    else:
-      out[n] = sel
-  logging.info("spt_lora: budget %d weights; LoRA (rank %d) on %d of %d matrices: %s", budget,
-               rank, len(lora_chosen), sum(eligible.values()), lora_chosen)
-  return out
+    logging.info("spt_lora: budget %d weights; LoRA (rank %d) on %d of %d matrices: %s", budget,
+                 rank, len(lora_chosen), sum(eligible.values()), lora_chosen)
+    return out, info
+
+  def count(self, method, sizes, matched):
+    backbone = sum(s for n, s in sizes.items() if pn.is_backbone(n))
+    head = sum(s for n, s in sizes.items() if matched[n][0] == "head")
+    return method.budget(backbone) + head, False  # An upper bound: the split depends on the data.
 
 
 def _fan_in_out(module: str, kernel_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -409,6 +473,114 @@ def _fan_in_out(module: str, kernel_shape: tuple[int, ...]) -> tuple[int, int]:
   if module == "attn/out":
     return math.prod(kernel_shape[:-1]), kernel_shape[-1]
   return kernel_shape[0], math.prod(kernel_shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry. A new rule-based method is one entry here; an additive one also needs its model
+# hook (models/clip_vit.py) and a `hooks` function above.
+
+_HEAD = ("head", pn.HEAD_RE, True)
+_FROZEN_BACKBONE = ("frozen_backbone", pn.BACKBONE_RE, False)
+
+
+def _rules(*trainable: tuple[str, str]) -> tuple[tuple[str, str, bool], ...]:
+  return (_HEAD,) + tuple((n, r, True) for n, r in trainable) + (_FROZEN_BACKBONE,)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  """Adds a method to `METHODS` (a later entry of the same name replaces the earlier one)."""
+  METHODS[method.name] = method
+  return method
+
+
+for _m in [
+    Method("full", "S", "Full Finetune", (_HEAD, ("backbone", pn.BACKBONE_RE, True))),
+    Method("linear", "S", "Linear Prob", _rules()),
+    Method("bitfit", "S", "BitFit", _rules(("bias", r"encoder/.*/bias"))),
+    Method("ln", "S", "FT-LN", _rules(("layernorm", r"encoder/(?:.*/)?ln_[^/]+/(?:scale|bias)"))),
+    Method("attn", "S", "FT-Att", _rules(
+        ("attention", r"encoder/resblocks_\d+/attn/(?:query|key|value|out)/(?:kernel|bias)"))),
+    Method("shpeft", "S", "SH-PEFT", (_HEAD, ("scored_backbone", pn.BACKBONE_RE, True)),
+           selector=TopK(), importance=_ranking_settings),
+    Method("random", "S", "Random mask", (_HEAD, ("random_backbone", pn.BACKBONE_RE, True)),
+           selector=TopK(random=True), settings_of="shpeft"),
+    Method("lora", "A", "LoRA", _rules(("lora", r"encoder/.*/lora_[^/]+/(?:a|b)")),
+           hooks=_lora_hooks, merges=True),
+    Method("adapter", "A", "Adapter-par", _rules(("adapter", r"encoder/resblocks_\d+/adapter/.*")),
+           hooks=_adapter_hooks),
+    Method("ssf", "A", "SSF", _rules(("ssf", r"encoder/(?:.*/)?ssf_[^/]+/(?:scale|shift)")),
+           hooks=_ssf_hooks, merges=True),
+    Method("vpt_shallow", "P", "VPT-Shallow", _rules(("vpt", r"encoder/vpt_prompts_0")),
+           hooks=_vpt_hooks(deep=False)),
+    Method("vpt_deep", "P", "VPT-Deep", _rules(("vpt", r"encoder/vpt_prompts_\d+")),
+           hooks=_vpt_hooks(deep=True)),
+    # LoRA leaves are matched here only to say they are eligible; `SptLora` decides which train.
+    Method("spt_lora", "S+A", "SPT-LoRA", (_HEAD, ("spt_lora", r"encoder/.*/lora_[^/]+/(?:a|b)", True),
+                                         ("spt_backbone", pn.BACKBONE_RE, True)),
+           hooks=_spt_hooks, selector=SptLora(), importance=_sensitivity_settings, merges=True),
+]:
+  register(_m)
+
+# Display order of the results tables (Table 1, then the controls); methods not listed follow in
+# registration order. It never decides what is valid.
+TABLE1_ORDER = ("full", "linear", "adapter", "ssf", "lora", "vpt_deep", "vpt_shallow", "ln",
+                "bitfit", "attn", "spt_lora", "shpeft", "random")
+
+
+def method_names() -> list[str]:
+  """Every registered method, in display order."""
+  return [n for n in TABLE1_ORDER if n in METHODS] + [n for n in METHODS if n not in TABLE1_ORDER]
+
+
+def get_method(name: str) -> Method:
+  if name not in METHODS:
+    raise ConfigError(f"Unknown peft.method {name!r}; choose one of {method_names()}.")
+  return METHODS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks.
+
+
+def scoring_eligible(method, params) -> dict:
+  """Tree of Python bools: the parameters a method ranks (pass as `scored=` to importance).
+
+  shpeft / random: every pretrained encoder weight (all operations, the paper's scope), plus the
+  head when `peft.include_head`; spt_lora: the linear-layer kernels only (SPT's scope). Other
+  methods: none. `method`: a PeftMethod or `config.peft`.
+  """
+  method = resolve(method)
+  flat = utils.flatten_names(params)
+  return utils.unflatten_names({n: method.spec.selector.eligible(method, n) for n in flat})
+
+
+def build_mask(method, params, *, scores=None, rng=None, log: bool = True):
+  """(boolean element mask like `params`, SelectionInfo or None for rule-based methods).
+
+  params may be arrays or `jax.ShapeDtypeStruct`s (only shapes are read). `scores` (a tree with the
+  params' names; None or missing leaves are unscored) is required for a scored method; `rng` (int
+  seed or PRNG key; default 0) seeds the random-mask control. The head is always fully trainable
+  unless `peft.include_head` lets shpeft / random rank it with the encoder.
+  """
+  method = resolve(method)
+  flat = utils.flatten_names(params)
+  shapes = {n: _shape(v) for n, v in flat.items()}
+  matched = match_rules(method.spec, shapes)
+  if log:
+    _log_rules(method.spec, matched, shapes)
+  out, info = method.spec.selector.mask(method, shapes, matched, scores, rng)
+  # flatten_names keeps tree order, so the mask leaves line up with params' tree structure.
+  mask = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params),
+                                      [out[n] for n in flat])
+  return mask, info
+
+
+def trainable_mask(method, params, *, scores=None, rng=None, log: bool = True):
+  """Boolean element mask, same tree structure and shapes as `params` (True = trainable)."""
+  return build_mask(method, params, scores=scores, rng=rng, log=log)[0]
 
 
 def trainable_count(mask_tree) -> int:
@@ -420,16 +592,6 @@ def trainable_count(mask_tree) -> int:
 # Trainable-parameter table.
 
 
-def default_peft_config():
-  """The schema's `config.peft` defaults (configs/common.py owns the real one)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  return ml_collections.ConfigDict(dict(
-      method="shpeft", k_percent=1.0, k_count=0, estimator="l2", mode="hybrid", lam=1.0,
-      include_head=False, lora=dict(rank=8, alpha=8.0, targets=("q", "v")),
-      adapter=dict(bottleneck=64, scale=0.1), ssf=dict(init_std=0.0), vpt=dict(tokens=10),
-      spt=dict(rank=8, alpha=0.0, threshold=0)))
-
-
 def param_shapes(model_name: str, num_classes: int, additive: AdditiveConfig | None = None,
                  image_size: int | None = None) -> dict:
   """Parameter ShapeDtypeStructs of a model via `jax.eval_shape` (no memory, fast for ViT-B/16)."""
@@ -438,34 +600,25 @@ def param_shapes(model_name: str, num_classes: int, additive: AdditiveConfig | N
   return jax.eval_shape(lambda: clip_vit.init_params(model, jax.random.PRNGKey(0)))
 
 
-def count_trainable(peft_cfg, shapes) -> dict[str, Any]:
+def count_trainable(method, shapes) -> dict[str, Any]:
   """Trainable-weight count of a method from parameter shapes alone (no scores needed).
 
   Rule-based methods count exactly. shpeft / random train exactly k + head weights (selection is
   exact). spt_lora trains at most its budget + head (the split between LoRA and sparse weights
   depends on the data), reported as an upper bound.
   """
-  method = get_method(_get(peft_cfg, "method"))
+  method = resolve(method)
   flat = utils.flatten_names(shapes)
   sizes = {n: math.prod(_shape(v)) for n, v in flat.items()}
-  matched = match_rules(method, sizes)
+  matched = match_rules(method.spec, sizes)
   head = sum(s for n, s in sizes.items() if matched[n][0] == "head")
-  backbone = sum(s for n, s in sizes.items() if re.fullmatch(BACKBONE_RE, n))
-  exact = True
-  if method.name == "spt_lora":
-    trainable, exact = _budget(peft_cfg, backbone) + head, False
-  elif method.element_mask:
-    eligible = utils.flatten_names(scoring_eligible(peft_cfg, shapes))
-    n_eligible = sum(sizes[n] for n, e in eligible.items() if e)
-    trainable = _budget(peft_cfg, n_eligible) + sum(
-        s for n, s in sizes.items() if matched[n][0] == "head" and not eligible[n])
-  else:
-    trainable = sum(s for n, s in sizes.items() if matched[n][1])
-  additive = sum(s for n, s in sizes.items() if re.fullmatch(ADDITIVE_RE, n))
-  mergeable = method.name in ("lora", "ssf", "spt_lora")
-  return dict(method=method.name, label=method.label, kind=method.kind, trainable=int(trainable),
+  backbone = sum(s for n, s in sizes.items() if pn.is_backbone(n))
+  trainable, exact = method.spec.selector.count(method, sizes, matched)
+  additive = sum(s for n, s in sizes.items() if pn.is_additive(n))
+  spec = method.spec
+  return dict(method=spec.name, label=spec.label, kind=spec.kind, trainable=int(trainable),
               exact=exact, backbone_and_head=int(backbone + head), added_params=int(additive),
-              inference_extra=0 if mergeable else int(additive),
+              inference_extra=0 if spec.merges else int(additive),
               percent=100.0 * trainable / (backbone + head))
 
 

@@ -38,7 +38,7 @@ from shpeft_jax.utils import path_name
 
 PyTree = Any
 
-_is_mask_leaf = lambda x: x is None or isinstance(x, bool)
+from shpeft_jax.peft.masking import is_mask_leaf as _is_mask_leaf  # pylint: disable=g-bad-import-order
 
 # How each parameter leaf is handled, decided once from the (concrete) mask.
 DENSE, SPARSE, FROZEN = "dense", "sparse", "frozen"
@@ -93,7 +93,7 @@ def sparse_masked_optimizer(base_tx: optax.GradientTransformation,
 
   Args:
     base_tx: any optax chain whose transformations are elementwise, or global-norm clipping (e.g.
-      `shpeft_jax.peft.masking.optimizer(cfg).tx`, the chain before masking).
+      `shpeft_jax.optim.build(cfg, num_steps).tx`, the chain before masking).
     mask_tree: the same mask tree `masked_update` takes: per parameter a bool / 0-1 array of its shape
       (element mask), `None` or `True` (fully trainable, e.g. the head) or `False` (frozen). Must be
       concrete (numpy or device arrays, not tracers): indices are computed once, on the host.

@@ -9,13 +9,14 @@ import numpy as np
 import optax
 import pytest
 
+from shpeft_jax import optim
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.peft import importance as imp
 from shpeft_jax.peft import masking
 from shpeft_jax.peft import selection as sel
 
-CONFIG = dict(lr=0.05, total_steps=40, warmup_steps=5, momentum=0.9, weight_decay=0.01,
-              grad_clip_norm=5.0)
+CONFIG = dict(lr=0.05, warmup_steps=5, momentum=0.9, weight_decay=0.01, grad_clip=5.0)
+STEPS = 40
 
 
 def mlp_params(rng):
@@ -69,7 +70,7 @@ def test_frozen_bit_identical_selected_move():
   rng = np.random.default_rng(0)
   params = mlp_params(rng)
   mask = random_mask(rng, params)
-  opt = masking.optimizer(CONFIG, mask)
+  opt = optim.build(CONFIG, STEPS, mask)
   mask["encoder"]["w1"][1, 1] = False  # A NaN gradient hits a frozen weight every step.
   new = train(opt.tx, params, 40, np.random.default_rng(1), nan_grad_at=(1, 1), mask=mask)
   for k, m in mask["encoder"].items():
@@ -93,7 +94,7 @@ def test_masking_only_gradients_moves_frozen_weights():
   rng = np.random.default_rng(0)
   params = mlp_params(rng)
   mask = random_mask(rng, params)
-  plain = masking.optimizer(CONFIG).tx
+  plain = optim.build(CONFIG, STEPS).tx
 
   def mask_grads(updates, state, params=None):
     del params
@@ -110,17 +111,17 @@ def test_masking_only_gradients_moves_frozen_weights():
   # the contrast above is due to the decay, as the issue says.
   no_wd = dict(CONFIG, weight_decay=0.0)
   naive = optax.chain(optax.GradientTransformation(lambda p: optax.EmptyState(), mask_grads),
-                      masking.optimizer(no_wd).tx)
+                      optim.build(no_wd, STEPS).tx)
   new = train(naive, params, 10, np.random.default_rng(1))
   np.testing.assert_array_equal(bits(new["encoder"]["w2"])[~m], bits(params["encoder"]["w2"])[~m])
 
 
 def test_two_steps_by_hand():
   """Update = -lr_t * (m_t + wd * w), m_t = g_t + mu * m_{t-1}, masked; checked in numpy."""
-  cfg = dict(lr=0.1, total_steps=10, warmup_steps=2, momentum=0.9, weight_decay=0.5)
+  cfg = dict(lr=0.1, warmup_steps=2, momentum=0.9, weight_decay=0.5)
   w = np.array([1.0, -2.0, 3.0], np.float32)
   mask = {"w": np.array([True, False, True])}
-  opt = masking.optimizer(cfg, mask)
+  opt = optim.build(cfg, 10, mask)
   params = {"w": jnp.asarray(w)}
   state = opt.tx.init(params)
   grads = [np.array([0.5, 1.0, -1.0], np.float32), np.array([-0.25, 2.0, 0.5], np.float32)]
@@ -138,7 +139,7 @@ def test_two_steps_by_hand():
 
 
 def test_schedule_by_hand():
-  opt = masking.optimizer(dict(lr=1e-3, total_steps=100, warmup_steps=10, end_lr=1e-5))
+  opt = optim.build(dict(lr=1e-3, warmup_steps=10, end_lr=1e-5), 100)
   for step in [0, 1, 5, 9]:
     assert float(opt.schedule(step)) == pytest.approx(1e-3 * step / 10, rel=1e-6, abs=1e-12)
   for step in [10, 30, 55, 99, 100]:
@@ -161,13 +162,15 @@ def test_mask_leaf_kinds_and_errors():
     masking.masked_update(optax.sgd(1.0), bad).init(params)
   with pytest.raises(ConfigError, match="does not match"):
     masking.masked_update(optax.sgd(1.0), {"a": True}).init(params)
-  for bad_cfg, word in [(dict(lr=0), "lr"), (dict(lr=1, total_steps=0), "total_steps"),
-                        (dict(lr=1, total_steps=5, warmup_steps=5), "warmup"),
-                        (dict(lr=1, total_steps=5, momentum=1.0), "momentum"),
-                        (dict(lr=1, total_steps=5, weight_decay=-1), "weight_decay"),
-                        (dict(lr=1, total_steps=5, grad_clip_norm=0), "grad_clip")]:
+  for bad_cfg, steps, word in [(dict(lr=0), 5, "lr"), (dict(lr=1), 0, "num_steps"),
+                               (dict(lr=1, warmup_steps=5), 5, "warmup"),
+                               (dict(lr=1, momentum=1.0), 5, "momentum"),
+                               (dict(lr=1, weight_decay=-1), 5, "weight_decay"),
+                               (dict(lr=1, grad_clip=-1), 5, "grad_clip"),
+                               (dict(lr=1, name="adam"), 5, "optim.name"),
+                               (dict(lr=1, schedule="step"), 5, "optim.schedule")]:
     with pytest.raises(ConfigError, match=word):
-      masking.optimizer(bad_cfg)
+      optim.build(bad_cfg, steps)
 
 
 def test_pipeline_on_tiny_clip():
@@ -184,7 +187,7 @@ def test_pipeline_on_tiny_clip():
   scores = imp.hybrid_importance(params, acc)
   mask, info = sel.select_top_k(scores, k_percent=5)
   assert mask["head"] == {"kernel": None, "bias": None}
-  opt = masking.optimizer(dict(lr=0.5, total_steps=6, momentum=0.9, weight_decay=0.1), mask)
+  opt = optim.build(dict(lr=0.5, momentum=0.9, weight_decay=0.1), 6, mask)
   state = opt.tx.init(params)
 
   @jax.jit

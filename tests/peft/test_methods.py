@@ -143,7 +143,7 @@ def test_unexpected_additive_leaf_is_an_error_not_silently_frozen():
   _, params = _tiny_params(_cfg("lora"))
   with pytest.raises(ConfigError, match="no rule matches.*lora_"):
     methods.trainable_mask(_cfg("bitfit"), params)
-  with pytest.raises(ConfigError, match="Unknown config.peft.method"):
+  with pytest.raises(ConfigError, match="Unknown peft.method"):
     methods.trainable_mask(_cfg("bogus"), params)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from shpeft_jax import optim
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.models.clip_vit import build_model, init_params
 from shpeft_jax.peft import masking
@@ -60,10 +61,9 @@ def _run(tx, params, model, steps=5, seed=1):
 
 
 def _chain(**over):
-  cfg = dict(lr=0.05, total_steps=20, warmup_steps=2, momentum=0.9, weight_decay=0.01,
-             grad_clip_norm=0.5)
+  cfg = dict(lr=0.05, warmup_steps=2, momentum=0.9, weight_decay=0.01, grad_clip=0.5)
   cfg.update(over)
-  return masking.optimizer(cfg).tx
+  return optim.build(cfg, 20).tx
 
 
 def test_matches_dense_masked_path():
@@ -71,7 +71,7 @@ def test_matches_dense_masked_path():
   clip = 0.5
   model, params = _tiny()
   mask = _random_mask(params, 0.1)
-  tx = _chain(grad_clip_norm=clip)
+  tx = _chain(grad_clip=clip)
   dense, _ = _run(masking.masked_update(tx, mask), params, model)
   sparse, state = _run(sparse_masked_optimizer(tx, mask), params, model)
   assert isinstance(state, SparseMaskedState)
