@@ -137,10 +137,19 @@ def validate_runs(config, method_names: Sequence[str]) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`config.methods` empty: the run of `peft.method` in workdir (its results). Otherwise one run
-  per method in workdir/<method>, then a table ({method: results})."""
+  per method in workdir/<method>, then a table ({method: results}).
+
+  With `config.sweep.seeds` / `sweep.lr_grid` every method runs per learning rate and seed (in
+  <method>/lr_<lr>/seed_<s>), the lr is chosen on the validation split, and the table gives the
+  test metrics as mean ± sd over the seeds with the paired difference to SH-PEFT
+  (`evaluation.compare`); the result is then {method: [{lr, seed, run_dir, results}, ...]}.
+  """
   methods = tuple(config.methods)
   validate_runs(config, methods or (config.peft.method,))
   base = prepare(config, workdir)
+  if config.sweep.seeds or config.sweep.lr_grid or any(
+      "sweep" in o for o in config.method_overrides.values()):
+    return _run_seeds(base, workdir, methods or (base.peft.method,))
   if not methods:
     return run_one(method_config(base, base.peft.method), workdir)
   results = {m: run_one(method_config(base, m), os.path.join(workdir, m.replace("/", "_")))
@@ -152,6 +161,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(table + "\n")
     params_io.json_dump(os.path.join(workdir, "results.json"), results)
   return results
+
+
+def _run_seeds(base: ml_collections.ConfigDict, workdir: str, methods: Sequence[str]) -> dict:
+  """Every method over its lr grid and the seeds; the seed table (evaluation.compare)."""
+  from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
+  seeds = compare.seeds_of(base)
+  out, records = {}, []
+  for m in methods:
+    c = method_config(base, m)
+    grid = compare.lr_grid_of(c)
+    out[m] = compare.run_grid(c, os.path.join(workdir, m.replace("/", "_")), run_one,
+                              seeds=seeds, lr_grid=grid, by_lr=bool(c.sweep.lr_grid),
+                              by_seed=bool(base.sweep.seeds))
+    records += [{"dataset": c.data.name, "variant": m, "label": m, "method": m, "type": "",
+                 "lr": r["lr"], "seed": r["seed"], **compare.metrics_of(r["results"])}
+                for r in out[m]]
+  if jax.process_index() == 0:
+    table = compare.format_seed_table(records)
+    print(table, flush=True)
+    with open(os.path.join(workdir, "results_table.txt"), "w") as f:
+      f.write(table + "\n")
+    params_io.json_dump(os.path.join(workdir, "results.json"),
+                        {"runs": records, "summary": compare.summary_json(records)})
+  return out
 
 
 def format_table(results: dict) -> str:
