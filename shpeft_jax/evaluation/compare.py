@@ -30,6 +30,10 @@ REFERENCE = "shpeft"
 NAN = float("nan")
 
 
+def _finite(x) -> bool:
+  return x is not None and math.isfinite(x)
+
+
 def _groups(records: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
   out: dict[tuple[str, str], list[dict]] = {}
   for r in records:
@@ -69,27 +73,36 @@ def summarize(records: Sequence[dict], reference: str = REFERENCE, *,
   for (dataset, variant), runs in groups.items():
     lr = chosen[(dataset, variant)]
     at = [r for r in runs if r["lr"] == lr]
-    per_seed = {r["seed"]: r["f1"] for r in at}
-    if len(per_seed) != len(at):
+    if len({r["seed"] for r in at}) != len(at):
       raise ConfigError(f"{dataset}/{variant} at lr {lr:g}: two runs with the same seed.")
+    # A run without a test result (the sweep warns) leaves its seed out of the cell and of the
+    # pairing; `n` says how many seeds a number stands on.
+    at = [r for r in at if _finite(r.get("f1"))]
+    per_seed = {r["seed"]: r["f1"] for r in at}
     diff = None
     ref_key = (dataset, reference)
     if ref_key in groups and variant != reference:
       ref_lr = chosen[ref_key]
-      ref = {r["seed"]: r["f1"] for r in groups[ref_key] if r["lr"] == ref_lr}
-      diff = stats.paired_difference(per_seed, ref, interval=interval, confidence=confidence)
-    first = at[0]
+      ref = {r["seed"]: r["f1"] for r in groups[ref_key]
+             if r["lr"] == ref_lr and _finite(r.get("f1"))}
+      common = sorted(set(per_seed) & set(ref))
+      diff = stats.paired_difference({s: per_seed[s] for s in common},
+                                     {s: ref[s] for s in common}, interval=interval,
+                                     confidence=confidence)
+    first = at[0] if at else runs[0]
     rows.append({
         "dataset": dataset, "variant": variant, "label": first.get("label", variant),
         "type": first.get("type", ""), "method": first.get("method", variant),
         "lr": lr, "grid": list(dict.fromkeys(r["lr"] for r in runs)),
         "seeds": sorted(per_seed),
         "f1": stats.summarize([per_seed[s] for s in sorted(per_seed)]),
-        "accuracy": stats.summarize([r.get("accuracy", NAN) for r in at]),
-        "auc": stats.summarize([r.get("auc", NAN) for r in at]),
-        "val_f1": float(np.mean([r.get("val_f1", NAN) for r in at])),
+        "accuracy": stats.summarize([r.get("accuracy", NAN) for r in at
+                                     if _finite(r.get("accuracy"))]),
+        "auc": stats.summarize([r.get("auc", NAN) for r in at if _finite(r.get("auc"))]),
+        "val_f1": float(np.mean([r.get("val_f1", NAN) for r in at])) if at else NAN,
         "vs_reference": diff,
-        "trainable_percent": float(np.mean([r.get("trainable_percent", NAN) for r in at])),
+        "trainable_percent": (float(np.mean([r.get("trainable_percent", NAN) for r in at]))
+                              if at else NAN),
     })
   return rows
 

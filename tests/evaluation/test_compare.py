@@ -147,3 +147,13 @@ def test_seed_table_text():
   assert "over 3 seed(s) 0, 1, 2" in text
   line = next(l for l in text.splitlines() if l.startswith("random"))
   assert "82.3 ± 2.9" in line and "+1.3 [" in line and "2-0-1" in line
+
+
+def test_a_run_without_test_result_is_left_out_and_counted():
+  recs = _records()
+  recs = [dict(r, f1=float("nan")) if (r["variant"], r["lr"], r["seed"]) == ("random", 1.0, 2)
+          else r for r in recs]
+  rows = {r["variant"]: r for r in compare.summarize(recs)}
+  assert rows["random"]["f1"].n == 2 and rows["random"]["seeds"] == [0, 1]
+  assert rows["random"]["vs_reference"].n == 2  # paired on the seeds both have
+  assert rows["shpeft"]["f1"].n == 3
