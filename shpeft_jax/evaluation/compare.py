@@ -202,6 +202,7 @@ def plot_f1_vs_trainable(records: Sequence[dict], path: str, reference: str = RE
   datasets, table = _by_variant(rows)
   fig, ax = plt.subplots(figsize=(7.0, 4.8))
   n_seeds = set()
+  at_x: dict[float, int] = {}  # Methods at the same trainable % (the ablations) side by side.
   for variant, cells in table.items():
     cs = [cells.get(d) for d in datasets]
     y = _avg(cs, datasets)
@@ -213,12 +214,14 @@ def plot_f1_vs_trainable(records: Sequence[dict], path: str, reference: str = RE
     sd = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
     n_seeds.add(len(per_seed))
     ours = cells[datasets[0]]["method"] == reference if datasets[0] in cells else False
+    i = at_x[round(x, 6)] = at_x.get(round(x, 6), -1) + 1
+    x *= 1.06 ** i
     ax.errorbar([x], [100 * y], yerr=[100 * sd], fmt="*" if ours else "o",
                 ms=10 if ours else 6, capsize=3, color="tab:red" if ours else "tab:blue",
                 zorder=3)
     lrs = "/".join(f"{c['lr']:g}" for c in cs if c is not None)
     ax.annotate(f"{cells[next(iter(cells))]['label']} (lr {lrs})", (x, 100 * y),
-                textcoords="offset points", xytext=(5, 4), fontsize=7)
+                textcoords="offset points", xytext=(5, 4 - 9 * (i % 2)), fontsize=7)
   ax.set_xscale("log")
   ax.set_xlabel("trainable parameters (%)")
   ax.set_ylabel("average test macro F1 (%)")
