@@ -149,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   base = prepare(config, workdir)
   if config.sweep.seeds or config.sweep.lr_grid or any(
       "sweep" in o for o in config.method_overrides.values()):
-    return _run_seeds(base, workdir, methods or (base.peft.method,))
+    return _run_seeds(base, workdir, methods or (base.peft.method,), per_method=bool(methods))
   if not methods:
     return run_one(method_config(base, base.peft.method), workdir)
   results = {m: run_one(method_config(base, m), os.path.join(workdir, m.replace("/", "_")))
@@ -163,15 +163,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _run_seeds(base: ml_collections.ConfigDict, workdir: str, methods: Sequence[str]) -> dict:
-  """Every method over its lr grid and the seeds; the seed table (evaluation.compare)."""
+def _run_seeds(base: ml_collections.ConfigDict, workdir: str, methods: Sequence[str], *,
+               per_method: bool) -> dict:
+  """Every method over its lr grid and the seeds (in workdir/<method>/ when `per_method`, else in
+  workdir/ itself, like a single run); the seed table (evaluation.compare)."""
   from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
   seeds = compare.seeds_of(base)
   out, records = {}, []
   for m in methods:
     c = method_config(base, m)
     grid = compare.lr_grid_of(c)
-    out[m] = compare.run_grid(c, os.path.join(workdir, m.replace("/", "_")), run_one,
+    out[m] = compare.run_grid(c, os.path.join(workdir, m.replace("/", "_")) if per_method
+                              else workdir, run_one,
                               seeds=seeds, lr_grid=grid, by_lr=bool(c.sweep.lr_grid),
                               by_seed=bool(base.sweep.seeds))
     records += [{"dataset": c.data.name, "variant": m, "label": m, "method": m, "type": "",
