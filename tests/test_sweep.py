@@ -94,6 +94,7 @@ def test_run_sweep_layout_and_configs_with_a_recording_runner(tmp_path):
   base = _demo_config()
   with base.unlocked():
     base.pretrain.enabled = False
+    base.sweep.seeds = ()  # The plain layout: one run per (dataset, variant).
   seen = []
 
   def fake_run(cfg, workdir):
@@ -161,6 +162,7 @@ def test_tiny_sweep_end_to_end_on_the_demo_digits(tmp_path):
     base.train.batch_size = 16
     base.peft.score_batches = 1
     base.peft.k_percent = 5.0
+    base.sweep.seeds = ()  # One seed: the plain layout (seeds: tests/test_seeds.py).
   variants = sweep.build_variants(["linear", "shpeft", "random"], [])
   records = sweep.run_sweep(base, str(tmp_path), variants)
   paths = sweep.write_outputs(records, str(tmp_path))
