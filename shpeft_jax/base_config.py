@@ -77,6 +77,12 @@ def get_config(arg=None):
   # {"linear": {"optim": {"lr": 100.0}}}; they apply wherever the method runs (main, sweep).
   config.methods = ()
   config.method_overrides = ml_collections.ConfigDict()
+  # Seeds and learning rates (main's method list and the sweep; docs/BASELINES.md): every run
+  # is repeated per seed, the lr is chosen per method on the validation split from lr_grid.
+  # Empty: config.seed / optim.lr. A method's own grid: method_overrides[m].sweep.lr_grid.
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.seeds = ()
+  config.sweep.lr_grid = ()
 
   # Stage 0 (the demo): pre-train the encoder on a source task, cached in WORKDIR/pretrain, and
   # start every run from it. Full training from scratch with its own data and optimizer.

@@ -18,6 +18,7 @@ it takes a resolved config and returns the run's results.json.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from typing import Any, Mapping, Sequence
 
@@ -143,6 +144,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """`config.methods` empty: the run of `peft.method` in workdir (its results). Otherwise one run
   per method in workdir/<method>, then a table ({method: results}).
 
+  With `config.sweep.seeds` / `sweep.lr_grid` every method runs per learning rate and seed (in
+  <method>/lr_<lr>/seed_<s>), the lr is chosen on the validation split, and the table gives the
+  test metrics as mean ± sd over the seeds with the paired difference to SH-PEFT
+  (`evaluation.compare`); the result is then {method: [{lr, seed, run_dir, results}, ...]}.
+
   restart_from: a stage (`shpeft_jax.stages.STAGES`) to redo with every later one, in every run;
   'pretrain' redoes the demo's pre-training and everything that starts from it.
   """
@@ -153,6 +159,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if restart_from == "pretrain":
     restart_from = "data"  # Every run starts from the pre-trained encoder: all of it is redone.
   restart = {"restart_from": restart_from} if restart_from else {}
+  if config.sweep.seeds or config.sweep.lr_grid or any(
+      "sweep" in o for o in config.method_overrides.values()):
+    return _run_seeds(base, workdir, methods or (base.peft.method,), per_method=bool(methods),
+                      run_fn=functools.partial(run_one, **restart))
   if not methods:
     return run_one(method_config(base, base.peft.method), workdir, **restart)
   results = {m: run_one(method_config(base, m), os.path.join(workdir, m.replace("/", "_")),
@@ -165,6 +175,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       f.write(table + "\n")
     params_io.json_dump(os.path.join(workdir, "results.json"), results)
   return results
+
+
+def _run_seeds(base: ml_collections.ConfigDict, workdir: str, methods: Sequence[str], *,
+               per_method: bool, run_fn=run_one) -> dict:
+  """Every method over its lr grid and the seeds (in workdir/<method>/ when `per_method`, else in
+  workdir/ itself, like a single run); the seed table (evaluation.compare)."""
+  from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
+  seeds = compare.seeds_of(base)
+  out, records = {}, []
+  for m in methods:
+    c = method_config(base, m)
+    grid = compare.lr_grid_of(c)
+    out[m] = compare.run_grid(c, os.path.join(workdir, m.replace("/", "_")) if per_method
+                              else workdir, run_fn,
+                              seeds=seeds, lr_grid=grid, by_lr=bool(c.sweep.lr_grid),
+                              by_seed=bool(base.sweep.seeds))
+    records += [{"dataset": c.data.name, "variant": m, "label": m, "method": m, "type": "",
+                 "lr": r["lr"], "seed": r["seed"], **compare.metrics_of(r["results"])}
+                for r in out[m]]
+  if jax.process_index() == 0:
+    table = compare.format_seed_table(records)
+    print(table, flush=True)
+    with open(os.path.join(workdir, "results_table.txt"), "w") as f:
+      f.write(table + "\n")
+    params_io.json_dump(os.path.join(workdir, "results.json"),
+                        {"runs": records, "summary": compare.summary_json(records)})
+  return out
 
 
 def format_table(results: dict) -> str:

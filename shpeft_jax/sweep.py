@@ -5,17 +5,25 @@
 
 Every run is `runs.run_one` on `runs.method_config(config, method, ...)` (the method's
 `method_overrides`, as `main` applies them, then for the ablations `peft.estimator` / `mode` /
-`lam`), in WORKDIR/<dataset>/<variant>/. A finished run leaves
+`lam`), in WORKDIR/<dataset>/<variant>/[lr_<lr>/][seed_<s>/]. A finished run leaves
 results.json there and is not repeated, so an interrupted sweep resumes where it stopped. When the
 config has a `pretrain` stage (the demo), it runs once, in WORKDIR/pretrain, and every run starts
-from its encoder.
+from its encoder (whatever the seed).
+
+Seeds and learning rates (`--seeds 0,1,2,3,4`, `--lr_grid 0.03,0.1,0.3,1`, or config.sweep.seeds /
+sweep.lr_grid; a method's own grid in method_overrides[m].sweep.lr_grid wins): every variant runs
+per lr and seed; its lr is the one with the best mean validation macro F1 over the seeds, and the
+test numbers are read at that lr only (`shpeft_jax.evaluation.compare`).
 
 Outputs in WORKDIR:
-  results.csv / results.md   Table 1 layout: one row per method, one F1 % column per dataset, Avg,
-                             and the trainable % (the x-axis of Fig. 4)
-  runs.csv                   one line per (dataset, method) with F1, accuracy, AUC, trainable count
-  f1_vs_trainable.png        Fig. 4: average F1 against the trainable % (log scale)
-  sweep.json                 everything above as JSON
+  results.csv / results.md   Table 1 layout: one row per method; per dataset the test F1 % as
+                             mean ± sd over the seeds, the chosen lr, the paired difference to
+                             SH-PEFT (95% t interval) and wins-ties-losses; Avg; trainable %
+  runs.csv                   one line per run (dataset, method, lr, seed) with validation and test
+                             F1, accuracy, AUC, trainable count, and whether its lr was chosen
+  f1_vs_trainable.png        Fig. 4: average F1 against the trainable % (log scale), error bars =
+                             sd over seeds, the chosen lr in each label
+  sweep.json                 the runs and the summary rows as JSON
 
 Ablation presets (`--ablation`, comma-separated, added after `--methods`):
   table4  the importance estimators: I_ta | I_td-L1 | I_ta + I_td-L1 | I_td-L2 | I_ta + I_td-L2
@@ -27,10 +35,8 @@ Ablation presets (`--ablation`, comma-separated, added after `--methods`):
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Callable, Sequence
 
@@ -53,6 +59,12 @@ _METHODS = flags.DEFINE_list(
 _DATASETS = flags.DEFINE_list(
     "datasets", [], "config.data.name values, one table column each (default: the config's).")
 _ABLATION = flags.DEFINE_list("ablation", [], "presets: table4, table5, random.")
+_SEEDS = flags.DEFINE_list(
+    "seeds", [], "seeds to repeat every run with (config.seed; default: config.sweep.seeds, else "
+    "config.seed). A seed changes the head init, data order, scoring batches and random mask.")
+_LR_GRID = flags.DEFINE_list(
+    "lr_grid", [], "learning rates to choose from on the validation split, per method (default: "
+    "config.sweep.lr_grid, else each method's optim.lr; a method's own sweep.lr_grid wins).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,132 +142,76 @@ def _validate_all(config, variants: Sequence[Variant], datasets: Sequence[str]) 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequence[Variant],
               datasets: Sequence[str] | None = None,
-              run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> list[dict]:
-  """Runs every (dataset, variant); returns one record per run (see `_record`)."""
+              run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+              seeds: Sequence[int] | None = None,
+              lr_grid: Sequence[float] | None = None) -> list[dict]:
+  """Runs every (dataset, variant, lr, seed); returns one record per run (see `_record`)."""
   from shpeft_jax import runs  # pylint: disable=g-import-not-at-top  (imports jax)
+  from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
   validate = run_fn is None
   run_fn = run_fn or runs.run_one
   datasets = list(datasets or [config.data.name])
+  config = _with_sweep_flags(config, seeds, lr_grid)
   if validate:
     _validate_all(config, variants, datasets)
   base = runs.prepare(config, workdir)
+  seeds = compare.seeds_of(base)
   records = []
   for dataset in datasets:
     for v in variants:
       cfg = variant_config(base, v, dataset)
+      grid = compare.lr_grid_of(cfg)
       run_dir = os.path.join(workdir, dataset, v.key)
-      logging.info("sweep: %s / %s -> %s", dataset, v.label, run_dir)
-      records.append(_record(dataset, v, run_fn(cfg, run_dir)))
+      logging.info("sweep: %s / %s -> %s (lr %s, seeds %s)", dataset, v.label, run_dir, grid,
+                   seeds)
+      for r in compare.run_grid(cfg, run_dir, run_fn, seeds=seeds, lr_grid=grid,
+                                by_lr=bool(cfg.sweep.lr_grid), by_seed=bool(base.sweep.seeds)):
+        records.append(_record(dataset, v, r["results"], r["lr"], r["seed"]))
   return records
 
 
-def _record(dataset: str, v: Variant, res: dict) -> dict:
-  test = res.get("test") or {}
-  nan = float("nan")
-  if not test:
+def _with_sweep_flags(config, seeds, lr_grid) -> ml_collections.ConfigDict:
+  """--seeds / --lr_grid written into config.sweep (a method's own sweep.lr_grid still wins)."""
+  import copy  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    if seeds:
+      config.sweep.seeds = tuple(int(s) for s in seeds)
+    if lr_grid:
+      config.sweep.lr_grid = tuple(float(x) for x in lr_grid)
+  return config
+
+
+def _record(dataset: str, v: Variant, res: dict, lr: float, seed: int) -> dict:
+  from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
+  if not res.get("test"):
     logging.warning("sweep: %s / %s has no test result (%s); left empty in the table.", dataset,
                     v.key, res)
   return {"dataset": dataset, "variant": v.key, "label": v.label, "type": v.kind,
-          "method": v.method, "overrides": dict(v.overrides),
-          "trainable": res.get("trainable"), "total": res.get("total"),
-          "trainable_percent": res.get("trainable_percent", nan),
-          "f1": test.get("f1_macro", nan), "accuracy": test.get("accuracy", nan),
-          "auc": test.get("auc_macro", nan)}
-
-
-def _mean(xs):
-  xs = [x for x in xs if x is not None and not math.isnan(x)]
-  return sum(xs) / len(xs) if xs else float("nan")
-
-
-def table_rows(records: Sequence[dict]) -> tuple[list[str], list[dict]]:
-  """(datasets, rows): one row per variant in first-seen order with F1 % per dataset and Avg."""
-  datasets = list(dict.fromkeys(r["dataset"] for r in records))
-  rows: dict[str, dict] = {}
-  for r in records:
-    row = rows.setdefault(r["variant"], {"variant": r["variant"], "label": r["label"],
-                                         "type": r["type"], "method": r["method"], "f1": {},
-                                         "pct": []})
-    row["f1"][r["dataset"]] = 100.0 * r["f1"]
-    row["pct"].append(r["trainable_percent"])
-  for row in rows.values():
-    row["avg"] = _mean([row["f1"].get(d, float("nan")) for d in datasets])
-    row["trainable_percent"] = _mean(row.pop("pct"))
-  return datasets, list(rows.values())
-
-
-def _fmt(x: float, digits: int = 1) -> str:
-  return "" if x is None or math.isnan(x) else f"{x:.{digits}f}"
-
-
-def _fmt_pct(x: float) -> str:
-  return "" if math.isnan(x) else f"{x:.4g}"
-
-
-def write_tables(records: Sequence[dict], workdir: str) -> dict[str, str]:
-  """results.csv / results.md (Table 1 layout) and runs.csv; returns their paths."""
-  datasets, rows = table_rows(records)
-  paths = {k: os.path.join(workdir, f) for k, f in
-           (("csv", "results.csv"), ("md", "results.md"), ("runs", "runs.csv"))}
-  with open(paths["csv"], "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["method", "type", *datasets, "avg", "trainable_percent"])
-    for row in rows:
-      w.writerow([row["label"], row["type"], *[_fmt(row["f1"].get(d, float("nan")), 2)
-                                               for d in datasets],
-                  _fmt(row["avg"], 2), _fmt_pct(row["trainable_percent"])])
-  lines = [f"| Method | Type | {' | '.join(datasets)} | Avg | Trainable % |",
-           "|" + "---|" * 2 + "---:|" * (len(datasets) + 2)]
-  for row in rows:
-    cells = [_fmt(row["f1"].get(d, float("nan"))) for d in datasets]
-    lines.append(f"| {row['label']} | {row['type']} | {' | '.join(cells)} | {_fmt(row['avg'])} | "
-                 f"{_fmt_pct(row['trainable_percent'])} |")
-  with open(paths["md"], "w") as f:
-    f.write("Macro F1 (%) on the test split; trainable % of the model's parameters.\n\n")
-    f.write("\n".join(lines) + "\n")
-  fields = ["dataset", "variant", "label", "type", "method", "trainable", "total",
-            "trainable_percent", "f1", "accuracy", "auc"]
-  with open(paths["runs"], "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(records)
-  return paths
-
-
-def plot_f1_vs_trainable(records: Sequence[dict], path: str) -> str:
-  """Fig. 4: average F1 (%) against trainable % (log x), one labelled point per method."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  _, rows = table_rows(records)
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
-  for row in rows:
-    x, y = row["trainable_percent"], row["avg"]
-    if math.isnan(x) or math.isnan(y) or x <= 0:
-      continue
-    ours = row["method"] == "shpeft"
-    ax.scatter([x], [y], s=60 if ours else 36, marker="*" if ours else "o",
-               color="tab:red" if ours else "tab:blue", zorder=3)
-    ax.annotate(row["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-  ax.set_xscale("log")
-  ax.set_xlabel("trainable parameters (%)")
-  ax.set_ylabel("average macro F1 (%)")
-  ax.set_title("F1 vs trainable parameters")
-  ax.grid(True, which="both", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+          "method": v.method, "overrides": dict(v.overrides), "lr": float(lr), "seed": int(seed),
+          **compare.metrics_of(res)}
 
 
 def write_outputs(records: Sequence[dict], workdir: str) -> dict[str, str]:
+  """results.csv / results.md / runs.csv, Fig. 4 and sweep.json (evaluation.compare)."""
+  from shpeft_jax import utils  # pylint: disable=g-import-not-at-top  (imports jax)
+  from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
-  paths = write_tables(records, workdir)
-  paths["png"] = plot_f1_vs_trainable(records, os.path.join(workdir, "f1_vs_trainable.png"))
+  paths = compare.write_tables(records, workdir)
+  paths["png"] = compare.plot_f1_vs_trainable(records,
+                                              os.path.join(workdir, "f1_vs_trainable.png"))
   paths["json"] = os.path.join(workdir, "sweep.json")
-  with open(paths["json"], "w") as f:
-    json.dump({"records": list(records)}, f, indent=2, default=str)
+  with utils.atomic_path(paths["json"]) as tmp, open(tmp, "w") as f:
+    json.dump({"records": list(records), "summary": compare.summary_json(records)}, f, indent=2,
+              default=str)
   return paths
+
+
+def _numbers(flag: str, values: Sequence[str], kind) -> list:
+  try:
+    return [kind(x) for x in values]
+  except ValueError as e:
+    raise ConfigError(f"{flag} takes comma-separated numbers, got {','.join(values)!r}.") from e
 
 
 def main(argv):
@@ -272,10 +228,13 @@ def main(argv):
 
   def run():
     variants = build_variants(_METHODS.value, _ABLATION.value)
+    seeds = _numbers("--seeds", _SEEDS.value, int)
+    lr_grid = _numbers("--lr_grid", _LR_GRID.value, float)
     lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
             else contextlib.nullcontext())
     with lock:
-      records.extend(run_sweep(_CONFIG.value, workdir, variants, _DATASETS.value))
+      records.extend(run_sweep(_CONFIG.value, workdir, variants, _DATASETS.value,
+                               seeds=seeds, lr_grid=lr_grid))
   code = errors.cli_main(run, verbosity=flags.FLAGS.verbosity, hint_path=workdir,
                          log_file=os.path.join(workdir, "log.txt"))
   if code:

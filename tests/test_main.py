@@ -30,7 +30,9 @@ _TINY_DEMO = ["--config", "configs/demo.py", "--config.model.name=test_tiny",
               "--config.peft.k_percent=5", "--config.peft.score_batches=2",
               "--config.pretrain.num_steps=4", "--config.pretrain.eval_every=2",
               "--config.pretrain.optim.warmup_steps=1",
-              f"--config.compilation_cache_dir={XLA_CACHE}"]
+              f"--config.compilation_cache_dir={XLA_CACHE}",
+              # One seed and three methods: the single-run table (seeds: tests/test_seeds.py).
+              "--config.sweep.seeds=()", '--config.methods=("shpeft","full","linear")']
 
 
 def _table_rows(stdout):

@@ -25,7 +25,8 @@ def _captured(monkeypatch):
 
   def fake_run(config, workdir, seed=None):
     del seed
-    seen[config.peft.method] = (copy.deepcopy(config), workdir)
+    # The first run of each method: the demo repeats them per seed (config.sweep.seeds).
+    seen.setdefault(config.peft.method, (copy.deepcopy(config), workdir))
     return {"test": {"f1_macro": 0.5, "accuracy": 0.5, "auc_macro": 0.5},
             "trainable_percent": 1.0}
   monkeypatch.setattr(runs, "run_one", fake_run)
@@ -68,8 +69,8 @@ def test_main_and_sweep_give_a_method_the_same_resolved_config(monkeypatch, tmp_
     assert settings(a) == settings(b) == settings(c), m
     assert a.optim.lr == expected_lr[m], m
     assert a.methods == () and not a.method_overrides and a.peft.method == m
-  assert main_many["random"][1] == str(tmp_path / "many" / "random")
-  assert main_one["random"][1] == str(tmp_path / "one" / "random")
+  assert main_many["random"][1] == str(tmp_path / "many" / "random" / "seed_0")
+  assert main_one["random"][1] == str(tmp_path / "one" / "random" / "seed_0")  # its workdir
 
 
 def test_method_config_rejects_an_override_of_a_missing_field():

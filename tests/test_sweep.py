@@ -9,6 +9,7 @@ import pytest
 
 from shpeft_jax import sweep
 from shpeft_jax.errors import ConfigError
+from shpeft_jax.evaluation import compare
 from shpeft_jax.peft import methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,7 @@ def _records():
                                       ("shpeft", "SH-PEFT", 1.0)), f1s):
       rows.append({"dataset": ds, "variant": key, "label": label, "type": "S", "method": key,
                    "overrides": {}, "trainable": 1, "total": 100, "trainable_percent": pct,
-                   "f1": f1, "accuracy": f1, "auc": f1})
+                   "lr": 0.1, "seed": 0, "val_f1": f1, "f1": f1, "accuracy": f1, "auc": f1})
   return rows
 
 
@@ -69,12 +70,19 @@ def test_tables_and_plot_from_records(tmp_path):
   paths = sweep.write_outputs(_records(), str(tmp_path))
   with open(paths["csv"]) as f:
     table = list(csv.reader(f))
-  assert table[0] == ["method", "type", "d1", "d2", "avg", "trainable_percent"]
-  assert table[1] == ["Linear Prob", "S", "50.00", "70.00", "60.00", "0.01"]
-  assert table[2] == ["SH-PEFT", "S", "80.00", "60.00", "70.00", "1"]
+  assert table[0][:8] == ["method", "type", "dataset", "lr", "n_seeds", "seeds", "f1_mean",
+                          "f1_sd"]
+  assert [row[:8] for row in table[1:]] == [
+      ["Linear Prob", "S", "d1", "0.1", "1", "0", "50.00", ""],
+      ["SH-PEFT", "S", "d1", "0.1", "1", "0", "80.00", ""],
+      ["Linear Prob", "S", "d2", "0.1", "1", "0", "70.00", ""],
+      ["SH-PEFT", "S", "d2", "0.1", "1", "0", "60.00", ""]]
+  # One seed: no sd, no interval; the paired difference is the one seed's difference.
+  assert table[1][11] == "-30.00" and table[1][12] == ""
   md = open(paths["md"]).read()
-  assert "| Method | Type | d1 | d2 | Avg | Trainable % |" in md
-  assert "| SH-PEFT | S | 80.0 | 60.0 | 70.0 | 1 |" in md
+  assert "| Method | Type | d1 | lr | Δ vs SH-PEFT | W-T-L | d2 | lr |" in md
+  assert "| SH-PEFT | S | 80.0 (n=1) | 0.1 |  |  | 60.0 (n=1) | 0.1 |  |  | 70.0 | 1 |" in md
+  assert "| Linear Prob | S | 50.0 (n=1) | 0.1 | -30.0 | 0-0-1 | 70.0 (n=1) | 0.1 | +10.0 |" in md
   import matplotlib.image as mpimg  # pylint: disable=g-import-not-at-top
   img = mpimg.imread(paths["png"])
   assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0
@@ -86,21 +94,59 @@ def test_run_sweep_layout_and_configs_with_a_recording_runner(tmp_path):
   base = _demo_config()
   with base.unlocked():
     base.pretrain.enabled = False
+    base.sweep.seeds = ()  # The plain layout: one run per (dataset, variant).
   seen = []
 
   def fake_run(cfg, workdir):
     seen.append((cfg.data.name, cfg.peft.method, cfg.peft.lam, workdir))
     return {"trainable": 7, "total": 70, "trainable_percent": 10.0,
             "test": {"f1_macro": 0.25 if cfg.peft.lam == 0.5 else 0.5, "accuracy": 0.5,
-                     "auc_macro": 0.5}}
+                     "auc_macro": 0.5}, "validation": {"f1_macro": 0.5}}
 
   variants = sweep.build_variants(["linear"], ["table5"])
   records = sweep.run_sweep(base, str(tmp_path), variants, ["a", "b"], run_fn=fake_run)
   assert len(records) == len(seen) == 2 * 6
   assert seen[0] == ("a", "linear", 1.0, os.path.join(str(tmp_path), "a", "linear"))
   assert seen[-1] == ("b", "shpeft", 0.5, os.path.join(str(tmp_path), "b", "lam_0.5"))
-  _, rows = sweep.table_rows(records)
-  assert [r["avg"] for r in rows] == [50.0] * 5 + [25.0]
+  rows = compare.summarize(records)
+  assert [r["f1"].mean for r in rows] == ([0.5] * 5 + [0.25]) * 2
+  assert {r["lr"] for r in records} == {100.0, 0.3}  # linear 100, the shpeft ablations 0.3
+
+
+def test_seeds_and_lr_grid_layout_and_choice_on_validation(tmp_path):
+  """--seeds / --lr_grid: one run per (lr, seed) in lr_<lr>/seed_<s>, the lr chosen on validation
+  (the validation-best lr differs from the test-best one), the encoder the same for every run."""
+  base = _demo_config()
+  with base.unlocked():
+    base.pretrain.enabled = False
+    base.model.init_checkpoint = "/ckpt/encoder"
+    base.method_overrides = base.method_overrides.to_dict()
+  seen = []
+
+  def fake_run(cfg, workdir):
+    seen.append((cfg.peft.method, cfg.optim.lr, cfg.seed, cfg.model.init_checkpoint, workdir))
+    lr = cfg.optim.lr
+    return {"trainable": 7, "total": 70, "trainable_percent": 10.0,
+            # Validation prefers the small lr, test the large one: the table must show the small.
+            "validation": {"f1_macro": 0.9 if lr == 0.1 else 0.6},
+            "test": {"f1_macro": (0.70 if lr == 0.1 else 0.95) + 0.01 * cfg.seed,
+                     "accuracy": 0.5, "auc_macro": 0.5}}
+
+  variants = sweep.build_variants(["shpeft", "random"], [])
+  records = sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, seeds=[0, 1, 2],
+                            lr_grid=[0.1, 1.0])
+  assert len(seen) == 2 * 2 * 3
+  assert {s[3] for s in seen} == {"/ckpt/encoder"}
+  assert seen[0][4] == os.path.join(str(tmp_path), "digits", "shpeft", "lr_0.1", "seed_0")
+  assert [(s[1], s[2]) for s in seen[:6]] == [(0.1, 0), (0.1, 1), (0.1, 2), (1.0, 0), (1.0, 1),
+                                              (1.0, 2)]
+  paths = sweep.write_outputs(records, str(tmp_path))
+  md = open(paths["md"]).read()
+  assert "mean ± sd over 3 seed(s) (0, 1, 2)" in md
+  assert "| SH-PEFT | S | 71.0 ± 1.0 (n=3) | 0.1 |" in md  # not 96.0 at lr 1
+  with open(paths["runs"]) as f:
+    runs = list(csv.DictReader(f))
+  assert len(runs) == 12 and sum(r["chosen_lr"] == "True" for r in runs) == 6
 
 
 @pytest.mark.slow
@@ -116,6 +162,7 @@ def test_tiny_sweep_end_to_end_on_the_demo_digits(tmp_path):
     base.train.batch_size = 16
     base.peft.score_batches = 1
     base.peft.k_percent = 5.0
+    base.sweep.seeds = ()  # One seed: the plain layout (seeds: tests/test_seeds.py).
   variants = sweep.build_variants(["linear", "shpeft", "random"], [])
   records = sweep.run_sweep(base, str(tmp_path), variants)
   paths = sweep.write_outputs(records, str(tmp_path))
@@ -129,7 +176,7 @@ def test_tiny_sweep_end_to_end_on_the_demo_digits(tmp_path):
   assert by["linear"]["trainable"] == 32 * 5 + 5
   with open(paths["csv"]) as f:
     rows = {r["method"]: r for r in csv.DictReader(f)}
-  assert math.isclose(float(rows["SH-PEFT"]["digits"]), 100 * by["shpeft"]["f1"], abs_tol=0.006)
+  assert math.isclose(float(rows["SH-PEFT"]["f1_mean"]), 100 * by["shpeft"]["f1"], abs_tol=0.006)
   assert os.path.isfile(os.path.join(str(tmp_path), "digits", "shpeft", "results.json"))
   assert os.path.getsize(paths["png"]) > 1000
   # A second call reuses the finished runs (results.json) and gives the same records.
