@@ -257,3 +257,15 @@ def trainable_summary(rows: Iterable[Mapping[str, Any]], *, per_line: int = 4) -
   for i in range(0, len(items), per_line):
     lines.append("  " + ", ".join(items[i:i + per_line]))
   return lines
+
+
+def report_trainable(workdir: str, mask_tree, rules: Mapping[str, tuple[str, bool]]) -> None:
+  """One line per parameter tensor to WORKDIR/trainable_params.tsv (process 0); the console gets
+  the counts by type."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rows = trainable_rows(mask_tree, rules)
+  if jax.process_index() == 0:
+    write_trainable_tsv(os.path.join(workdir, "trainable_params.tsv"), rows)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  for line in trainable_summary(rows):
+    logging.info("%s", line)

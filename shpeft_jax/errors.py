@@ -108,12 +108,12 @@ def describe(exc: BaseException, hint_path: str | None = None) -> str | None:
       or "Checkpoint" in type(e).__name__ for e in chain):
     where = hint_path or "the checkpoint"
     return (f"cannot read {where}: the checkpoint is corrupt or incomplete "
-            f"({_first_line(chain[-1])}). Delete it (a trainer rerun resumes from the previous "
+            f"({first_line(chain[-1])}). Delete it (a trainer rerun resumes from the previous "
             "checkpoint) or recreate it.")
   return None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   s = str(e).strip().splitlines()
   return (s[0][:200] if s else type(e).__name__)
 
@@ -228,5 +228,5 @@ def config_file_error(exc: BaseException, argv) -> str:
   if not os.path.isfile(path):
     return (f"config file {path} does not exist; pass one of configs/*.py, e.g. "
             "--config configs/busi.py.")
-  text = _first_line(exc.__cause__ or exc.__context__ or exc)
+  text = first_line(exc.__cause__ or exc.__context__ or exc)
   return f"config file {path} cannot be loaded ({type(exc).__name__}: {text}); fix the file."

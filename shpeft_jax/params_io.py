@@ -13,6 +13,7 @@ import numpy as np
 from shpeft_jax import checkpoints as ckpt_lib
 from shpeft_jax import param_names
 from shpeft_jax import utils
+from shpeft_jax import errors
 from shpeft_jax.errors import CheckpointError
 
 PyTree = Any
@@ -96,3 +97,32 @@ def load_init_params(params: PyTree, init_dir: str, *, load_head: bool = False) 
                           f"model, e.g. {unused[:3]}; is it a checkpoint of another model?")
   logging.debug("Loaded %d parameter tensors from %s.", used, init_dir)
   return utils.unflatten_names(out)
+
+
+def checkpoint_manager(directory: str, train_cfg):
+  """The trainer's orbax CheckpointManager (keep-N, optionally async) over `directory`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.CheckpointManager(
+      os.path.abspath(directory),
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=int(train_cfg.keep_checkpoints), create=True,
+          enable_async_checkpointing=bool(train_cfg.async_checkpoints)))
+
+
+def restore_latest(manager, state) -> tuple[Any, int]:
+  """The latest checkpoint onto this mesh (whatever it was saved on), or the state as it is."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  if manager.latest_step() is None:
+    return state, 0
+  step = int(manager.latest_step())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          {"state": state})
+  try:
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))["state"]
+  except (ValueError, OSError, KeyError) as e:
+    raise CheckpointError(
+        f"the training checkpoint {os.path.join(str(manager.directory), str(step))} is corrupt or "
+        f"incomplete ({errors.first_line(e)}); delete that folder to resume from the checkpoint "
+        "before it, or rerun with --restart_from=train.") from e
+  logging.info("Resumed from the checkpoint at step %d.", step)
+  return state, step

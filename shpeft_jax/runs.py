@@ -28,6 +28,7 @@ import ml_collections
 
 from shpeft_jax import params_io
 from shpeft_jax import stages as stages_lib
+from shpeft_jax import utils
 from shpeft_jax import train
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.evaluation import writers
@@ -115,7 +116,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   if cache and not os.path.isabs(cache):
     with config.unlocked():
       config.compilation_cache_dir = os.path.abspath(os.path.join(workdir, cache))
-  train.enable_compilation_cache(config, workdir)
+  utils.enable_compilation_cache(config.compilation_cache_dir, workdir)
   if config.pretrain.enabled:
     init = pretrain(config, workdir, restart_from="data" if restart_pretrain else None)
     with config.unlocked():

@@ -89,3 +89,10 @@ def to_global(batch, sharding):
   """A process-local host batch -> global jax.Arrays (image, label, valid)."""
   batch = {k: batch[k] for k in ("image", "label", "valid")}
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def sync_processes(name: str) -> None:
+  """A barrier over every process of a multi-process run (nothing with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

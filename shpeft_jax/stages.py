@@ -261,3 +261,26 @@ def trainer_stages(config, workdir: str, *, source_id: str, init_id: str = "") -
                      "train.eval_batch_size"])})
   export = Stage(workdir, "export", {"train": train.fingerprint, **_pick(flat, ["train"])})
   return {"data": data, "scores": scores, "mask": mask, "train": train, "export": export}
+
+
+def check_trainer_stages(config, workdir: str, source_id: str,
+                         restart_stage: str | None) -> dict[str, Stage]:
+  """The trainer's stage fingerprints, checked upstream first (the error then names the fields
+  that changed); each Stage gets `.done`: a result made from the same inputs exists."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import sharding  # pylint: disable=g-import-not-at-top
+  is_main = jax.process_index() == 0
+  if restart_stage and is_main:
+    restart_from(workdir, restart_stage, TRAINER_OUTPUTS)
+  sharding.sync_processes(f"restart {workdir}")  # The others wait for process 0's deletions.
+  init = config.model.init_checkpoint
+  stages = trainer_stages(config, workdir, source_id=source_id,
+                          init_id=checkpoint_id(init) if init else "")
+  if is_main:
+    stages["data"].check_or_record()
+  else:
+    stages["data"].check()
+  for name in ("scores", "mask", "train", "export"):
+    exists = any(os.path.exists(os.path.join(workdir, p)) for p in TRAINER_OUTPUTS[name])
+    stages[name].done = stages[name].ensure(exists, record=is_main)
+  return stages

@@ -5,19 +5,7 @@ examples' train.py. Each stage leaves its result in the workdir, so a rerun skip
 and a killed run resumes from its last checkpoint with bit-identical parameters (the input stream
 restarts at the checkpointed step, see `shpeft_jax.data.input_pipeline`):
 
-  workdir/
-    config.json            the config the run was started with
-    scores/                importance scores (orbax tree; scored methods only)
-    mask.npz               boolean trainable mask + mask_stats.json (selection and counts)
-    trainable_params.tsv   one line per parameter tensor: type, layer, shape, rule, trained count
-    checkpoints/<step>/    orbax CheckpointManager: params, opt state, step, rng (keep-N)
-    best/                  params checkpoint of the best validation macro F1 (+ best.json)
-    metrics.jsonl          one JSON line per logged train step / evaluation
-    tb/                    TensorBoard event files (clu.metric_writers)
-    results.json           final test metrics (the evaluate stage's result)
-    test_predictions.npz   the reported model's test logits and labels (for `shpeft_jax.report`)
-    export/model/          params checkpoint of the reported model for `python -m shpeft_jax.export`
-    export/adapter/        the same model as a task adapter against model.init_checkpoint
+The files each stage leaves in the workdir are listed in docs/TRAINING.md.
 
 Around it: `sharding` (mesh and sharding rules), `optim` (the optimizer and its schedule),
 `peft.methods` (what a method trains, resolved once into a `PeftMethod`), `evaluation` (the eval
@@ -57,6 +45,7 @@ from shpeft_jax.peft import mask_io
 from shpeft_jax.peft import masking
 from shpeft_jax.peft import merge as merge_lib
 from shpeft_jax.peft import methods as methods_lib
+from shpeft_jax.peft import scoring
 from shpeft_jax.peft import sparse_optim
 
 if TYPE_CHECKING:  # Annotations only: benchmarks/gpu_check.py runs where it is not installed.
@@ -173,51 +162,6 @@ def init_params(config, model, mesh, rng):
 # Stages: score, select.
 
 
-def score(config, method, workdir, loss_fn, params, mesh) -> PyTree:
-  """Importance scores over `peft.score_batches` of the training split (cached in workdir/scores)."""
-  from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  from shpeft_jax.peft import importance  # pylint: disable=g-import-not-at-top
-  scores_dir = os.path.join(workdir, "scores")
-  scored = methods_lib.scoring_eligible(method, params)
-  if os.path.isdir(scores_dir):
-    logging.info("Reusing importance scores in %s.", scores_dir)
-    try:
-      flat = utils.flatten_names(params_io.restore_tree(scores_dir))
-    except (ValueError, OSError, KeyError) as e:
-      raise CheckpointError(f"the importance scores in {scores_dir} are corrupt or incomplete "
-                            f"({_first_line(e)}); rerun with --restart_from=scores.") from e
-    return utils.map_with_names(lambda n, s: flat.get(n) if s else None, scored)
-  # Multi-process: every process reads the same whole global batches (no process slice), so the
-  # `device_put` of each chunk onto the global sharding sees identical data everywhere.
-  peft, t = config.peft, config.train
-  train_split = split_names(config)[0]
-  iterator = functools.partial(
-      input_pipeline.make_train_iterator, config.data, split=train_split,
-      global_batch_size=t.batch_size, image_size=config.model.image_size, start_step=0)
-  num_batches = int(peft.score_batches)
-  if num_batches < 0:  # One epoch (the paper's "selected within one training epoch").
-    num_batches = max(1, input_pipeline.num_batches_per_epoch(
-        config.data, split=train_split, global_batch_size=t.batch_size))
-  if peft.head_warmup_steps > 0:
-    # Optional linear probe of the head before scoring (off by default: the paper scores with the
-    # fresh head). It only changes the head used for scoring; training starts from the fresh head.
-    params, losses = importance.warm_up_head(
-        loss_fn, params, iterator(seed=config.seed + 2), steps=int(peft.head_warmup_steps),
-        lr=float(peft.head_warmup_lr))
-    logging.info("Head warm-up before scoring: %d steps, loss %.4f -> %.4f.",
-                 peft.head_warmup_steps, losses[0], losses[-1])
-  acc, info = importance.score_dataset(
-      loss_fn, params, iterator(seed=config.seed + 1), num_batches=num_batches,
-      chunk_size=int(peft.score_chunk), scored=scored, shardings=sharding.chunk_sharding(mesh),
-      progress=False)
-  scores = importance.hybrid_importance(params, acc, scored=scored, **method.importance)
-  logging.info("scored the importance of the weights over %d batches (%d images) in %.1f s",
-               info["num_batches"], info["num_images"], info["seconds"])
-  if jax.process_index() == 0:
-    params_io.save_tree(scores_dir, utils.unflatten_names(utils.flatten_names(scores)))
-  return scores
-
-
 def select(config, method, workdir, loss_fn, params, mesh, rng) -> PyTree:
   """The host boolean mask (True = trained), saved to mask.npz + mask_stats.json (reused)."""
   mask_path = os.path.join(workdir, "mask.npz")
@@ -227,9 +171,10 @@ def select(config, method, workdir, loss_fn, params, mesh, rng) -> PyTree:
     try:
       return masking.full_mask(mask_io.load_mask(mask_path, host_params), host_params)
     except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
-      raise CheckpointError(f"{mask_path} is corrupt ({_first_line(e)}); rerun with "
+      raise CheckpointError(f"{mask_path} is corrupt ({errors.first_line(e)}); rerun with "
                             "--restart_from=mask to recompute it.") from e
-  scores = score(config, method, workdir, loss_fn, params, mesh) if method.scored else None
+  scores = (scoring.score(config, method, workdir, loss_fn, params, mesh) if method.scored
+            else None)
   mask, info = methods_lib.build_mask(method, host_params, scores=scores, rng=rng)
   mask = masking.full_mask(mask, host_params)
   if jax.process_index() == 0:
@@ -308,28 +253,6 @@ def train_loop(config, state, train_step, schedule, manager, validation, writer,
   return state
 
 
-def restore_latest(manager, state) -> tuple[Any, int]:
-  """The latest checkpoint onto this mesh (whatever it was saved on), or the state as it is."""
-  if manager.latest_step() is None:
-    return state, 0
-  step = int(manager.latest_step())
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          {"state": state})
-  try:
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))["state"]
-  except (ValueError, OSError, KeyError) as e:
-    raise CheckpointError(
-        f"the training checkpoint {os.path.join(str(manager.directory), str(step))} is corrupt or "
-        f"incomplete ({_first_line(e)}); delete that folder to resume from the checkpoint before "
-        "it, or rerun with --restart_from=train.") from e
-  logging.info("Resumed from the checkpoint at step %d.", step)
-  return state, step
-
-
-def _first_line(e: BaseException) -> str:
-  return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-
-
 # ---------------------------------------------------------------------------------------------
 # Stages: evaluate, export.
 
@@ -394,39 +317,21 @@ def evaluate_and_export(config, workdir, method, params, param_sh, eval_step, me
 # The run.
 
 
-def enable_compilation_cache(config, workdir: str):
-  """XLA's persistent cache: runs of one process (pre-training, several methods) share compiled
-  programs (same model => same init / eval / update HLO), which dominate a CPU demo's time."""
-  cache = config.compilation_cache_dir
-  if not cache:
-    return
-  cache = os.path.join(workdir, cache) if not os.path.isabs(cache) else cache
-  os.makedirs(cache, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def _check_stages(config, workdir: str, facts: dict, restart_from: str | None) -> dict:
-  """The run's stage fingerprints, checked upstream first (the error then names the fields that
-  changed); each Stage gets `.done`: a result made from the same inputs exists."""
-  is_main = jax.process_index() == 0
-  if restart_from and is_main:
-    stages_lib.restart_from(workdir, restart_from, stages_lib.TRAINER_OUTPUTS)
-  if jax.process_count() > 1:  # The others wait for process 0's deletions.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f"restart {workdir}")
-  init = config.model.init_checkpoint
-  stages = stages_lib.trainer_stages(config, workdir, source_id=facts["source_id"],
-                                     init_id=stages_lib.checkpoint_id(init) if init else "")
-  if is_main:
-    stages["data"].check_or_record()
-  else:
-    stages["data"].check()
-  for name in ("scores", "mask", "train", "export"):
-    exists = any(os.path.exists(os.path.join(workdir, p)) for p in stages_lib.TRAINER_OUTPUTS[name])
-    stages[name].done = stages[name].ensure(exists, record=is_main)
-  return stages
+def _start(config, workdir: str, restart_from: str | None) -> tuple[dict, dict, dict | None]:
+  """(facts, stages, results.json if a run from the same inputs finished): checks come first."""
+  os.makedirs(workdir, exist_ok=True)
+  utils.enable_compilation_cache(config.compilation_cache_dir, workdir)
+  results_path = os.path.join(workdir, "results.json")
+  facts = validate_config(config)  # Before any long work.
+  stages = stages_lib.check_trainer_stages(config, workdir, facts["source_id"], restart_from)
+  if stages["export"].done and os.path.exists(results_path) and os.path.isdir(
+      os.path.join(workdir, "export", "model")):
+    logging.info("%s: results.json and the export exist (same inputs); nothing to do.", workdir)
+    return facts, stages, params_io.json_load(results_path)
+  if jax.process_index() == 0:
+    params_io.json_dump(os.path.join(workdir, "config.json"),
+                        json.loads(config.to_json_best_effort()))
+  return facts, stages, None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -436,20 +341,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Each stage's result is reused only if it was made from the same inputs (`shpeft_jax.stages`);
   `restart_from` deletes that stage's and the later stages' results first.
   """
-  os.makedirs(workdir, exist_ok=True)
-  enable_compilation_cache(config, workdir)
-  results_path = os.path.join(workdir, "results.json")
-  facts = validate_config(config)  # Before any long work.
+  facts, stages, done = _start(config, workdir, restart_from)
+  if done is not None:
+    return done
   method, num_classes = facts["method"], facts["num_classes"]
-  stages = _check_stages(config, workdir, facts, restart_from)
-  if stages["export"].done and os.path.exists(results_path) and os.path.isdir(
-      os.path.join(workdir, "export", "model")):
-    logging.info("%s: results.json and the export exist (same inputs); nothing to do.", workdir)
-    return params_io.json_load(results_path)
   is_main = jax.process_index() == 0
-  if jax.process_index() == 0:
-    params_io.json_dump(os.path.join(workdir, "config.json"),
-                        json.loads(config.to_json_best_effort()))
   mesh = sharding.make_mesh(config.mesh)
   # Worth a console line only when there is a mesh to speak of.
   (logging.info if jax.device_count() > 1 else logging.debug)(
@@ -469,13 +365,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if os.path.exists(os.path.join(workdir, stages_lib.TRAINER_OUTPUTS[name][0])):
         stages[name].record()
   n_trainable = methods_lib.trainable_count(host_mask)
-  # One line per parameter tensor goes to a file; the console gets the counts by type.
-  rows = console.trainable_rows(host_mask, methods_lib.match_rules(
+  console.report_trainable(workdir, host_mask, methods_lib.match_rules(
       method.spec, utils.flatten_names(host_mask)))
-  if jax.process_index() == 0:
-    console.write_trainable_tsv(os.path.join(workdir, "trainable_params.tsv"), rows)
-  for line in console.trainable_summary(rows):
-    logging.info("%s", line)
 
   num_steps = int(config.train.num_steps)
   tx, schedule = optim.build(config.optim, num_steps, host_mask)
@@ -488,11 +379,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       out_shardings=(repl, repl, repl))
 
   t = config.train
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=int(t.keep_checkpoints), create=True,
-                                           enable_async_checkpointing=bool(t.async_checkpoints)))
-  state, start_step = restore_latest(manager, state)
+  manager = params_io.checkpoint_manager(os.path.join(workdir, "checkpoints"), t)
+  state, start_step = params_io.restore_latest(manager, state)
   meta = {"model": config.model.name, "image_size": int(config.model.image_size),
           "num_classes": num_classes, "method": method.name,
           "class_names": list(facts["class_names"]), "dataset": facts["dataset"],
@@ -519,11 +407,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if is_main:
     stages["export"].record()
   writer.close()
-  if jax.process_count() > 1:
-    # The other processes wait for process 0's writes: a next stage (the demo's pre-trained
-    # encoder as init_checkpoint) reads export/ right away.
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f"run done {workdir}")
+  # The other processes wait for process 0's writes: a next stage (the demo's pre-trained
+  # encoder as init_checkpoint) reads export/ right away.
+  sharding.sync_processes(f"run done {workdir}")
   m = results["test"]
   logging.info("%s test (%s model): F1 %.2f  accuracy %.2f  AUC %.2f", method.name,
                results["reported"], 100 * m["f1_macro"], 100 * m["accuracy"], 100 * m["auc_macro"])

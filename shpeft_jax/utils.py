@@ -116,3 +116,16 @@ def atomic_path(path: str, *, directory: bool = False):
     elif os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def enable_compilation_cache(cache_dir: str, workdir: str):
+  """XLA's persistent cache: runs of one process (pre-training, several methods) share compiled
+  programs (same model => same init / eval / update HLO), which dominate a CPU demo's time.
+  `cache_dir` relative to `workdir`; empty: off."""
+  if not cache_dir:
+    return
+  cache = os.path.join(workdir, cache_dir) if not os.path.isabs(cache_dir) else cache_dir
+  os.makedirs(cache, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

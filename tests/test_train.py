@@ -18,6 +18,7 @@ from sklearn import metrics as skm
 
 from train_fixtures import REPO_ROOT, make_tiny_config
 from shpeft_jax import checkpoints, sharding, train, utils
+from shpeft_jax.peft import scoring
 from shpeft_jax.errors import CheckpointError, ConfigError, DataError
 from shpeft_jax.models import clip_vit
 from shpeft_jax.peft import methods
@@ -333,8 +334,8 @@ def test_head_warmup_changes_only_the_scoring_head(tmp_path):
   loss_fn = train.make_loss_fn(model)
   mesh = sharding.make_mesh(warm.mesh)
   method = methods.resolve(warm.peft)
-  s_fresh = train.score(fresh, method, str(tmp_path / "fresh"), loss_fn, params, mesh)
-  s_warm = train.score(warm, method, str(tmp_path / "warm"), loss_fn, params, mesh)
+  s_fresh = scoring.score(fresh, method, str(tmp_path / "fresh"), loss_fn, params, mesh)
+  s_warm = scoring.score(warm, method, str(tmp_path / "warm"), loss_fn, params, mesh)
 
   # Independent reference: warm the head by hand, then score with the fresh-head code path.
   it = input_pipeline.make_train_iterator(
@@ -342,7 +343,7 @@ def test_head_warmup_changes_only_the_scoring_head(tmp_path):
       image_size=warm.model.image_size, seed=warm.seed + 2, start_step=0)
   warmed, _ = importance.warm_up_head(loss_fn, params, it, steps=3, lr=0.5)
   assert not np.allclose(warmed["head"]["kernel"], params["head"]["kernel"])
-  s_ref = train.score(fresh, method, str(tmp_path / "ref"), loss_fn, warmed, mesh)
+  s_ref = scoring.score(fresh, method, str(tmp_path / "ref"), loss_fn, warmed, mesh)
   k = "encoder/resblocks_0/mlp/c_fc/kernel"
   fw, ff, fr = (utils.flatten_names(s)[k] for s in (s_warm, s_fresh, s_ref))
   np.testing.assert_allclose(np.asarray(fw), np.asarray(fr), rtol=1e-5, atol=1e-12)
