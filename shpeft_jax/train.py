@@ -285,7 +285,7 @@ def evaluate_and_export(config, workdir, method, params, param_sh, eval_step, me
   results["reported"] = "best" if use_best else "final"
   if split_names(config)[1] is not None:
     # Validation metrics of the reported model: what a sweep chooses learning rates on.
-    results["validation"] = evaluate(report_params, split=split_names(config)[1])
+    results["validation"] = evaluate(report_params, split=split_names(config)[1])[0]
   if jax.process_index() == 0:
     export_params = params_io.host(report_params)
     if method.merges:
