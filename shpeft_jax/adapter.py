@@ -380,8 +380,9 @@ def write_peft(out_dir: str, params, base_params, *, base_name: str,
     raise CheckpointError(f"{out_dir} already exists; pass --overwrite or choose another --out.")
   if "head" not in params:
     raise CheckpointError("The params have no head: a peft export needs the trained classifier.")
-  strip = lambda sd: {k[len("vision_model."):]: v for k, v in sd.items()
-                      if k.startswith("vision_model.")}
+  # The HF layout puts the encoder behind `vision_model.` only when a head is there too.
+  strip = lambda sd: {k.removeprefix("vision_model."): v for k, v in sd.items()
+                      if not k.startswith("head.")}
   new_full = _torch_layout(params, "hf")
   new, base = strip(new_full), strip(_torch_layout(_encoder_only(base_params), "hf"))
   pfx = PEFT_PREFIX + hf_module_prefix()

@@ -54,7 +54,8 @@ def hf_base():
     for name, p in hf.named_parameters():
       if "norm" in name:
         p.add_(0.1 * torch.randn_like(p))
-  params, _ = convert.torch_state_dict_to_flax(hf.state_dict(), fmt="hf", model=MODEL)
+  params, _ = convert.torch_state_dict_to_flax(hf.state_dict(), fmt="hf", model=MODEL,
+                                             act=hf.config.hidden_act)
   return hf, params
 
 

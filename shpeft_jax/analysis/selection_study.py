@@ -22,7 +22,7 @@ decay; `CANDIDATES`):
 
 A seed sets the head initialisation, the order of the training batches, the scoring batches and
 the random mask (never the pre-trained encoder), as in the trainer. The transfer step is the
-trainer's (the paper's SGD from `masking.optimizer`, momentum 0.9, cosine, no warm-up, gradient
+trainer's (the paper's SGD from `optim.build`, momentum 0.9, cosine, no warm-up, gradient
 and update masked, frozen weights kept by select); data come from the same digits splits and the
 same evaluation transform, held in memory instead of going through tf.data.
 
@@ -231,10 +231,11 @@ def train_runs(model, encoder, heads, masks, lrs, orders, data, steps: int):
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import optim  # pylint: disable=g-import-not-at-top
   from shpeft_jax.peft import masking  # pylint: disable=g-import-not-at-top
   # lr = 1 here, the run's lr multiplies the update: the SGD chain (momentum trace, cosine
   # schedule, no weight decay) is linear in the learning rate, so this is the trainer's step.
-  tx = masking.optimizer(dict(lr=1.0, total_steps=steps, momentum=0.9)).tx
+  tx = optim.build(dict(lr=1.0, momentum=0.9), steps).tx
   x, y = (jnp.asarray(a) for a in data["train"])
   grad = jax.grad(_loss(model))
 

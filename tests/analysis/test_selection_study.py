@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from shpeft_jax.analysis import selection_study as study
+from shpeft_jax import optim
 from shpeft_jax.peft import masking
 
 
@@ -40,7 +41,7 @@ def test_vmapped_runs_equal_masked_sgd_run_by_run():
   for r in range(2):
     # The reference: the trainer's masked optimizer with the run's lr, one step at a time.
     full = {"encoder": masks[r], "head": jax.tree.map(lambda h: np.ones(h.shape, bool), heads[r])}
-    tx = masking.optimizer(dict(lr=lrs[r], total_steps=steps, momentum=0.9), full).tx
+    tx = optim.build(dict(lr=lrs[r], momentum=0.9), steps, full).tx
     p = {"encoder": enc, "head": heads[r]}
     s = tx.init(p)
     step = jax.jit(lambda p, s, g, tx=tx, full=full: _apply(tx, full, p, s, g))

@@ -130,7 +130,7 @@ def test_second_run_in_a_busy_workdir_and_config_file_faults_are_one_line(tmp_pa
   assert f"{w} is in use by process {os.getpid()}" in lines[0]
   bad = tmp_path / "bad.py"
   bad.write_text("def get_config(:\n")
-  for path, words in ((str(tmp_path / "nope.py"), "does not exist"),
+  for path, words in ((str(tmp_path / "nope.py"), "no such file"),
                       (str(bad), "line 1: invalid syntax")):
     proc = run_module("shpeft_jax.main", "--config", path, "--workdir", w)
     lines = error_lines(proc.stderr)
