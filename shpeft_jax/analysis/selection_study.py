@@ -336,7 +336,6 @@ def _train_and_score(model, encoder, heads, masks, lrs, orders, runs, target, st
 
 def study(c: Candidate, workdir: str, seeds: Sequence[int], lr_grid: Sequence[float],
           steps: int, methods: Sequence[str] = METHODS) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax.evaluation import stats  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
   out_path = os.path.join(workdir, "study.json")
@@ -407,18 +406,24 @@ def study(c: Candidate, workdir: str, seeds: Sequence[int], lr_grid: Sequence[fl
   return out
 
 
-def budget_markdown(res: dict) -> str:
-  c = res["candidate"]
-  lines = [f"### {c['name']}: {c['note']} (budget only)", "",
-           f"k = {c['k_percent']}% ({res['budget']['k']} of {res['budget']['n']}), source test F1 "
-           f"{100 * res['pretrain_source_test']['f1_macro']:.1f}", "",
-           "| type | share of k (SH-PEFT) | type size / k | relative change in pre-training |",
+def _budget_table(res: dict) -> list[str]:
+  """Markdown rows: each parameter type's share of k and its change in pre-training."""
+  lines = ["| type | share of k (SH-PEFT) | type size / k | relative change in pre-training |",
            "|---|---:|---:|---:|"]
   wc = res["weight_change"]
   for t, v in res["budget"]["per_type"].items():
     change = wc.get(t if t != "layernorm_scale" else "layernorm", float("nan"))
     lines.append(f"| {t} | {100 * v['share_of_k']:.1f}% | {v['size_over_k']:.2f} | "
                  f"{change:.3f} |")
+  return lines
+
+
+def budget_markdown(res: dict) -> str:
+  c = res["candidate"]
+  lines = [f"### {c['name']}: {c['note']} (budget only)", "",
+           f"k = {c['k_percent']}% ({res['budget']['k']} of {res['budget']['n']}), source test F1 "
+           f"{100 * res['pretrain_source_test']['f1_macro']:.1f}", "",
+           *_budget_table(res)]
   return "\n".join(lines) + "\n"
 
 
@@ -431,13 +436,7 @@ def markdown(res: dict) -> str:
            f"{c['pretrain_steps']} steps, decay {c['pretrain_wd']} (source test F1 "
            f"{100 * res['pretrain_source_test']['f1_macro']:.1f}); {res['num_runs']} runs ({res.get('new_runs', res['num_runs'])} new, trained "
            f"in {res['train_seconds']:.0f}s), pre-training {res['pretrain_seconds']:.0f}s.", "",
-           "| type | share of k (SH-PEFT) | type size / k | relative change in pre-training |",
-           "|---|---:|---:|---:|"]
-  wc = res["weight_change"]
-  for t, v in res["budget"]["per_type"].items():
-    change = wc.get(t if t != "layernorm_scale" else "layernorm", float("nan"))
-    lines.append(f"| {t} | {100 * v['share_of_k']:.1f}% | {v['size_over_k']:.2f} | "
-                 f"{change:.3f} |")
+           *_budget_table(res)]
   lines += ["", f"| method | lr (validation) | test F1 % over {len(res['seeds'])} seeds | "
             "- SH-PEFT [95% t CI] | wins-ties-losses |", "|---|---:|---:|---:|---:|"]
   for m, v in res["table"].items():

@@ -20,6 +20,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import reference_libs  # noqa: E402  pylint: disable=g-bad-import-order
+from torch_fixtures import images as _images  # noqa: E402
+from torch_fixtures import nchw as _nchw  # noqa: E402
+from torch_fixtures import perturb as _perturb  # noqa: E402
 
 from shpeft_jax import checkpoints  # noqa: E402
 from shpeft_jax import export as export_cli  # noqa: E402
@@ -32,24 +35,6 @@ TOL = 1e-4
 # vision part; the text tower (BiomedBERT) is not needed for the vision weights.
 BIOMEDCLIP_VISION_CFG = {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
                          "timm_pool": "", "timm_proj": "linear", "image_size": 224}
-
-
-def _perturb(module, seed):
-  """Random 1-D params (LayerNorm scale/bias, biases): default ones/zeros would hide swaps."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      if p.ndim == 1:
-        p.add_(0.1 * torch.randn(p.shape, generator=g))
-  return module.eval()
-
-
-def _images(n, size, seed=0):
-  return np.random.RandomState(seed).normal(size=(n, size, size, 3)).astype(np.float32)
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 def _torch_sd(sd):

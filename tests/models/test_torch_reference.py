@@ -20,26 +20,9 @@ from shpeft_jax import export as export_cli  # noqa: E402
 from shpeft_jax.models import clip_vit  # noqa: E402
 from shpeft_jax.models import convert  # noqa: E402
 from shpeft_jax.models import torch_reference as tr  # noqa: E402
+from torch_fixtures import images as _images, nchw as _nchw, perturb as _perturb  # noqa: E402
 
 TOL = 1e-4
-
-
-def _perturb(module, seed):
-  """Random 1-D params (LayerNorm scale/bias, biases): default ones/zeros would hide swaps."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      if p.ndim == 1:
-        p.add_(0.1 * torch.randn(p.shape, generator=g))
-  return module.eval()
-
-
-def _images(n, size, seed=0):
-  return np.random.RandomState(seed).normal(size=(n, size, size, 3)).astype(np.float32)
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
 @pytest.fixture(scope="module")
