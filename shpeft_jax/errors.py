@@ -157,6 +157,7 @@ def cli_main(fn: Callable[[], int | None], *, verbosity: int = 0, log_file: str 
   Known faults -> one line + exit 2; Ctrl-C -> where it stopped + exit 130; anything else is a
   bug and keeps its traceback.
   """
+  _drop_closed_loop_noise()
   try:
     rc = fn()
     return 0 if rc is None else int(rc)
@@ -166,6 +167,39 @@ def cli_main(fn: Callable[[], int | None], *, verbosity: int = 0, log_file: str 
       _log_traceback(log_file, e)
       raise
     return code
+
+
+def _is_closed_loop_noise(exc: BaseException | None) -> bool:
+  """orbax's `Event loop is closed` from a TensorStore thread after a failed read (not ours)."""
+  if not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+    return False
+  tb = exc.__traceback__
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _drop_closed_loop_noise() -> None:
+  """Keeps a failed command's one-line error alone on stderr.
+
+  When a TensorStore read inside orbax fails (a corrupt checkpoint), its worker threads later call
+  back into orbax's already closed asyncio loop; Python prints that as an unrelated `Exception
+  ignored ... Event loop is closed` traceback at a random moment, also between our error line and
+  the exit. Only that exact exception is dropped; every other unraisable exception is printed.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "_shpeft_filter", False):
+    return
+
+  def hook(unraisable):
+    if _is_closed_loop_noise(unraisable.exc_value):
+      return
+    previous(unraisable)
+
+  hook._shpeft_filter = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def verbosity_from_argv(argv) -> int:
