@@ -100,6 +100,18 @@ class _DropNoise(std_logging.Filter):
     return not any(p.search(message) for p in _NOISE)
 
 
+# Set while one run of a group (seeds, methods, a sweep) runs: its INFO lines go to its own
+# run_dir/console.txt, not to the console (RunsProgress).
+_QUIET: list[str] = []
+
+
+class _QuietRuns(std_logging.Filter):
+  """Drops INFO records from the console while a run of a group runs (warnings pass)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (_QUIET and record.levelno < std_logging.WARNING)
+
+
 class _ConsoleFormatter(std_logging.Formatter):
   """The message alone for INFO; `warning:` / `error:` in front of the others."""
 
@@ -123,6 +135,8 @@ def setup_logging(detail: bool | None = None):
     handler.addFilter(_DropNoise())
   if not detail:
     handler.setFormatter(_ConsoleFormatter())
+    if not any(isinstance(f, _QuietRuns) for f in handler.filters):
+      handler.addFilter(_QuietRuns())
   # Libraries that log through the standard logging tree (optax's schedule warning) as well.
   root = std_logging.getLogger()
   if not any(isinstance(f, _DropNoise) for f in root.filters):
@@ -156,7 +170,7 @@ class StepProgress:
                enabled: bool = True, unit: str = "step"):
     self.total, self.start, self.desc = int(total), int(start), desc
     self.batch_size, self.unit = int(batch_size), unit
-    self.enabled = enabled and is_main_process()
+    self.enabled = enabled and is_main_process() and not _QUIET
     self.bar = None
     self._t0: float | None = None
     self._n0 = self.start
@@ -200,6 +214,87 @@ class StepProgress:
     if self.bar is not None:
       self.bar.close()
       self.bar = None
+
+
+class RunsProgress:
+  """A group of runs (seeds x learning rates x methods, a sweep) on a short console.
+
+  At the default verbosity each run's own stage lines and step bar are left out of the console
+  (they go to RUN_DIR/console.txt); one bar over the runs shows the rate and the ETA, and each
+  finished run gets one line (its test and validation F1 and time) when the group has at most
+  `max_lines` runs; a larger group's per-run numbers are in its runs.csv. At --verbosity=1 every
+  run prints everything, as a single run does.
+  """
+
+  def __init__(self, total: int, *, desc: str = "runs", max_lines: int = 30):
+    self.total, self.desc = int(total), desc
+    self.detail = verbosity() >= 1
+    self.lines = self.total <= max_lines
+    self.bar = None
+    self.done = 0
+
+  def _write(self, line: str):
+    if not is_main_process():
+      return
+    if self.bar is not None:
+      self.bar.write(line, file=sys.stderr)
+    else:
+      print(line, file=sys.stderr, flush=True)
+
+  def __call__(self, label: str, run_dir: str, fn):
+    """fn() (one run writing into run_dir); returns its results."""
+    if self.detail:
+      return fn()
+    if self.bar is None and is_main_process() and self.total > 1:
+      from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+      self.bar = tqdm(total=self.total, desc=self.desc, unit="run", dynamic_ncols=True,
+                      file=sys.stderr, leave=False,
+                      mininterval=0.5 if sys.stderr.isatty() else 30.0,
+                      bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:20}| [{elapsed}<{remaining},"
+                      " {rate_fmt}{postfix}]")
+    os.makedirs(run_dir, exist_ok=True)
+    handler = std_logging.FileHandler(os.path.join(run_dir, "console.txt"))
+    handler.setFormatter(_ConsoleFormatter())
+    handler.addFilter(_DropNoise())
+    root = std_logging.getLogger()
+    root.addHandler(handler)
+    _QUIET.append(run_dir)
+    t0 = time.perf_counter()
+    try:
+      results = fn()
+    except BaseException:
+      self.close()  # The error line must not land inside the bar.
+      raise
+    finally:
+      _QUIET.pop()
+      root.removeHandler(handler)
+      handler.close()
+    self.done += 1
+    line = f"{label}: {_result_text(results)} ({time.perf_counter() - t0:.0f} s)"
+    if self.lines:
+      self._write(line)
+    if self.bar is not None:
+      self.bar.update(1)
+      self.bar.set_postfix_str(line[:60], refresh=False)
+    return results
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+      self.bar = None
+
+
+def _result_text(results: Mapping[str, Any] | None) -> str:
+  """'test F1 80.23, val F1 81.10' from a results.json (or why there is none)."""
+  results = results or {}
+  if "stopped_at" in results:
+    return f"stopped at step {results['stopped_at']}"
+  parts = []
+  for key, name in (("test", "test"), ("validation", "val")):
+    m = results.get(key) or {}
+    if "f1_macro" in m:
+      parts.append(f"{name} F1 {100 * m['f1_macro']:.2f}")
+  return ", ".join(parts) or "no test result"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -166,9 +166,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                       run_fn=functools.partial(run_one, **restart))
   if not methods:
     return run_one(method_config(base, base.peft.method), workdir, **restart)
-  results = {m: run_one(method_config(base, m), os.path.join(workdir, m.replace("/", "_")),
-                        **restart)
-             for m in methods}
+  from shpeft_jax import console  # pylint: disable=g-import-not-at-top
+  progress = console.RunsProgress(len(methods))
+  results = {}
+  for m in methods:
+    d = os.path.join(workdir, m.replace("/", "_"))
+    results[m] = progress(m, d, functools.partial(run_one, method_config(base, m), d, **restart))
+  progress.close()
   table = format_table(results)
   if jax.process_index() == 0:
     print(table, flush=True)
@@ -182,19 +186,22 @@ def _run_seeds(base: ml_collections.ConfigDict, workdir: str, methods: Sequence[
                per_method: bool, run_fn=run_one) -> dict:
   """Every method over its lr grid and the seeds (in workdir/<method>/ when `per_method`, else in
   workdir/ itself, like a single run); the seed table (evaluation.compare)."""
+  from shpeft_jax import console  # pylint: disable=g-import-not-at-top
   from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
   seeds = compare.seeds_of(base)
   out, records = {}, []
-  for m in methods:
-    c = method_config(base, m)
+  configs = {m: method_config(base, m) for m in methods}
+  progress = console.RunsProgress(sum(compare.runs_in_grid(c, seeds) for c in configs.values()))
+  for m, c in configs.items():
     grid = compare.lr_grid_of(c)
     out[m] = compare.run_grid(c, os.path.join(workdir, m.replace("/", "_")) if per_method
                               else workdir, run_fn,
                               seeds=seeds, lr_grid=grid, by_lr=bool(c.sweep.lr_grid),
-                              by_seed=bool(base.sweep.seeds))
+                              by_seed=bool(base.sweep.seeds), progress=progress, label=m)
     records += [{"dataset": c.data.name, "variant": m, "label": m, "method": m, "type": "",
                  "lr": r["lr"], "seed": r["seed"], **compare.metrics_of(r["results"])}
                 for r in out[m]]
+  progress.close()
   if jax.process_index() == 0:
     table = compare.format_seed_table(records)
     print(table, flush=True)

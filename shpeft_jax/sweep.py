@@ -155,18 +155,23 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
   if validate:
     _validate_all(config, variants, datasets)
   base = runs.prepare(config, workdir)
+  from shpeft_jax import console  # pylint: disable=g-import-not-at-top
   seeds = compare.seeds_of(base)
   records = []
-  for dataset in datasets:
-    for v in variants:
-      cfg = variant_config(base, v, dataset)
-      grid = compare.lr_grid_of(cfg)
-      run_dir = os.path.join(workdir, dataset, v.key)
-      logging.info("sweep: %s / %s -> %s (lr %s, seeds %s)", dataset, v.label, run_dir, grid,
-                   seeds)
-      for r in compare.run_grid(cfg, run_dir, run_fn, seeds=seeds, lr_grid=grid,
-                                by_lr=bool(cfg.sweep.lr_grid), by_seed=bool(base.sweep.seeds)):
-        records.append(_record(dataset, v, r["results"], r["lr"], r["seed"]))
+  plan = [(dataset, v, variant_config(base, v, dataset)) for dataset in datasets for v in variants]
+  progress = console.RunsProgress(sum(compare.runs_in_grid(c, seeds) for _, _, c in plan),
+                                  desc="sweep")
+  for dataset, v, cfg in plan:
+    grid = compare.lr_grid_of(cfg)
+    run_dir = os.path.join(workdir, dataset, v.key)
+    logging.debug("sweep: %s / %s -> %s (lr %s, seeds %s)", dataset, v.label, run_dir, grid,
+                  seeds)
+    label = v.key if len(datasets) == 1 else f"{dataset}/{v.key}"
+    for r in compare.run_grid(cfg, run_dir, run_fn, seeds=seeds, lr_grid=grid,
+                              by_lr=bool(cfg.sweep.lr_grid), by_seed=bool(base.sweep.seeds),
+                              progress=progress, label=label):
+      records.append(_record(dataset, v, r["results"], r["lr"], r["seed"]))
+  progress.close()
   return records
 
 

@@ -233,9 +233,10 @@ def train_loop(config, state, train_step, schedule, manager, validation, writer,
       progress.update(step, **post)
       ips = progress.images_per_s(step)
       # Without a bar these lines are the progress; with one, detail for --verbosity=1.
+      speed = (f"  {ips:.0f} img/s  ETA {progress.eta_s(step):.0f}s (after compiling)"
+               if np.isfinite(ips) else "  (compiled)")
       (logging.info if progress.bar is None else logging.debug)(
-          "[%s] step %d/%d loss %.4f  %.0f img/s  ETA %.0fs (after compiling)",
-          config.peft.method, step, num_steps, m["loss"], ips, progress.eta_s(step))
+          "[%s] step %d/%d loss %.4f%s", config.peft.method, step, num_steps, m["loss"], speed)
       writer.write(step, "train", {**m, "lr": float(schedule(step - 1)),
                                    "images_per_s": ips if np.isfinite(ips) else 0.0})
     elif step % 10 == 0:

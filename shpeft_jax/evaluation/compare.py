@@ -310,12 +310,13 @@ def run_dir_of(base: str, lr: float, seed: int, *, by_lr: bool, by_seed: bool) -
 
 
 def run_grid(config, run_dir: str, run_fn, *, seeds: Sequence[int], lr_grid: Sequence[float],
-             by_lr: bool, by_seed: bool) -> list[dict]:
+             by_lr: bool, by_seed: bool, progress=None, label: str = "") -> list[dict]:
   """run_fn(config with optim.lr = lr and seed = s, its run dir) for every lr x seed.
 
   Returns [{'lr', 'seed', 'run_dir', 'results'}]. The seed changes what the trainer seeds with
   config.seed (head init, data order, scoring batches, the random mask), never the encoder: the
   pre-trained / converted weights come from config.model.init_checkpoint, the same for every run.
+  progress: a `console.RunsProgress` (one console line per run, named `label lr .. seed ..`).
   """
   import copy  # pylint: disable=g-import-not-at-top
   out = []
@@ -325,8 +326,19 @@ def run_grid(config, run_dir: str, run_fn, *, seeds: Sequence[int], lr_grid: Seq
       c.optim.lr = float(lr)
       c.seed = int(seed)
       d = run_dir_of(run_dir, lr, seed, by_lr=by_lr, by_seed=by_seed)
-      out.append({"lr": float(lr), "seed": int(seed), "run_dir": d, "results": run_fn(c, d)})
+      if progress is None:
+        res = run_fn(c, d)
+      else:
+        name = " ".join([label or c.peft.method] + ([f"lr {float(lr):g}"] if by_lr else [])
+                        + ([f"seed {int(seed)}"] if by_seed else []))
+        res = progress(name, d, lambda c=c, d=d: run_fn(c, d))
+      out.append({"lr": float(lr), "seed": int(seed), "run_dir": d, "results": res})
   return out
+
+
+def runs_in_grid(config, seeds: Sequence[int]) -> int:
+  """How many runs `run_grid` makes for one resolved config."""
+  return len(lr_grid_of(config)) * len(seeds)
 
 
 def metrics_of(results: dict) -> dict:
