@@ -220,18 +220,21 @@ class RunsProgress:
   """A group of runs (seeds x learning rates x methods, a sweep) on a short console.
 
   At the default verbosity each run's own stage lines and step bar are left out of the console
-  (they go to RUN_DIR/console.txt); one bar over the runs shows the rate and the ETA, and each
-  finished run gets one line (its test and validation F1 and time) when the group has at most
-  `max_lines` runs; a larger group's per-run numbers are in its runs.csv. At --verbosity=1 every
-  run prints everything, as a single run does.
+  (they go to RUN_DIR/console.txt). Each finished run gets one line, `[i/n] label: test F1 ..,
+  val F1 .. (seconds; ETA of the group)`. On a terminal one bar over the runs shows the rate and
+  the ETA, and the per-run lines are left out when the group has more than `max_lines` runs (its
+  runs.csv has them); in a log file (stderr not a terminal) every run's line is written. At
+  --verbosity=1 every run prints everything, as a single run does.
   """
 
   def __init__(self, total: int, *, desc: str = "runs", max_lines: int = 30):
     self.total, self.desc = int(total), desc
     self.detail = verbosity() >= 1
-    self.lines = self.total <= max_lines
+    self.tty = sys.stderr.isatty()
+    self.lines = self.total <= max_lines or not self.tty
     self.bar = None
     self.done = 0
+    self._t0 = None
 
   def _write(self, line: str):
     if not is_main_process():
@@ -245,11 +248,12 @@ class RunsProgress:
     """fn() (one run writing into run_dir); returns its results."""
     if self.detail:
       return fn()
-    if self.bar is None and is_main_process() and self.total > 1:
+    if self._t0 is None:
+      self._t0 = time.perf_counter()
+    if self.bar is None and self.tty and is_main_process() and self.total > 1:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      self.bar = tqdm(total=self.total, desc=self.desc, unit="run", dynamic_ncols=True,
-                      file=sys.stderr, leave=False,
-                      mininterval=0.5 if sys.stderr.isatty() else 30.0,
+      self.bar = tqdm(total=self.total, initial=self.done, desc=self.desc, unit="run",
+                      dynamic_ncols=True, file=sys.stderr, leave=False,
                       bar_format="{desc}: {n_fmt}/{total_fmt} |{bar:20}| [{elapsed}<{remaining},"
                       " {rate_fmt}{postfix}]")
     os.makedirs(run_dir, exist_ok=True)
@@ -270,18 +274,27 @@ class RunsProgress:
       root.removeHandler(handler)
       handler.close()
     self.done += 1
-    line = f"{label}: {_result_text(results)} ({time.perf_counter() - t0:.0f} s)"
+    now = time.perf_counter()
+    eta = (now - self._t0) / self.done * (self.total - self.done)
+    line = (f"[{self.done}/{self.total}] {label}: {_result_text(results)} "
+            f"({now - t0:.0f} s" + (f"; ETA {_clock(eta)})" if self.done < self.total else ")"))
     if self.lines:
       self._write(line)
     if self.bar is not None:
+      self.bar.set_postfix_str(f"{label}: {_result_text(results)}", refresh=False)
       self.bar.update(1)
-      self.bar.set_postfix_str(line[:60], refresh=False)
     return results
 
   def close(self):
     if self.bar is not None:
       self.bar.close()
       self.bar = None
+
+
+def _clock(seconds: float) -> str:
+  seconds = int(round(seconds))
+  h, rest = divmod(seconds, 3600)
+  return (f"{h}:" if h else "") + f"{rest // 60:02d}:{rest % 60:02d}"
 
 
 def _result_text(results: Mapping[str, Any] | None) -> str:

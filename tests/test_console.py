@@ -3,6 +3,7 @@ the trainable-parameter file and summary."""
 
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -89,3 +90,54 @@ def test_quiet_cosine_schedule_is_the_same_schedule():
     steps = jnp.arange(n + 2)
     a, b = (np.asarray(jax.jit(jax.vmap(f))(steps)) for f in (ours, ref))
     np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+def test_runs_progress_one_line_per_run_and_the_runs_lines_in_their_file(tmp_path, monkeypatch,
+                                                                          capsys):
+  import io  # pylint: disable=g-import-not-at-top
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(console, "verbosity", lambda: 0)
+  shown = io.StringIO()
+  handler = std_logging.StreamHandler(shown)
+  handler.addFilter(console._QuietRuns())  # what setup_logging puts on absl's handler
+  root = std_logging.getLogger()
+  root.addHandler(handler)
+  old_level = root.level
+  root.setLevel(std_logging.INFO)
+  try:
+    progress = console.RunsProgress(2)
+    assert not progress.tty  # pytest's stderr: a log, so every run gets its line, no bar
+
+    def run(f1):
+      std_logging.getLogger("absl").info("stage line of the run")
+      std_logging.getLogger("absl").warning("a warning of the run")
+      return {"test": {"f1_macro": f1}, "validation": {"f1_macro": 0.5}}
+
+    out = [progress("shpeft seed 0", str(tmp_path / "a"), lambda: run(0.8123)),
+           progress("random seed 0", str(tmp_path / "b"), lambda: run(0.25))]
+    std_logging.getLogger("absl").info("after the group")
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+  assert out[0]["test"]["f1_macro"] == 0.8123
+  err = capsys.readouterr().err.splitlines()
+  assert re.fullmatch(r"\[1/2\] shpeft seed 0: test F1 81\.23, val F1 50\.00 \(\d+ s; ETA "
+                      r"\d\d:\d\d\)", err[0]), err
+  assert re.fullmatch(r"\[2/2\] random seed 0: test F1 25\.00, val F1 50\.00 \(\d+ s\)", err[1])
+  # The console got the warnings and what came after the group, not the runs' INFO lines.
+  assert shown.getvalue().splitlines() == ["a warning of the run"] * 2 + ["after the group"]
+  for d in ("a", "b"):
+    own = (tmp_path / d / "console.txt").read_text().splitlines()
+    assert own == ["stage line of the run", "warning: a warning of the run"]
+
+
+def test_runs_progress_closes_its_bar_and_keeps_the_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(console, "verbosity", lambda: 0)
+  progress = console.RunsProgress(3)
+
+  def boom():
+    raise ValueError("bad run")
+
+  with pytest.raises(ValueError, match="bad run"):
+    progress("x", str(tmp_path / "x"), boom)
+  assert progress.bar is None and not console._QUIET and progress.done == 0

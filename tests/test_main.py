@@ -59,6 +59,20 @@ def test_demo_pipeline_prints_the_table_and_a_rerun_does_nothing(tmp_path):
     meta = json.load(open(os.path.join(workdir, method, "export", "model", "meta.json")))
     assert meta["model"] == "test_tiny" and meta["method"] == method and meta["num_classes"] == 5
   assert rows["full"][0] == 100.0
+  # The console: one line per run (its test / validation F1 as in results.json), the runs' own
+  # stage lines in their console.txt, and a short whole (the seeded demo's count: README).
+  err = [l for l in proc.stderr.replace("\r", "\n").splitlines() if l.strip()]
+  for i, method in enumerate(("shpeft", "full", "linear")):
+    r = results[method]
+    line = (f"[{i + 1}/3] {method}: test F1 {100 * r['test']['f1_macro']:.2f}, "
+            f"val F1 {100 * r['validation']['f1_macro']:.2f} (")
+    assert sum(l.startswith(line) for l in err) == 1, proc.stderr[-3000:]
+    own = open(os.path.join(workdir, method, "console.txt")).read()
+    assert f"{method} on digits_target: test_tiny with 5 classes, 4 steps" in own
+    assert f"{method} on digits_target" not in proc.stderr
+  assert "full on digits_source" in proc.stderr  # the single pretrain run keeps its lines
+  lines = proc.stdout.count("\n") + proc.stderr.count("\n")
+  assert lines < 20, proc.stdout + proc.stderr
   # The linear probe trains exactly the head: 32 * 5 + 5 of the tiny model's weights.
   assert results["linear"]["trainable"] == 32 * 5 + 5
   # The transfer started from the pre-trained encoder, trained on the other task.
