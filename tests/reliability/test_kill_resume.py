@@ -1,5 +1,6 @@
-"""kill -9 of a run that holds the workdir: the rerun takes the lock over, keeps the fingerprints
-and ends bit-identical to an uninterrupted run."""
+"""kill -9 of a run that holds the workdir (async checkpoints on): the rerun of the same command
+takes the lock over, keeps the fingerprints, resumes from the last complete checkpoint and ends
+bit-identical to an uninterrupted run."""
 
 import os
 import signal
@@ -47,7 +48,8 @@ def test_kill_9_then_rerun_takes_over_and_is_bit_identical(tmp_path):
   finally:
     proc.kill()
     proc.wait()
-  assert not (workdir / "results.json").exists()
+  killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  assert 8 <= killed_at < STEPS and not (workdir / "results.json").exists()
   fingerprints = sorted(os.listdir(workdir / "fingerprints"))
   assert {"data.json", "mask.json", "train.json"} <= set(fingerprints)
 
@@ -55,8 +57,10 @@ def test_kill_9_then_rerun_takes_over_and_is_bit_identical(tmp_path):
                          timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert f"its previous holder, process {proc.pid}" in rerun.stderr
-  assert "Resum" in rerun.stderr
+  assert f"Resumed from the checkpoint at step {killed_at}" in rerun.stderr
 
+  # The uninterrupted reference runs the same command in a fresh process too: the pytest process
+  # may carry global JAX state from other tests, which can change float rounding.
   ref = subprocess.run(_cmd(tmp_path / "reference"), cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-4000:]
