@@ -140,11 +140,45 @@ def find_runs(path: str) -> list[str]:
 # One run.
 
 
-def run_report(run_dir: str, *, split: str = "test", log=print) -> dict:
-  """Writes RUN_DIR/report/ (see the module docstring); returns {'html': path, ...}."""
+# What a run's report is drawn from: a report newer than all of them is up to date.
+_REPORT_INPUTS = ("results.json", PREDICTIONS, "metrics.jsonl", "mask_stats.json")
+_REPORT_PNGS = (("confusion", "confusion_matrix.png"), ("roc", "roc_curves.png"),
+                ("curves", "training_curves.png"), ("mask", "mask.png"))
+
+
+def _up_to_date_report(run_dir: str, split: str) -> dict | None:
+  """RUN_DIR/report/ as run_report returns it, if it was written after every input; else None."""
+  out = os.path.join(run_dir, REPORT_DIR)
+  files = {"html": os.path.join(out, "report.html"),
+           "per_class_json": os.path.join(out, "per_class.json"),
+           "per_class_txt": os.path.join(out, "per_class.txt")}
+  if split != "test" or not all(os.path.isfile(f) for f in files.values()):
+    return None
+  written = min(os.path.getmtime(f) for f in files.values())
+  for name in _REPORT_INPUTS:
+    p = os.path.join(run_dir, name)
+    if os.path.exists(p) and os.path.getmtime(p) >= written:
+      return None
+  rep = _read_json(files["per_class_json"])
+  if not rep or rep.get("split") != split:
+    return None
+  pngs = {k: os.path.join(out, f) for k, f in _REPORT_PNGS if os.path.isfile(os.path.join(out, f))}
+  return {**files, **pngs, "per_class": rep}
+
+
+def run_report(run_dir: str, *, split: str = "test", log=print, reuse: bool = False) -> dict:
+  """Writes RUN_DIR/report/ (see the module docstring); returns {'html': path, ...}.
+
+  reuse: keep a report written after the run's results, predictions, metrics and mask stats (a
+  sweep's comparison page re-reads hundreds of finished runs; drawing each again costs seconds).
+  """
   from shpeft_jax.evaluation import per_class  # pylint: disable=g-import-not-at-top
   from shpeft_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   run_dir = os.path.abspath(run_dir)
+  if reuse:
+    cached = _up_to_date_report(run_dir, split)
+    if cached is not None:
+      return cached
   results = _read_json(os.path.join(run_dir, "results.json"))
   if results is None:
     raise DataError(f"{run_dir} has no results.json: it is not a finished run. Finish it with "
@@ -294,7 +328,7 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
   os.makedirs(out, exist_ok=True)
   per_run = {}
   for run in runs:
-    per_run[os.path.relpath(run, path)] = (run, run_report(run, split=split, log=log),
+    per_run[os.path.relpath(run, path)] = (run, run_report(run, split=split, log=log, reuse=True),
                                            _read_json(os.path.join(run, "results.json")))
   pngs = {}
   by_dataset: dict[str, dict] = {}

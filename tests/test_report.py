@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -121,6 +122,29 @@ def test_directory_of_runs_gets_one_comparison_page(tmp_path):
   assert "pretrain" not in page and not (top / "pretrain" / "report").exists()
   _check_png(str(out / "per_class_f1_0.png"), 500, 300)
   _check_png(str(out / "training_curves.png"), 1200, 350)
+
+
+def test_a_second_comparison_reuses_up_to_date_run_reports_only(tmp_path):
+  top = tmp_path / "sweep"
+  runs = {m: top / "busi" / m for m in ("shpeft", "full")}
+  for i, (m, d) in enumerate(runs.items()):
+    _fake_run(str(d), method=m, seed=i)
+  first = report.comparison_report(str(top), [str(d) for d in runs.values()], log=lambda *_: None)
+  stamp = {m: os.path.getmtime(d / "report" / "confusion_matrix.png") for m, d in runs.items()}
+  # The full run's predictions change (a rerun): its report is drawn again, shpeft's is kept.
+  time.sleep(0.05)
+  _fake_run(str(runs["full"]), method="full", seed=7)
+  second = report.comparison_report(str(top), [str(d) for d in runs.values()], log=lambda *_: None)
+  assert os.path.getmtime(runs["shpeft"] / "report" / "confusion_matrix.png") == stamp["shpeft"]
+  assert os.path.getmtime(runs["full"] / "report" / "confusion_matrix.png") > stamp["full"]
+  # What the reuse returns is what drawing it again computes.
+  reused = report.run_report(str(runs["shpeft"]), log=lambda *_: None, reuse=True)
+  assert os.path.getmtime(runs["shpeft"] / "report" / "confusion_matrix.png") == stamp["shpeft"]
+  redrawn = report.run_report(str(runs["shpeft"]), log=lambda *_: None)
+  assert os.path.getmtime(runs["shpeft"] / "report" / "confusion_matrix.png") > stamp["shpeft"]
+  assert reused["per_class"] == json.loads(json.dumps(redrawn["per_class"], default=float))
+  assert {k for k in reused if k != "per_class"} == {k for k in redrawn if k != "per_class"}
+  assert second["runs"].keys() == first["runs"].keys()
 
 
 def test_errors(tmp_path, capsys):
