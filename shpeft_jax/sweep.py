@@ -46,6 +46,7 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from shpeft_jax import stages as stages_lib
 from shpeft_jax.errors import ConfigError, ShpeftError
 from shpeft_jax.peft import methods as methods_lib
 
@@ -65,6 +66,10 @@ _SEEDS = flags.DEFINE_list(
 _LR_GRID = flags.DEFINE_list(
     "lr_grid", [], "learning rates to choose from on the validation split, per method (default: "
     "config.sweep.lr_grid, else each method's optim.lr; a method's own sweep.lr_grid wins).")
+_RESTART_FROM = flags.DEFINE_enum(
+    "restart_from", None, list(stages_lib.STAGES),
+    "Redo this stage and every later one in every run of the sweep ('pretrain': the demo's "
+    "pre-training and every run, all started from it).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +149,22 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
               datasets: Sequence[str] | None = None,
               run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
               seeds: Sequence[int] | None = None,
-              lr_grid: Sequence[float] | None = None) -> list[dict]:
-  """Runs every (dataset, variant, lr, seed); returns one record per run (see `_record`)."""
+              lr_grid: Sequence[float] | None = None,
+              restart_from: str | None = None) -> list[dict]:
+  """Runs every (dataset, variant, lr, seed); returns one record per run (see `_record`).
+
+  restart_from: a stage (`stages.STAGES`) to redo, with every later one, in every run; 'pretrain'
+  also redoes the demo's pre-training (and so everything).
+  """
   from shpeft_jax import runs  # pylint: disable=g-import-not-at-top  (imports jax)
   from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  restart_from = stages_lib.validate_restart_from(restart_from)
   validate = run_fn is None
   run_fn = run_fn or runs.run_one
+  if restart_from:
+    run_fn = functools.partial(run_fn, restart_from="data" if restart_from == "pretrain"
+                               else restart_from)
   datasets = list(datasets or [config.data.name])
   config = _with_sweep_flags(config, seeds, lr_grid)
   if validate:
@@ -239,7 +254,7 @@ def main(argv):
             else contextlib.nullcontext())
     with lock:
       records.extend(run_sweep(_CONFIG.value, workdir, variants, _DATASETS.value,
-                               seeds=seeds, lr_grid=lr_grid))
+                               seeds=seeds, lr_grid=lr_grid, restart_from=_RESTART_FROM.value))
   code = errors.cli_main(run, verbosity=flags.FLAGS.verbosity, hint_path=workdir,
                          log_file=os.path.join(workdir, "log.txt"))
   if code:

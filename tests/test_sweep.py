@@ -182,3 +182,27 @@ def test_tiny_sweep_end_to_end_on_the_demo_digits(tmp_path):
   # A second call reuses the finished runs (results.json) and gives the same records.
   again = sweep.run_sweep(base, str(tmp_path), variants)
   assert [r["f1"] for r in again] == [r["f1"] for r in records]
+
+
+def test_restart_from_reaches_every_run_and_a_bad_stage_is_refused(tmp_path):
+  base = _demo_config()
+  with base.unlocked():
+    base.pretrain.enabled = False
+    base.model.init_checkpoint = "/ckpt/encoder"
+  seen = []
+
+  def fake_run(cfg, workdir, restart_from=None):
+    seen.append((cfg.peft.method, cfg.seed, restart_from))
+    return {"trainable": 1, "total": 2, "trainable_percent": 50.0,
+            "test": {"f1_macro": 0.5, "accuracy": 0.5, "auc_macro": 0.5}}
+
+  variants = sweep.build_variants(["shpeft", "full"], [])
+  sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, seeds=[0, 1],
+                  restart_from="mask")
+  assert seen == [(m, s, "mask") for m in ("shpeft", "full") for s in (0, 1)]
+  seen.clear()
+  # 'pretrain' redoes the pre-trained encoder, so every run is redone from its data stage.
+  sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, restart_from="pretrain")
+  assert len(seen) == 2 * len(base.sweep.seeds) and {r for _, _, r in seen} == {"data"}
+  with pytest.raises(ConfigError, match="is not a stage"):
+    sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, restart_from="nope")
