@@ -316,11 +316,11 @@ def selection_check(sz: dict) -> dict:
 
 
 def torch_check(weights: str, sz: dict, budget: Budget, compile_too: bool) -> dict:
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from torch import nn  # pylint: disable=g-import-not-at-top
   from shpeft_jax.models import torch_reference  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_modes  # pylint: disable=g-import-not-at-top  (benchmarks/torch_modes.py)
 
   cuda = torch.cuda.is_available()
   dev = torch.device("cuda" if cuda else "cpu")
@@ -382,41 +382,9 @@ def torch_check(weights: str, sz: dict, budget: Budget, compile_too: bool) -> di
             "seconds_per_10k": seconds * 10_000 / images, "first_call_s_incl_compile": first,
             "peak_memory_bytes": peak()}
 
-  class LoRAAttention(nn.Module):
-    """q/v of the frozen fused in-projection plus x @ A @ B (B starts at zero), rank r."""
-
-    def __init__(self, attn: nn.MultiheadAttention, r: int = 8):
-      super().__init__()
-      self.attn, d = attn, attn.embed_dim
-      self.q_a = nn.Parameter(torch.randn(d, r, device=dev) / d ** 0.5)
-      self.q_b = nn.Parameter(torch.zeros(r, d, device=dev))
-      self.v_a = nn.Parameter(torch.randn(d, r, device=dev) / d ** 0.5)
-      self.v_b = nn.Parameter(torch.zeros(r, d, device=dev))
-
-    def forward(self, x, *unused, need_weights=False):  # x: [L, N, D]
-      a = self.attn
-      q, k, v = F.linear(x, a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
-      q = q + x @ self.q_a @ self.q_b
-      v = v + x @ self.v_a @ self.v_b
-      L, N, D = x.shape
-      split = lambda t: t.reshape(L, N, a.num_heads, D // a.num_heads).permute(1, 2, 0, 3)
-      o = F.scaled_dot_product_attention(split(q), split(k), split(v))
-      return (a.out_proj(o.permute(2, 0, 1, 3).reshape(L, N, D)), None)
-
   def step(mode, how):
     net = fresh()
-    masks = {}
-    if mode == "lora":
-      for p in net.parameters():
-        p.requires_grad_(False)
-      for blk in net.transformer.resblocks:
-        blk.attn = LoRAAttention(blk.attn)
-      for p in net.head.parameters():
-        p.requires_grad_(True)
-    elif mode == "shpeft":
-      g = torch.Generator(device=dev).manual_seed(0)
-      masks = {n: torch.rand(p.shape, device=dev, generator=g) < sz["k_percent"] / 100
-               for n, p in net.named_parameters() if not n.startswith("head.")}
+    masks = torch_modes.set_mode(net, mode, k_percent=sz["k_percent"], device=dev)
     fn = compiled_or_eager(net, how)
     named = dict(net.named_parameters())
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3,

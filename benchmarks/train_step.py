@@ -159,7 +159,7 @@ def build_torch(args, mode: str, dtype: str):
   import numpy as np
   import torch
   import torch.nn.functional as F
-  from torch import nn
+  import torch_modes  # benchmarks/torch_modes.py, beside this script
 
   from shpeft_jax.models.torch_reference import TorchClipClassifier
   from shpeft_jax.models.clip_vit import get_model_config
@@ -171,44 +171,7 @@ def build_torch(args, mode: str, dtype: str):
                                           args.num_classes)
   model.train()
 
-  class LoRAAttention(nn.Module):
-    """q/v of the frozen fused in-projection plus x @ A @ B (B starts at zero), rank r."""
-
-    def __init__(self, attn: nn.MultiheadAttention, r: int = 8):
-      super().__init__()
-      self.attn, d = attn, attn.embed_dim
-      self.lora_q_a = nn.Parameter(torch.randn(d, r) / d ** 0.5)
-      self.lora_q_b = nn.Parameter(torch.zeros(r, d))
-      self.lora_v_a = nn.Parameter(torch.randn(d, r) / d ** 0.5)
-      self.lora_v_b = nn.Parameter(torch.zeros(r, d))
-
-    def forward(self, x, *unused, need_weights=False):  # x: [L, N, D]
-      a = self.attn
-      q, k, v = F.linear(x, a.in_proj_weight, a.in_proj_bias).chunk(3, dim=-1)
-      q = q + x @ self.lora_q_a @ self.lora_q_b
-      v = v + x @ self.lora_v_a @ self.lora_v_b
-      L, N, D = x.shape
-      h = a.num_heads
-      split = lambda t: t.reshape(L, N, h, D // h).permute(1, 2, 0, 3)
-      o = F.scaled_dot_product_attention(split(q), split(k), split(v))
-      o = o.permute(2, 0, 1, 3).reshape(L, N, D)
-      return (a.out_proj(o), None)
-
-  masks = {}
-  if mode == "lora":
-    for p in model.parameters():
-      p.requires_grad_(False)
-    for blk in model.transformer.resblocks:
-      blk.attn = LoRAAttention(blk.attn)
-    for p in model.head.parameters():
-      p.requires_grad_(True)
-  elif mode == "shpeft":
-    g = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():
-      if not name.startswith("head."):
-        masks[name] = torch.rand(p.shape, generator=g) < args.k_percent / 100
-  elif mode != "full":
-    raise ValueError(f"torch has no mode {mode}")
+  masks = torch_modes.set_mode(model, mode, k_percent=args.k_percent)
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
   named = dict(model.named_parameters())
