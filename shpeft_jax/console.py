@@ -93,6 +93,9 @@ class _DropNoise(std_logging.Filter):
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno < std_logging.WARNING and "/orbax/" in record.pathname:
       return False
+    if record.exc_info and record.exc_info[0] and issubclass(record.exc_info[0],
+                                                             KeyboardInterrupt):
+      return False  # A library's traceback of the Ctrl-C: the command says it in one line.
     try:
       message = record.getMessage()
     except (TypeError, ValueError):

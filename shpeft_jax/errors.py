@@ -46,13 +46,24 @@ class NonFiniteError(ShpeftError, FloatingPointError):
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-# Where a long command currently is ("training step 120 of 300 in /w"), for Ctrl-C messages.
-_PROGRESS: list[str] = []
+# Where a long command currently is ("training step 120 of 300 in /w"), for Ctrl-C messages: a
+# text, or a function that makes it when it is needed (the trainer's step changes every step).
+_PROGRESS: list = []
 
 
-def note_progress(text: str) -> None:
-  """Records where the command is; a Ctrl-C then says where it stopped."""
-  _PROGRESS[:] = [text]
+def note_progress(text: str | Callable[[], str] | None) -> None:
+  """Records where the command is; a Ctrl-C then says where it stopped. None: nowhere special."""
+  _PROGRESS[:] = [text] if text is not None else []
+
+
+def _progress_text() -> str:
+  if not _PROGRESS:
+    return ""
+  try:
+    text = _PROGRESS[0]() if callable(_PROGRESS[0]) else _PROGRESS[0]
+  except Exception:  # pylint: disable=broad-except  (an interrupted run's state may be half-made)
+    return ""
+  return f" during {text}" if text else ""
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -134,7 +145,7 @@ def handle(exc: BaseException, *, verbosity: int = 0, log_file: str | None = Non
            hint_path: str | None = None, prog: str = "") -> int | None:
   """Prints the one-line report of `exc` and returns the exit code; None for an unknown bug."""
   if isinstance(exc, KeyboardInterrupt):
-    where = f" during {_PROGRESS[0]}" if _PROGRESS else ""
+    where = _progress_text()
     print(f"\ninterrupted{where}. Nothing finished was lost: rerun the same command to resume.",
           file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED

@@ -109,6 +109,16 @@ def checkpoint_manager(directory: str, train_cfg):
           enable_async_checkpointing=bool(train_cfg.async_checkpoints)))
 
 
+def complete_steps(directory: str) -> list[int]:
+  """The steps whose checkpoint is complete on disk (orbax renames a finished save to its step
+  number; an unfinished one keeps a temporary suffix). The manager's own list can lag behind the
+  disk while its finalize thread runs, so a Ctrl-C message reads the disk."""
+  try:
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  except OSError:
+    return []
+
+
 def restore_latest(manager, state) -> tuple[Any, int]:
   """The latest checkpoint onto this mesh (whatever it was saved on), or the state as it is."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top

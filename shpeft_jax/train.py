@@ -221,14 +221,17 @@ def train_loop(config, state, train_step, schedule, manager, validation, writer,
   watch = run_checks.FiniteWatch()
   lr_at = lambda s: schedule(s - 1)
   post = {}
+  at = [start_step]  # What a Ctrl-C message says: the step done last, the newest checkpoint.
+  errors.note_progress(lambda: f"training in {manager.directory}, after step {at[0]} of "
+                       f"{num_steps} (last complete checkpoint: step "
+                       f"{(params_io.complete_steps(str(manager.directory)) or ['none'])[-1]})")
   for step in range(start_step + 1, end_step + 1):
     state, measurements = train_step(state, sharding.to_global(next(it), batch_sh))
+    at[0] = step
     watch.add(step, measurements.pop("finite"))
     if step % t.log_every == 0 or step == end_step or step == start_step + 1:
       watch.check(before=f"the metrics of step {step}", lr_at=lr_at)
       m = jax.device_get(measurements)
-      errors.note_progress(f"training step {step} of {num_steps} in {manager.directory} "
-                           f"(last checkpoint: step {manager.latest_step() or 'none'})")
       post["loss"] = float(m["loss"])
       progress.update(step, **post)
       ips = progress.images_per_s(step)
@@ -251,6 +254,7 @@ def train_loop(config, state, train_step, schedule, manager, validation, writer,
       watch.check(before=f"the checkpoint at step {step}", lr_at=lr_at)
       manager.save(step, args=ocp.args.StandardSave({"state": state}))
   progress.close()
+  errors.note_progress(None)
   return state
 
 

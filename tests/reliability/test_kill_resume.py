@@ -3,6 +3,7 @@ takes the lock over, keeps the fingerprints, resumes from the last complete chec
 bit-identical to an uninterrupted run."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,3 +71,36 @@ def test_kill_9_then_rerun_takes_over_and_is_bit_identical(tmp_path):
   assert resumed.keys() == reference.keys()
   for name in reference:
     np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+
+
+def test_ctrl_c_says_where_it_stopped_releases_the_workdir_and_keeps_the_checkpoints(tmp_path):
+  """SIGINT (Ctrl-C) of a real run: exit 130, one line naming the step, no traceback, the workdir
+  released (no holder left in its lock), the finished checkpoints kept for the rerun."""
+  workdir = tmp_path / "interrupted"
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  ckpts = workdir / "checkpoints"
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
+      if done and max(done) >= 8:
+        break
+      time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  last = [l for l in err.splitlines() if l.strip()][-1]
+  m = re.fullmatch(r"interrupted during training in (\S+), after step (\d+) of 40 \(last "
+                   r"complete checkpoint: step (\d+)\)\. Nothing finished was lost: rerun the same command "
+                   r"to resume\.", last)
+  assert m and m.group(1) == str(ckpts), err[-3000:]
+  kept = [int(d) for d in os.listdir(ckpts) if d.isdigit()]
+  assert kept and int(m.group(3)) == max(kept) >= 8 and int(m.group(2)) >= 8
+  assert (workdir / ".lock").read_text() == ""  # released: no holder
+  assert not (workdir / "results.json").exists()
