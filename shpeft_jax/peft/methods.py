@@ -574,10 +574,15 @@ def trainable_count(mask_tree) -> int:
 
 
 def param_shapes(model_name: str, num_classes: int, additive: AdditiveConfig | None = None,
-                 image_size: int | None = None) -> dict:
-  """Parameter ShapeDtypeStructs of a model via `jax.eval_shape` (no memory, fast for ViT-B/16)."""
+                 image_size: int | None = None, tower: Mapping[str, Any] | None = None) -> dict:
+  """Parameter ShapeDtypeStructs of a model via `jax.eval_shape` (no memory, fast for ViT-B/16).
+
+  tower: the checkpoint's tower fields (`clip_vit.TOWER_FIELDS`, e.g. BiomedCLIP's timm trunk has
+  a patch-embedding bias and no ln_pre); default: OpenAI's layout.
+  """
   from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
-  model = clip_vit.build_model(model_name, num_classes, image_size=image_size, additive=additive)
+  model = clip_vit.build_model(model_name, num_classes, image_size=image_size, additive=additive,
+                               tower=tower)
   return jax.eval_shape(lambda: clip_vit.init_params(model, jax.random.PRNGKey(0)))
 
 
@@ -604,7 +609,8 @@ def count_trainable(method, shapes) -> dict[str, Any]:
 
 
 def trainable_table(model_name: str = "ViT-B/16", num_classes: int = 4, methods=None,
-                    peft_cfg=None, image_size: int | None = None) -> list[dict[str, Any]]:
+                    peft_cfg=None, image_size: int | None = None,
+                    tower: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
   """One row per method: trainable weights and % of the pretrained model + head (Fig. 4's x-axis).
 
   `peft_cfg` supplies the knobs (LoRA rank, adapter bottleneck, k, ...); its `method` is replaced
@@ -614,7 +620,7 @@ def trainable_table(model_name: str = "ViT-B/16", num_classes: int = 4, methods=
   rows = []
   for name in methods or method_names():
     cfg = _with_method(base, name)
-    shapes = param_shapes(model_name, num_classes, additive_config_for(cfg), image_size)
+    shapes = param_shapes(model_name, num_classes, additive_config_for(cfg), image_size, tower)
     rows.append(count_trainable(cfg, shapes))
   return rows
 
@@ -641,8 +647,14 @@ def table_markdown(rows, model_name: str = "ViT-B/16", num_classes: int = 4) -> 
 
 
 if __name__ == "__main__":
-  # `python -m shpeft_jax.peft.methods [MODEL] [NUM_CLASSES]`: the table of docs/BASELINES.md.
+  # `python -m shpeft_jax.peft.methods [MODEL] [NUM_CLASSES] [CHECKPOINT]`: the table of
+  # docs/BASELINES.md; with a converted checkpoint, for its tower (e.g. BiomedCLIP's timm trunk).
   import sys  # pylint: disable=g-import-not-at-top
   _model = sys.argv[1] if len(sys.argv) > 1 else "ViT-B/16"
   _classes = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-  print(table_markdown(trainable_table(_model, _classes), _model, _classes))
+  _tower = None
+  if len(sys.argv) > 3:
+    from shpeft_jax import checkpoints as _ckpt  # pylint: disable=g-import-not-at-top
+    from shpeft_jax.models import clip_vit as _vit  # pylint: disable=g-import-not-at-top
+    _tower = _vit.tower_from_meta(_ckpt.load_meta(sys.argv[3]))
+  print(table_markdown(trainable_table(_model, _classes, tower=_tower), _model, _classes))

@@ -61,6 +61,19 @@ def test_vit_b16_trainable_counts_match_hand_formulas(vit_b16_rows, method, expe
   assert vit_b16_rows[method]["exact"]
 
 
+def test_timm_trunk_tower_counts_its_own_layer_norms_and_patch_bias():
+  """BiomedCLIP's timm trunk: no ln_pre, a patch-embedding bias. FT-LN loses ln_pre's 2D, BitFit
+  swaps ln_pre's bias for the patch bias, the whole model has D more - D*2 fewer weights."""
+  tower = {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}
+  rows = {r["method"]: r for r in methods.trainable_table(
+      "ViT-B/16", CLASSES, methods=("full", "ln", "bitfit", "shpeft"), tower=tower)}
+  encoder = ENCODER - 2 * D + D
+  assert rows["full"]["trainable"] == encoder + HEAD
+  assert rows["ln"]["trainable"] == (2 * L + 1) * 2 * D + HEAD
+  assert rows["bitfit"]["trainable"] == L * (4 * D + 2 * D + MLP + D) + D + D + HEAD
+  assert rows["shpeft"]["trainable"] == math.floor(encoder / 100 + 0.5) + HEAD
+
+
 def test_vit_b16_bitfit_equals_number_of_bias_entries():
   shapes = methods.param_shapes("ViT-B/16", CLASSES)
   n_bias = sum(math.prod(v.shape) for n, v in utils.flatten_names(shapes).items()
