@@ -116,24 +116,59 @@ def is_run(path: str) -> bool:
   return isinstance(res, dict) and "method" in res and "test" in res
 
 
-def find_runs(path: str) -> list[str]:
-  """Finished runs one or two levels below `path` (demo methods, sweep datasets/variants).
+def find_runs(path: str, max_depth: int = 4) -> list[str]:
+  """Finished runs below `path`: the demo's methods (and seeds), a sweep's
+  dataset/variant[/lr_<lr>][/seed_<s>] runs; a run's own folders are not searched.
 
   The demo's pre-training on the source task is not one of the compared methods.
   """
   runs = []
-  for entry in sorted(os.listdir(path)):
-    sub = os.path.join(path, entry)
-    if not os.path.isdir(sub) or entry in ("pretrain", REPORT_DIR) or entry.startswith("."):
-      continue
-    if is_run(sub):
-      runs.append(sub)
-      continue
-    for entry2 in sorted(os.listdir(sub)):
-      sub2 = os.path.join(sub, entry2)
-      if os.path.isdir(sub2) and is_run(sub2):
-        runs.append(sub2)
+
+  def walk(folder: str, depth: int):
+    for entry in sorted(os.listdir(folder)):
+      sub = os.path.join(folder, entry)
+      if (not os.path.isdir(sub) or entry in ("pretrain", REPORT_DIR, "xla_cache")
+          or entry.startswith(".")):
+        continue
+      if is_run(sub):
+        runs.append(sub)
+      elif depth < max_depth:
+        walk(sub, depth + 1)
+
+  walk(path, 1)
   return runs
+
+
+def chosen_runs(path: str, runs: Sequence[str]) -> list[str]:
+  """The runs at each method's chosen learning rate, when PATH/runs.csv (a sweep) says which; the
+  runs of the other rates of a grid are in runs.csv, not in the comparison page."""
+  table = os.path.join(path, "runs.csv")
+  if not os.path.isfile(table):
+    return list(runs)
+  import csv  # pylint: disable=g-import-not-at-top
+  with open(table, newline="") as f:
+    rows = list(csv.DictReader(f))
+  if not rows or "run_dir" not in rows[0] or "chosen_lr" not in rows[0]:
+    return list(runs)
+  chosen = {os.path.normpath(os.path.join(path, r["run_dir"])) for r in rows
+            if r["chosen_lr"] == "True" and r["run_dir"]}
+  return [r for r in runs if os.path.normpath(r) in chosen] or list(runs)
+
+
+def _seed_group(label: str) -> tuple[str, str | None]:
+  """('shpeft/lr_0.3', '2') for 'shpeft/lr_0.3/seed_2'; (label, None) without a seed level."""
+  parts = label.split(os.sep)
+  seeds = [p for p in parts if p.startswith("seed_") and p[5:].isdigit()]
+  if not seeds:
+    return label, None
+  return os.sep.join(p for p in parts if p not in seeds), seeds[-1][5:]
+
+
+def _mean_per_class(reps: Sequence[dict], metric: str) -> dict:
+  """The per-class `metric` averaged over runs (seeds) of one method, as a per-class report."""
+  names = [c["name"] for c in reps[0]["classes"]]
+  return {"classes": [{"name": n, metric: float(np.mean([r["classes"][i][metric] for r in reps]))}
+                      for i, n in enumerate(names)]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,28 +356,41 @@ def _run_page(run_dir: str, results: dict, rep: dict, text: str, pngs: dict) -> 
 
 
 def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", log=print) -> dict:
-  """Each run's report, then PATH/report/report.html comparing them."""
+  """Each run's report, then PATH/report/report.html comparing them.
+
+  A sweep with a learning-rate grid compares the runs at each method's chosen rate
+  (`chosen_runs`). Runs that differ only in their seed are one method in the plots: its per-class
+  F1 is the mean over the seeds, its training curves those of its first seed.
+  """
   from shpeft_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
   out = os.path.join(path, REPORT_DIR)
   os.makedirs(out, exist_ok=True)
+  n_all = len(runs)
+  runs = chosen_runs(path, runs)
   per_run = {}
   for run in runs:
     per_run[os.path.relpath(run, path)] = (run, run_report(run, split=split, log=log, reuse=True),
                                            _read_json(os.path.join(run, "results.json")))
   pngs = {}
-  by_dataset: dict[str, dict] = {}
-  for label, (_, rep, res) in per_run.items():
-    by_dataset.setdefault(res.get("dataset"), {})[label] = rep["per_class"]
-  for i, (dataset, reps) in enumerate(by_dataset.items()):
+  by_dataset: dict[str, dict[str, list]] = {}
+  curves: dict[str, list] = {}
+  for label, (run, rep, res) in per_run.items():
+    group, seed = _seed_group(label)
+    by_dataset.setdefault(res.get("dataset"), {}).setdefault(group, []).append(rep["per_class"])
+    records = read_metrics(run)
+    if records and not any(k.startswith(group + " (") or k == group for k in curves):
+      curves[group if seed is None else f"{group} (seed {seed})"] = records
+  for i, (dataset, groups) in enumerate(by_dataset.items()):
+    seeded = any(len(v) > 1 for v in groups.values())
+    reps = {g: (v[0] if len(v) == 1 else _mean_per_class(v, "f1")) for g, v in groups.items()}
     pngs[f"f1_{i}"] = plots.plot_per_class_bars(
         reps, os.path.join(out, f"per_class_f1_{i}.png"), metric="f1",
-        title=f"Per-class F1 by method ({dataset}, {split} split)")
-  curves = {label: read_metrics(run) for label, (run, _, _) in per_run.items()}
-  curves = {k: v for k, v in curves.items() if v}
+        title=f"Per-class F1 by method ({dataset}, {split} split"
+        + (", mean over seeds)" if seeded else ")"))
   if curves:
     pngs["curves"] = plots.plot_training_curves(curves, os.path.join(out, "training_curves.png"),
-                                                title="Training curves of every run")
+                                                title="Training curves of every method")
   rows = ["<tr><th>run</th><th>method</th><th>dataset</th><th>trainable %</th><th>F1 %</th>"
           "<th>accuracy %</th><th>AUC %</th><th>worst class (F1 %)</th><th>page</th></tr>"]
   for label, (run, rep, res) in per_run.items():
@@ -357,7 +405,10 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
         f"<td>{_pct(pc['auc_macro'])}</td>"
         f"<td>{html.escape(worst['name'])} ({_pct(worst['f1'])})</td>"
         f"<td><a href=\"{html.escape(link)}\">report</a></td></tr>")
-  body = [f"<p>{len(per_run)} runs in <code>{html.escape(path)}</code>, {split} split.</p>",
+  shown = (f"{len(per_run)} runs" if len(per_run) == n_all else
+           f"the {len(per_run)} runs at each method's chosen learning rate (of {n_all}; "
+           "runs.csv lists every run)")
+  body = [f"<p>{shown} in <code>{html.escape(path)}</code>, {split} split.</p>",
           "<table>" + "\n".join(rows) + "</table>"]
   for key in sorted(k for k in pngs if k.startswith("f1_")):
     body.append("<h2>Per-class F1</h2>" + _img(pngs[key], "per-class F1 by method"))
@@ -378,7 +429,7 @@ def write_report(path: str, *, split: str = "test", log=print) -> dict:
   runs = find_runs(path)
   if not runs:
     raise DataError(f"{path} holds no finished run (no results.json with a test result here or "
-                    "one or two levels below). Has the training finished?")
+                    "up to four levels below). Has the training finished?")
   return comparison_report(path, runs, split=split, log=log)
 
 
@@ -407,9 +458,12 @@ def after_run(workdir: str, *, log=None) -> list[str]:
   exports = [r for r in exports if os.path.isdir(os.path.join(r, "export", "model"))]
   if len(exports) == 1:
     lines.append(f"export:  {os.path.join(exports[0], 'export', 'model')}")
-  elif exports:
+  elif len(exports) <= 12:
     names = ",".join(os.path.relpath(r, workdir) for r in exports)
     lines.append(f"export:  {workdir}/{{{names}}}/export/model")
+  elif exports:
+    lines.append(f"export:  RUN_DIR/export/model of each of the {len(exports)} runs below "
+                 f"{workdir}")
   return lines
 
 

@@ -199,7 +199,8 @@ def _run_seeds(base: ml_collections.ConfigDict, workdir: str, methods: Sequence[
                               seeds=seeds, lr_grid=grid, by_lr=bool(c.sweep.lr_grid),
                               by_seed=bool(base.sweep.seeds), progress=progress, label=m)
     records += [{"dataset": c.data.name, "variant": m, "label": m, "method": m, "type": "",
-                 "lr": r["lr"], "seed": r["seed"], **compare.metrics_of(r["results"])}
+                 "lr": r["lr"], "seed": r["seed"], **compare.metrics_of(r["results"]),
+                 "run_dir": os.path.relpath(r["run_dir"], workdir)}
                 for r in out[m]]
   progress.close()
   if jax.process_index() == 0:

@@ -185,7 +185,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
     for r in compare.run_grid(cfg, run_dir, run_fn, seeds=seeds, lr_grid=grid,
                               by_lr=bool(cfg.sweep.lr_grid), by_seed=bool(base.sweep.seeds),
                               progress=progress, label=label):
-      records.append(_record(dataset, v, r["results"], r["lr"], r["seed"]))
+      records.append({**_record(dataset, v, r["results"], r["lr"], r["seed"]),
+                      "run_dir": os.path.relpath(r["run_dir"], workdir)})
   progress.close()
   return records
 

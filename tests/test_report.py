@@ -147,6 +147,47 @@ def test_a_second_comparison_reuses_up_to_date_run_reports_only(tmp_path):
   assert second["runs"].keys() == first["runs"].keys()
 
 
+def test_a_seeded_lr_grid_sweep_compares_the_chosen_runs_mean_over_seeds(tmp_path):
+  """digits/<variant>/lr_<lr>/seed_<s> (a sweep with --seeds and --lr_grid): all found four levels
+  down; the page shows the runs at each variant's chosen lr only (runs.csv), the plots one entry per
+  variant with its per-class F1 averaged over the seeds."""
+  top = tmp_path / "sweep"
+  rows = ["dataset,variant,lr,seed,chosen_lr,f1,run_dir"]
+  for variant, chosen in (("shpeft", "0.3"), ("random", "0.1")):
+    for lr in ("0.1", "0.3"):
+      for seed in (0, 1):
+        rel = os.path.join("busi", variant, f"lr_{lr}", f"seed_{seed}")
+        _fake_run(str(top / rel), method=variant, seed=seed + (2 if lr == "0.3" else 0))
+        rows.append(f"busi,{variant},{lr},{seed},{lr == chosen},0.5,{rel}")
+  (top / "runs.csv").write_text("\n".join(rows) + "\n")
+  (top / "pretrain").mkdir()
+  found = report.find_runs(str(top))
+  assert len(found) == 8
+  kept = report.chosen_runs(str(top), found)
+  assert sorted(os.path.relpath(r, top) for r in kept) == sorted(
+      os.path.join("busi", v, f"lr_{lr}", f"seed_{s}")
+      for v, lr in (("shpeft", "0.3"), ("random", "0.1")) for s in (0, 1))
+  out = report.write_report(str(top), log=lambda *_: None)
+  page = (top / "report" / "report.html").read_text()
+  assert "the 4 runs at each method&#x27;s chosen learning rate (of 8" in page or \
+      "the 4 runs at each method's chosen learning rate (of 8" in page
+  assert "lr_0.1/seed_0/report" not in page.replace("random/lr_0.1", "")
+  assert not (top / "busi" / "shpeft" / "lr_0.1" / "seed_0" / "report").exists()
+  _check_png(out["f1_0"], 500, 300)
+  # The mean over seeds, by hand, and the seed level taken off the label.
+  assert report._seed_group(os.path.join("busi", "shpeft", "lr_0.3", "seed_1")) == (
+      os.path.join("busi", "shpeft", "lr_0.3"), "1")
+  assert report._seed_group("shpeft") == ("shpeft", None)
+  a = {"classes": [{"name": "x", "f1": 0.2}, {"name": "y", "f1": 0.9}]}
+  b = {"classes": [{"name": "x", "f1": 0.4}, {"name": "y", "f1": 0.5}]}
+  mean = report._mean_per_class([a, b], "f1")["classes"]
+  assert [c["name"] for c in mean] == ["x", "y"]
+  np.testing.assert_allclose([c["f1"] for c in mean], [0.3, 0.7])
+  # A workdir of many runs names their exports in one short line.
+  lines = report.after_run(str(top))
+  assert all(len(l) < 300 for l in lines)
+
+
 def test_errors(tmp_path, capsys):
   assert report.main([str(tmp_path / "nope")]) == 2
   assert "does not exist" in capsys.readouterr().err

@@ -184,7 +184,8 @@ def write_tables(records: Sequence[dict], workdir: str, reference: str = REFEREN
   with open(paths["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
   fields = ["dataset", "variant", "label", "type", "method", "lr", "seed", "chosen_lr",
-            "val_f1", "f1", "accuracy", "auc", "trainable", "total", "trainable_percent"]
+            "val_f1", "f1", "accuracy", "auc", "trainable", "total", "trainable_percent",
+            "run_dir"]
   with open(paths["runs"], "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
