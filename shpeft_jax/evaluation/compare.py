@@ -204,6 +204,7 @@ def plot_f1_vs_trainable(records: Sequence[dict], path: str, reference: str = RE
   fig, ax = plt.subplots(figsize=(7.0, 4.8))
   n_seeds = set()
   at_x: dict[float, int] = {}  # Methods at the same trainable % (the ablations) side by side.
+  labels: list[tuple[float, float, float, str]] = []
   for variant, cells in table.items():
     cs = [cells.get(d) for d in datasets]
     y = _avg(cs, datasets)
@@ -216,14 +217,14 @@ def plot_f1_vs_trainable(records: Sequence[dict], path: str, reference: str = RE
     n_seeds.add(len(per_seed))
     ours = cells[datasets[0]]["method"] == reference if datasets[0] in cells else False
     i = at_x[round(x, 6)] = at_x.get(round(x, 6), -1) + 1
-    x *= 1.06 ** i
+    base_x, x = x, x * 1.06 ** i
     ax.errorbar([x], [100 * y], yerr=[100 * sd], fmt="*" if ours else "o",
                 ms=10 if ours else 6, capsize=3, color="tab:red" if ours else "tab:blue",
                 zorder=3)
     lrs = "/".join(f"{c['lr']:g}" for c in cs if c is not None)
-    ax.annotate(f"{cells[next(iter(cells))]['label']} (lr {lrs})", (x, 100 * y),
-                textcoords="offset points", xytext=(5, 4 - 9 * (i % 2)), fontsize=7)
+    labels.append((base_x, x, 100 * y, f"{cells[next(iter(cells))]['label']} (lr {lrs})"))
   ax.set_xscale("log")
+  _place_labels(ax, labels)
   ax.set_xlabel("trainable parameters (%)")
   ax.set_ylabel("average test macro F1 (%)")
   seeds = "/".join(str(n) for n in sorted(n_seeds))
@@ -236,6 +237,36 @@ def plot_f1_vs_trainable(records: Sequence[dict], path: str, reference: str = RE
     fig.savefig(tmp, dpi=120, format="png")
   plt.close(fig)
   return path
+
+
+def _place_labels(ax, labels: Sequence[tuple[float, float, float, str]]) -> None:
+  """Labels (base x, plotted x, y, text) of the points. Points at the same trainable % (the masks
+  at k, the ablations: drawn side by side) and any single point among them get their labels in a
+  column to their right, spaced so that none overlaps, each joined to its point by a thin line."""
+  lo, hi = ax.get_ylim()
+  gap = 0.045 * (hi - lo)
+  groups: dict[float, list] = {}
+  for p in labels:
+    groups.setdefault(round(p[0], 6), []).append(p)
+  multi = [g for g in groups.values() if len(g) > 1]
+  for g in groups.values():
+    if len(g) == 1:
+      host = next((m for m in multi if min(q[1] for q in m) / 1.1 <= g[0][1]
+                   <= max(q[1] for q in m) * 1.1), None)
+      if host is not None:
+        host.append(g[0])
+        g.clear()
+  for g in groups.values():
+    if len(g) == 1:
+      _, x, y, text = g[0]
+      ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    elif g:
+      column_x = max(q[1] for q in g) * 1.5
+      at = math.inf
+      for _, x, y, text in sorted(g, key=lambda q: -q[2]):
+        at = min(y, at - gap)
+        ax.annotate(text, (x, y), xytext=(column_x, at), textcoords="data", fontsize=7,
+                    va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.55"})
 
 
 def _per_seed_avg(records: Sequence[dict], cells: Sequence[dict | None]) -> list[float]:

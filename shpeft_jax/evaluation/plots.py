@@ -129,10 +129,11 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
   """
   plt = _plt()
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
-  cmap = plt.get_cmap("tab10")
+  many = len(runs) > 6  # One legend beside the figure instead of one over each panel.
+  cmap = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
   single = len(runs) == 1
   for i, (label, records) in enumerate(runs.items()):
-    color = cmap(i % 10)
+    color = cmap(i % cmap.N)
     x, y = _series(records, "train", "loss")
     if x:
       axes[0].plot(x, y, color=color, lw=1.4, label=label)
@@ -159,8 +160,11 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
   for ax in axes:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    if ax.get_legend_handles_labels()[0] and not many:
       ax.legend(fontsize=7)
   fig.suptitle(title or "Training curves")
   fig.tight_layout()
+  if many:
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
   return _save(fig, path)
