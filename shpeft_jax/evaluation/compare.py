@@ -256,17 +256,25 @@ def _place_labels(ax, labels: Sequence[tuple[float, float, float, str]]) -> None
       if host is not None:
         host.append(g[0])
         g.clear()
+  placed: list[tuple[float, float]] = []  # (x, y) of the column labels
   for g in groups.values():
-    if len(g) == 1:
-      _, x, y, text = g[0]
-      ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    elif g:
+    if len(g) > 1:
       column_x = max(q[1] for q in g) * 1.5
       at = math.inf
       for _, x, y, text in sorted(g, key=lambda q: -q[2]):
         at = min(y, at - gap)
+        placed.append((column_x, at))
         ax.annotate(text, (x, y), xytext=(column_x, at), textcoords="data", fontsize=7,
                     va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.55"})
+  for g in groups.values():
+    if len(g) == 1:
+      _, x, y, text = g[0]
+      # Beside its point, moved up or down past any column label that runs through there (a
+      # label's height, ~12 points, is about `gap` in data units).
+      near = [cy for cx, cy in placed if cx / 1.3 <= x <= cx * 3]
+      dy = next((d for d in (4, -11, 16, -23, 28, -35)
+                 if all(abs(y + (d + 3) * gap / 12 - cy) >= 0.8 * gap for cy in near)), 4)
+      ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, dy), fontsize=7)
 
 
 def _per_seed_avg(records: Sequence[dict], cells: Sequence[dict | None]) -> list[float]:
