@@ -30,7 +30,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -94,7 +94,6 @@ def test_quiet_cosine_schedule_is_the_same_schedule():
 
 def test_runs_progress_one_line_per_run_and_the_runs_lines_in_their_file(tmp_path, monkeypatch,
                                                                           capsys):
-  import io  # pylint: disable=g-import-not-at-top
   import logging as std_logging  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(console, "verbosity", lambda: 0)
   shown = io.StringIO()

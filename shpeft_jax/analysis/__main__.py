@@ -19,7 +19,6 @@ import glob
 import importlib.util
 import logging
 import os
-import sys
 import time
 from typing import Any, Sequence
 

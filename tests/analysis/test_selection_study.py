@@ -4,7 +4,6 @@ import dataclasses
 
 import jax
 import numpy as np
-import pytest
 
 from shpeft_jax.analysis import selection_study as study
 from shpeft_jax import optim

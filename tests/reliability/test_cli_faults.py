@@ -5,7 +5,6 @@ import os
 import stat
 import sys
 
-import numpy as np
 import pytest
 
 from fault_fixtures import (error_lines, run_module, small_tmpfs, tiny_classifier,  # pylint: disable=g-bad-import-order
