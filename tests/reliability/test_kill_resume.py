@@ -13,6 +13,7 @@ import numpy as np
 
 from fault_fixtures import ROOT  # pylint: disable=g-bad-import-order
 from shpeft_jax import checkpoints
+from shpeft_jax import params_io
 from shpeft_jax import utils
 from train_fixtures import TINY_OVERRIDES, cli_overrides  # pylint: disable=g-bad-import-order
 
@@ -32,24 +33,30 @@ def _env():
   return env
 
 
+def _start_and_wait_for_checkpoint(workdir, step: int = 8, **popen):
+  """The run of _cmd(workdir), returned once its checkpoint of `step` (or later) is complete."""
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), **popen)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = params_io.complete_steps(str(workdir / "checkpoints"))
+    if done and done[-1] >= step:
+      return proc
+    time.sleep(0.01)
+  proc.kill()
+  proc.wait()
+  raise AssertionError(f"the run ended (rc {proc.returncode}) or timed out before checkpoint {step}")
+
+
 def test_kill_9_then_rerun_takes_over_and_is_bit_identical(tmp_path):
   workdir = tmp_path / "killed"
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckpts = workdir / "checkpoints"
+  proc = _start_and_wait_for_checkpoint(workdir, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
   try:
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-      done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
-      if done and max(done) >= 8:
-        break
-      time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.kill()
     proc.wait()
-  killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  killed_at = params_io.complete_steps(str(workdir / "checkpoints"))[-1]
   assert 8 <= killed_at < STEPS and not (workdir / "results.json").exists()
   fingerprints = sorted(os.listdir(workdir / "fingerprints"))
   assert {"data.json", "mask.json", "train.json"} <= set(fingerprints)
@@ -77,17 +84,10 @@ def test_ctrl_c_says_where_it_stopped_releases_the_workdir_and_keeps_the_checkpo
   """SIGINT (Ctrl-C) of a real run: exit 130, one line naming the step, no traceback, the workdir
   released (no holder left in its lock), the finished checkpoints kept for the rerun."""
   workdir = tmp_path / "interrupted"
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = _start_and_wait_for_checkpoint(workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
   ckpts = workdir / "checkpoints"
   try:
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-      done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
-      if done and max(done) >= 8:
-        break
-      time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
   finally:
@@ -100,7 +100,7 @@ def test_ctrl_c_says_where_it_stopped_releases_the_workdir_and_keeps_the_checkpo
                    r"complete checkpoint: step (\d+)\)\. Nothing finished was lost: rerun the same command "
                    r"to resume\.", last)
   assert m and m.group(1) == str(ckpts), err[-3000:]
-  kept = [int(d) for d in os.listdir(ckpts) if d.isdigit()]
+  kept = params_io.complete_steps(str(ckpts))
   assert kept and int(m.group(3)) == max(kept) >= 8 and int(m.group(2)) >= 8
   assert (workdir / ".lock").read_text() == ""  # released: no holder
   assert not (workdir / "results.json").exists()
