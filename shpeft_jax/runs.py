@@ -125,6 +125,17 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   return config
 
 
+def restart_plan(restart_from: str | None) -> tuple[bool, str | None]:
+  """--restart_from for a group of runs: (redo the pre-training?, the stage each run redoes).
+
+  'pretrain' redoes the demo's pre-training and then all of every run, which starts from it.
+  """
+  restart_from = stages_lib.validate_restart_from(restart_from)
+  if restart_from == "pretrain":
+    return True, "data"
+  return False, restart_from
+
+
 def validate_runs(config, method_names: Sequence[str]) -> None:
   """Checks every run's config before any long work starts."""
   if config.pretrain.enabled:
@@ -153,12 +164,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   restart_from: a stage (`shpeft_jax.stages.STAGES`) to redo with every later one, in every run;
   'pretrain' redoes the demo's pre-training and everything that starts from it.
   """
-  restart_from = stages_lib.validate_restart_from(restart_from)
+  restart_pretrain, restart_from = restart_plan(restart_from)
   methods = tuple(config.methods)
   validate_runs(config, methods or (config.peft.method,))
-  base = prepare(config, workdir, restart_pretrain=restart_from == "pretrain")
-  if restart_from == "pretrain":
-    restart_from = "data"  # Every run starts from the pre-trained encoder: all of it is redone.
+  base = prepare(config, workdir, restart_pretrain=restart_pretrain)
   restart = {"restart_from": restart_from} if restart_from else {}
   if config.sweep.seeds or config.sweep.lr_grid or any(
       "sweep" in o for o in config.method_overrides.values()):

@@ -159,17 +159,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
   from shpeft_jax import runs  # pylint: disable=g-import-not-at-top  (imports jax)
   from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
   import functools  # pylint: disable=g-import-not-at-top
-  restart_from = stages_lib.validate_restart_from(restart_from)
+  restart_pretrain, restart_from = runs.restart_plan(restart_from)
   validate = run_fn is None
   run_fn = run_fn or runs.run_one
   if restart_from:
-    run_fn = functools.partial(run_fn, restart_from="data" if restart_from == "pretrain"
-                               else restart_from)
+    run_fn = functools.partial(run_fn, restart_from=restart_from)
   datasets = list(datasets or [config.data.name])
   config = _with_sweep_flags(config, seeds, lr_grid)
   if validate:
     _validate_all(config, variants, datasets)
-  base = runs.prepare(config, workdir)
+  base = runs.prepare(config, workdir, restart_pretrain=restart_pretrain)
   from shpeft_jax import console  # pylint: disable=g-import-not-at-top
   seeds = compare.seeds_of(base)
   records = []

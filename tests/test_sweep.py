@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from shpeft_jax import runs
 from shpeft_jax import sweep
 from shpeft_jax.errors import ConfigError
 from shpeft_jax.evaluation import compare
@@ -184,7 +185,7 @@ def test_tiny_sweep_end_to_end_on_the_demo_digits(tmp_path):
   assert [r["f1"] for r in again] == [r["f1"] for r in records]
 
 
-def test_restart_from_reaches_every_run_and_a_bad_stage_is_refused(tmp_path):
+def test_restart_from_reaches_every_run_and_a_bad_stage_is_refused(tmp_path, monkeypatch):
   base = _demo_config()
   with base.unlocked():
     base.pretrain.enabled = False
@@ -202,7 +203,14 @@ def test_restart_from_reaches_every_run_and_a_bad_stage_is_refused(tmp_path):
   assert seen == [(m, s, "mask") for m in ("shpeft", "full") for s in (0, 1)]
   seen.clear()
   # 'pretrain' redoes the pre-trained encoder, so every run is redone from its data stage.
+  prepared = []
+  real_prepare = runs.prepare
+  monkeypatch.setattr(runs, "prepare", lambda config, workdir, restart_pretrain=False: (
+      prepared.append(restart_pretrain) or real_prepare(config, workdir)))
   sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, restart_from="pretrain")
+  assert prepared == [True]
   assert len(seen) == 2 * len(base.sweep.seeds) and {r for _, _, r in seen} == {"data"}
+  sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, restart_from="train")
+  assert prepared == [True, False]
   with pytest.raises(ConfigError, match="is not a stage"):
     sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, restart_from="nope")
