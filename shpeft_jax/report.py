@@ -177,8 +177,9 @@ def _mean_per_class(reps: Sequence[dict], metric: str) -> dict:
 
 # What a run's report is drawn from: a report newer than all of them is up to date.
 _REPORT_INPUTS = ("results.json", PREDICTIONS, "metrics.jsonl", "mask_stats.json")
-_REPORT_PNGS = (("confusion", "confusion_matrix.png"), ("roc", "roc_curves.png"),
-                ("curves", "training_curves.png"), ("mask", "mask.png"))
+# The figures of a run's report, by key (run_report draws them, an up-to-date report lists them).
+_REPORT_PNGS = {"confusion": "confusion_matrix.png", "roc": "roc_curves.png",
+                "curves": "training_curves.png", "mask": "mask.png"}
 
 
 def _up_to_date_report(run_dir: str, split: str) -> dict | None:
@@ -197,7 +198,8 @@ def _up_to_date_report(run_dir: str, split: str) -> dict | None:
   rep = _read_json(files["per_class_json"])
   if not rep or rep.get("split") != split:
     return None
-  pngs = {k: os.path.join(out, f) for k, f in _REPORT_PNGS if os.path.isfile(os.path.join(out, f))}
+  pngs = {k: os.path.join(out, f) for k, f in _REPORT_PNGS.items()
+          if os.path.isfile(os.path.join(out, f))}
   return {**files, **pngs, "per_class": rep}
 
 
@@ -239,19 +241,19 @@ def run_report(run_dir: str, *, split: str = "test", log=print, reuse: bool = Fa
     f.write(text + "\n")
 
   label = f"{results.get('method')} on {results.get('dataset')}"
-  pngs = {"confusion": plots.plot_confusion(rep, os.path.join(out, "confusion_matrix.png"),
+  pngs = {"confusion": plots.plot_confusion(rep, os.path.join(out, _REPORT_PNGS["confusion"]),
                                             title=f"Confusion matrix, {label}, {split} split "
                                             f"({rep['num_examples']} images)"),
-          "roc": plots.plot_roc(rep, os.path.join(out, "roc_curves.png"))}
+          "roc": plots.plot_roc(rep, os.path.join(out, _REPORT_PNGS["roc"]))}
   records = read_metrics(run_dir)
   if records:
     pngs["curves"] = plots.plot_training_curves({results.get("method", "run"): records},
-                                                os.path.join(out, "training_curves.png"),
+                                                os.path.join(out, _REPORT_PNGS["curves"]),
                                                 title=f"Training curves, {label}")
   stats = _read_json(os.path.join(run_dir, "mask_stats.json"))
   if stats and stats.get("per_layer") and 0 < stats.get("total", {}).get("fraction", 1) < 1:
     from shpeft_jax.peft import mask_io  # pylint: disable=g-import-not-at-top
-    pngs["mask"] = os.path.join(out, "mask.png")
+    pngs["mask"] = os.path.join(out, _REPORT_PNGS["mask"])
     total = stats["total"]
     mask_io.plot_mask_stats(stats, pngs["mask"], title=(
         f"{results.get('method')}: {total['selected']:,} of {total['size']:,} masked weights "
