@@ -51,6 +51,8 @@ Data config fields (`config.data`, an ml_collections.ConfigDict; `default_data_c
   csv_image_root            csv: folder the path column is relative to, relative to manual_dir
                             ('' = manual_dir).
   csv_path_column           csv: the column of image paths (default 'path').
+  csv_path_format           csv: the image path made of a path-column value (default '{}', the
+                            value itself; e.g. 'images/{}.jpg' for a column of image ids).
   csv_label_column          csv, single-label: one column of class names or indices 0..K-1.
   csv_label_columns         csv, multi-label: several columns, one per finding (its name), holding
                             1 (positive), 0 (negative), -1 or blank (unknown).
@@ -111,6 +113,7 @@ def default_data_config() -> ml_collections.ConfigDict:
       "csv_files": (),
       "csv_image_root": "",
       "csv_path_column": "path",
+      "csv_path_format": "{}",
       "csv_label_column": "",
       "csv_label_columns": (),
       "csv_findings_column": "",

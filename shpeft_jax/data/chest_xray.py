@@ -81,7 +81,7 @@ def chestxray14_source(manual_dir: str, cfg) -> parsed_lib.ParsedSource:
     # A file never found is listed with the path where the images_001 layout would hold it.
     path = images.get(name) or os.path.join(root, "images_001", "images", name)
     items.append(tables.Item(path, label, r.cells["Patient ID"], r.where))
-  tables.check_unique_paths(items, "chestxray14")
+  items = tables.merge_duplicate_rows(items, "chestxray14")
   by_name = {os.path.basename(it.path): it for it in items}
   by_split: dict[str, list[tables.Item]] = {"train": [], "test": []}
   listed: dict[str, str] = {}
@@ -188,7 +188,7 @@ def chexpert_source(manual_dir: str, cfg) -> parsed_lib.ParsedSource:
   root = _chexpert_root(manual_dir)
   by_split = {"train": _chexpert_items(root, "train.csv", findings, cfg),
               "test": _chexpert_items(root, "valid.csv", findings, cfg)}
-  tables.check_unique_paths((it for v in by_split.values() for it in v), "chexpert")
+  by_split = tables.unique_per_split(by_split, "chexpert")
   by_split = tables.drop_missing(by_split, cfg.max_missing_fraction, "chexpert")
   by_split = tables.carve_validation(by_split, cfg.val_fraction, parsed_lib.MULTI_LABEL,
                                      splits_lib.SPLIT_SEED)

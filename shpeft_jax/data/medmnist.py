@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from shpeft_jax.data import parsed as parsed_lib
+from shpeft_jax.data import tables
 from shpeft_jax.errors import ConfigError, DataError
 
 SIZES = (28, 64, 128, 224)
@@ -195,6 +196,8 @@ def medmnist_source(manual_dir: str, cfg) -> parsed_lib.ParsedSource:
         yield _encode_png(pixels)
         nxt = next(wanted, None)
 
+  tables.check_train_covers_labels([label for _, label in splits["train"]], names, task,
+                                   f"medmnist {flag}")
   return parsed_lib.ParsedSource(
       name="medmnist", root=manual_dir, splits=splits, class_names=names, task=task,
       content_files=(path,), images=images)

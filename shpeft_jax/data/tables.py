@@ -99,16 +99,6 @@ def read_list(path: str, name: str) -> list[tuple[int, str]]:
 # Labels.
 
 
-def check_case_collisions(names: Iterable[str], what: str, name: str) -> None:
-  """Names that differ only by case ('Cat', 'cat') would be two classes: an error naming both."""
-  seen: dict[str, str] = {}
-  for n in sorted(names):
-    other = seen.setdefault(n.casefold(), n)
-    if other != n:
-      raise DataError(f"{name}: {what} {other!r} and {n!r} differ only by case and would be two "
-                      "classes; merge or rename one of them.")
-
-
 def single_labels(rows: Sequence[Row], column: str, class_names: Sequence[str], name: str
                   ) -> tuple[list[int], tuple[str, ...]]:
   """Class indices from one column of class names or of indices 0..K-1.
@@ -129,7 +119,7 @@ def single_labels(rows: Sequence[Row], column: str, class_names: Sequence[str], 
                         f"0..{len(names) - 1} of data.csv_class_names {list(names)}.")
     return [int(v) for v in values], names
   names = tuple(class_names) or tuple(sorted(set(values)))
-  check_case_collisions(names, "classes", name)
+  splits_lib.check_case_collisions(names, "classes", name)
   index = {n: i for i, n in enumerate(names)}
   for r, v in zip(rows, values):
     if v not in index:
@@ -171,7 +161,7 @@ def findings_labels(rows: Sequence[Row], column: str, separator: str, no_finding
     found = [] if v == no_finding else [f.strip() for f in v.split(separator)]
     parsed_rows.append(found)
   names = tuple(finding_names) or tuple(sorted({f for fs in parsed_rows for f in fs}))
-  check_case_collisions(names, "findings", name)
+  splits_lib.check_case_collisions(names, "findings", name)
   index = {n: i for i, n in enumerate(names)}
   out = []
   for r, found in zip(rows, parsed_rows):
@@ -296,15 +286,15 @@ def check_nonempty(by_split: Mapping[str, list], name: str) -> None:
                       "and data.val_fraction.")
 
 
-def check_train_covers_labels(train: Sequence[Item], class_names: Sequence[str], task: str,
-                              name: str) -> None:
+def check_train_covers_labels(train_labels: Sequence[parsed_lib.Label],
+                              class_names: Sequence[str], task: str, name: str) -> None:
   """Every class (single-label) or finding (multi-label) needs a positive training example."""
   if task == parsed_lib.MULTI_LABEL:
-    positives = np.zeros(len(class_names), bool)
-    for it in train:
-      positives |= np.asarray(it.label) == parsed_lib.POSITIVE
+    positives = (np.asarray(train_labels, np.float32).reshape(-1, len(class_names)) ==
+                 parsed_lib.POSITIVE).any(axis=0)
   else:
-    positives = np.bincount([it.label for it in train], minlength=len(class_names)) > 0
+    positives = np.bincount(np.asarray(train_labels, np.int64),
+                            minlength=len(class_names)) > 0
   for i, has in enumerate(positives):
     if not has:
       what = "finding" if task == parsed_lib.MULTI_LABEL else "class"
@@ -313,21 +303,41 @@ def check_train_covers_labels(train: Sequence[Item], class_names: Sequence[str],
                       "add training images.")
 
 
-def check_unique_paths(items: Iterable[Item], name: str) -> None:
-  seen: dict[str, str] = {}
+def merge_duplicate_rows(items: Sequence[Item], name: str) -> list[Item]:
+  """One item per image: rows repeating an image with the same label and patient (a table with
+  one row per annotation, e.g. per box) are merged, with a count; differing ones are an error."""
+  first: dict[str, Item] = {}
   for it in items:
-    if seen.setdefault(it.path, it.where) != it.where:
-      raise DataError(f"{name}: the image {it.path} is listed twice ({seen[it.path]} and "
-                      f"{it.where}); remove the duplicate row.")
+    seen = first.setdefault(it.path, it)
+    if seen is not it and (seen.label, seen.patient) != (it.label, it.patient):
+      raise DataError(f"{name}: the image {it.path} is listed twice with different labels or "
+                      f"patients ({seen.where} and {it.where}); keep one row per image.")
+  if len(first) < len(items):
+    logging.info("%s: %d row(s) repeat an image with the same label and were merged.", name,
+                 len(items) - len(first))
+  return list(first.values())
+
+
+def unique_per_split(by_split: Mapping[str, Sequence[Item]], name: str) -> dict[str, list[Item]]:
+  """`merge_duplicate_rows` within each split; an image in two splits is an error."""
+  out = {split: merge_duplicate_rows(items, name) for split, items in by_split.items()}
+  split_of_path: dict[str, str] = {}
+  for split, items in out.items():
+    for it in items:
+      other = split_of_path.setdefault(it.path, split)
+      if other != split:
+        raise DataError(f"{name}: the image {it.path} is in split {other!r} and in split "
+                        f"{split!r} ({it.where}); an image belongs to one split.")
+  return out
 
 
 def finish(name: str, root: str, by_split: dict[str, list[Item]], class_names: Sequence[str],
            task: str) -> parsed_lib.ParsedSource:
-  """The checks every table source ends with (after `check_unique_paths` and `drop_missing`,
+  """The checks every table source ends with (after `unique_per_split` and `drop_missing`,
   which run before any split is carved), then the ParsedSource (train / validation / test)."""
   check_nonempty(by_split, name)
   check_patients_disjoint(by_split, name)
-  check_train_covers_labels(by_split["train"], class_names, task, name)
+  check_train_covers_labels([it.label for it in by_split["train"]], class_names, task, name)
   ordered = {s: sorted(by_split[s], key=lambda i: i.path) for s in SPLITS if s in by_split}
   return parsed_lib.ParsedSource(
       name=name, root=root, class_names=tuple(class_names), task=task,
@@ -360,7 +370,7 @@ def _csv_labels(rows: Sequence[Row], cfg) -> tuple[list[parsed_lib.Label], tuple
     return list(labels), names, parsed_lib.SINGLE_LABEL
   if cfg.csv_label_columns:
     columns = tuple(cfg.csv_label_columns)
-    check_case_collisions(columns, "findings", "csv")
+    splits_lib.check_case_collisions(columns, "findings", "csv")
     return (list(binary_columns(rows, columns, _BINARY_CELLS, "csv")), columns,
             parsed_lib.MULTI_LABEL)
   labels, names = findings_labels(rows, cfg.csv_findings_column, cfg.csv_findings_separator,
@@ -375,7 +385,9 @@ def _lists_split(rows: Sequence[Row], cfg, manual_dir: str) -> list[str]:
   if not lists["train"] or not lists["test"]:
     raise ConfigError("csv: list-file splits need data.csv_train_list and data.csv_test_list "
                       "(data.csv_val_list is optional: validation is carved from train).")
-  row_of = {r.cells[cfg.csv_path_column]: i for i, r in enumerate(rows)}
+  row_of: dict[str, list[int]] = {}
+  for i, r in enumerate(rows):
+    row_of.setdefault(r.cells[cfg.csv_path_column], []).append(i)
   out = [""] * len(rows)
   for split, rel in lists.items():
     if not rel:
@@ -385,10 +397,11 @@ def _lists_split(rows: Sequence[Row], cfg, manual_dir: str) -> list[str]:
       if entry not in row_of:
         raise DataError(f"csv: {path} line {line} lists {entry!r}, which no row's "
                         f"{cfg.csv_path_column!r} holds.")
-      i = row_of[entry]
-      if out[i] and out[i] != split:
-        raise DataError(f"csv: {entry!r} is listed for both {out[i]!r} and {split!r}.")
-      out[i] = split
+      for i in row_of[entry]:
+        if out[i] and out[i] != split:
+          raise DataError(f"csv: {entry!r} is listed for both {out[i]!r} and {split!r} "
+                          f"({path} line {line}).")
+        out[i] = split
   return out
 
 
@@ -404,6 +417,54 @@ def _row_splits(rows: Sequence[Row], cfg, manual_dir: str) -> list[str] | None:
   if has_lists:
     return _lists_split(rows, cfg, manual_dir)
   return None
+
+
+def _csv_items(rows: Sequence[Row], labels: Sequence[parsed_lib.Label], cfg, image_root: str
+               ) -> list[Item]:
+  items = []
+  for r, label in zip(rows, labels):
+    value = r.cells[cfg.csv_path_column]
+    if not value:
+      raise DataError(f"csv: {r.where} has an empty {cfg.csv_path_column!r}.")
+    try:
+      rel = cfg.csv_path_format.format(value)
+    except (IndexError, KeyError, ValueError) as e:
+      raise ConfigError(f"csv: data.csv_path_format={cfg.csv_path_format!r} cannot format "
+                        f"{value!r} ({e}); use one '{{}}' where the value goes.") from e
+    patient = r.cells[cfg.csv_patient_column] if cfg.csv_patient_column else ""
+    items.append(Item(os.path.normpath(os.path.join(image_root, rel)), label, patient, r.where))
+  return items
+
+
+def _carved_splits(items: Sequence[Item], cfg, task: str) -> dict[str, list[Item]]:
+  """No split column or lists: the seeded split of data.csv_split_fractions."""
+  fractions = dict(zip(SPLITS, tuple(cfg.csv_split_fractions)))
+  if len(cfg.csv_split_fractions) != 3 or min(fractions.values()) < 0 or not np.isclose(
+      sum(fractions.values()), 1.0):
+    raise ConfigError(f"csv: data.csv_split_fractions={tuple(cfg.csv_split_fractions)} must be "
+                      "three non-negative fractions (train, validation, test) summing to 1.")
+  items = merge_duplicate_rows(items, "csv")
+  items = drop_missing({"the table": items}, cfg.max_missing_fraction, "csv")["the table"]
+  return carve(items, {s: f for s, f in fractions.items() if f > 0}, task,
+               splits_lib.SPLIT_SEED)
+
+
+def _given_splits(items: Sequence[Item], row_splits: Sequence[str], cfg, task: str
+                  ) -> dict[str, list[Item]]:
+  """Splits from the split column or the list files; validation carved from train if absent."""
+  by_split: dict[str, list[Item]] = {}
+  for it, split in zip(items, row_splits):
+    if split:
+      by_split.setdefault(split, []).append(it)
+  left_out = list(row_splits).count("")
+  if left_out:
+    logging.warning("csv: %d row(s) are in none of the list files and are left out.", left_out)
+  if "train" not in by_split or "test" not in by_split:
+    raise DataError(f"csv: the splits found are {sorted(by_split)}; a train and a test split "
+                    "are needed.")
+  by_split = unique_per_split(by_split, "csv")
+  by_split = drop_missing(by_split, cfg.max_missing_fraction, "csv")
+  return carve_validation(by_split, cfg.val_fraction, task, splits_lib.SPLIT_SEED)
 
 
 def csv_source(manual_dir: str, cfg) -> parsed_lib.ParsedSource:
@@ -423,35 +484,8 @@ def csv_source(manual_dir: str, cfg) -> parsed_lib.ParsedSource:
     raise DataError(f"csv: {', '.join(cfg.csv_files)} hold no rows.")
   labels, class_names, task = _csv_labels(rows, cfg)
   image_root = os.path.normpath(os.path.join(manual_dir, cfg.csv_image_root))
-  items = []
-  for r, label in zip(rows, labels):
-    rel = r.cells[cfg.csv_path_column]
-    if not rel:
-      raise DataError(f"csv: {r.where} has an empty {cfg.csv_path_column!r}.")
-    patient = r.cells[cfg.csv_patient_column] if cfg.csv_patient_column else ""
-    items.append(Item(os.path.normpath(os.path.join(image_root, rel)), label, patient, r.where))
-  check_unique_paths(items, "csv")
+  items = _csv_items(rows, labels, cfg, image_root)
   row_splits = _row_splits(rows, cfg, manual_dir)
-  if row_splits is None:
-    items = drop_missing({"the table": items}, cfg.max_missing_fraction, "csv")["the table"]
-    fractions = dict(zip(SPLITS, tuple(cfg.csv_split_fractions)))
-    if len(cfg.csv_split_fractions) != 3 or min(fractions.values()) < 0 or not np.isclose(
-        sum(fractions.values()), 1.0):
-      raise ConfigError(f"csv: data.csv_split_fractions={tuple(cfg.csv_split_fractions)} must "
-                        "be three non-negative fractions (train, validation, test) summing to 1.")
-    by_split = carve(items, {s: f for s, f in fractions.items() if f > 0}, task,
-                     splits_lib.SPLIT_SEED)
-  else:
-    by_split = {}
-    for it, split in zip(items, row_splits):
-      if split:
-        by_split.setdefault(split, []).append(it)
-    left_out = row_splits.count("")
-    if left_out:
-      logging.warning("csv: %d row(s) are in none of the list files and are left out.", left_out)
-    if "train" not in by_split or "test" not in by_split:
-      raise DataError(f"csv: the splits found are {sorted(by_split)}; a train and a test split "
-                      "are needed.")
-    by_split = drop_missing(by_split, cfg.max_missing_fraction, "csv")
-    by_split = carve_validation(by_split, cfg.val_fraction, task, splits_lib.SPLIT_SEED)
+  by_split = (_carved_splits(items, cfg, task) if row_splits is None
+              else _given_splits(items, row_splits, cfg, task))
   return finish("csv", image_root, by_split, class_names, task)
