@@ -620,7 +620,11 @@ def _to_png(img) -> bytes:
 
 
 def relative_name(path: str, root: str) -> str:
-  return os.path.relpath(path, root).replace(os.sep, "/")
+  """`path` relative to `root`, '/'-separated (a plain prefix cut when path starts with root:
+  os.path.relpath costs about 10 us, 1 s per source id of an OCT2017-sized tree)."""
+  prefix = root if root.endswith(os.sep) else root + os.sep
+  rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+  return rel.replace(os.sep, "/")
 
 
 def counts(examples: Iterable[Example], num_classes: int) -> list[int]:
