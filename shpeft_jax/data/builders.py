@@ -537,8 +537,12 @@ def open_builder(name: str, data_dir: str | None, manual_dir: str | None, data_c
   builder = cls(data_dir=data_dir, config=cfg, parsed=parsed)
   if builder.is_prepared():
     if _stale_incomplete(dataset_dir):
-      with prepare_lock(dataset_dir, name, wait=False):
-        pass  # Removes them when no other process is preparing.
+      try:
+        with prepare_lock(dataset_dir, name, wait=False):
+          pass  # Removes them when no other process is preparing.
+      except OSError as e:  # A read-only data_dir: reading the records still works.
+        logging.warning("%s: could not remove unfinished preparation folders in %s (%s).", name,
+                        dataset_dir, e)
     return builder, sid
   with prepare_lock(dataset_dir, name):
     # Another process may have prepared the same source while this one waited.

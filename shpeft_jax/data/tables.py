@@ -246,6 +246,8 @@ def drop_missing(by_split: dict[str, list[Item]], max_fraction: float, name: str
                  ) -> dict[str, list[Item]]:
   """Items whose image file does not exist are counted per split and dropped; more than
   `max_fraction` of a split missing stops the run with the first 10 listed."""
+  if not 0 <= max_fraction <= 1:
+    raise ConfigError(f"data.max_missing_fraction={max_fraction} must be in [0, 1].")
   out = {}
   for split, items in by_split.items():
     exists = [os.path.isfile(it.path) for it in items]
