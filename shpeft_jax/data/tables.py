@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
