@@ -30,6 +30,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   run profile_step "$PY" benchmarks/profile_step.py --model test_tiny --trace_dir "$OUT/trace"
   run selection "$PY" benchmarks/selection.py --n 1000000 --repeats 1 --skip_sort
   run score_pass "$PY" benchmarks/score_pass.py --model test_tiny --batch 4 --num_batches 2
+  run content_hash "$PY" benchmarks/content_hash.py --root "$OUT/oct_synth" --scale 0.01
   exit 0
 fi
 
@@ -43,5 +44,6 @@ run memory "$PY" benchmarks/memory.py --model ViT-B/16 --k_percent 1
 run profile_step "$PY" benchmarks/profile_step.py --model test_tiny --trace_dir "$OUT/trace"
 run selection "$PY" benchmarks/selection.py
 run score_pass "$PY" benchmarks/score_pass.py
+run content_hash "$PY" benchmarks/content_hash.py --root "${TMPDIR:-/tmp}/shpeft_oct_synth"
 run end_to_end_demo "$PY" benchmarks/end_to_end.py --config configs/demo.py
 run end_to_end_demo_sparse "$PY" benchmarks/end_to_end.py --config configs/demo.py -- --config.optim.sparse_state=True

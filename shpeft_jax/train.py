@@ -73,6 +73,9 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   sharding.mesh_shape(config.mesh)
   # Data: opening the source raises DataError for a missing / misplaced dataset.
   info = input_pipeline.dataset_info(config.data)
+  if info.task != "single_label":  # Until the task kind reaches loss / metrics (issue 22 item 1).
+    raise ConfigError(f"{info.name} is a {info.task} dataset ({info.num_classes} findings); the "
+                      "trainer trains single-label datasets only so far (softmax over classes).")
   for split in split_names(config):
     if split is not None:
       input_pipeline.get_source(config.data).split_size(split)

@@ -1,48 +1,88 @@
-"""tfds builders for the paper's six datasets and a generic image folder.
+"""tfds builders of every source: the paper's six datasets, image folders, CSV tables,
+ChestX-ray14, CheXpert and MedMNIST.
 
 The datasets cannot be downloaded by code (licences, registration), so every builder reads a
 user-downloaded copy from the manual directory (`tfds.download.DownloadConfig(manual_dir=...)`,
-default `<data_dir>/downloads/manual`). The parsing and the splits live in `splits.py` as plain
-functions; the builders only check and store the images.
+default `<data_dir>/downloads/manual`). Each builder class is the dataset's description (class
+names, layout, download page, citation) and its `parse(manual_dir, data_config)`, which returns a
+`parsed.ParsedSource`; the parsing lives in plain modules (`splits.py`, `tables.py`,
+`chest_xray.py`, `medmnist.py`), the builders only check and store the images.
 
-Each example is `{'image': encoded JPEG/PNG bytes (decoded to 3 channels), 'label': ClassLabel,
-'file_name': path relative to the dataset root}`. The input pipeline reads the encoded bytes and
-decodes them itself (`decode_and_crop_jpeg` is the fast path of random resized crop).
+Each record (the contract of `parsed.py`) is `{'image': encoded JPEG/PNG bytes (decoded to 3
+channels), 'label': ClassLabel (single_label) or float32 [L] (multi_label: 1 / 0 / -1 unknown),
+'file_name': path relative to the dataset root, 'patient': text ('' without one)}`. The input
+pipeline reads the encoded bytes and decodes them itself (`decode_and_crop_jpeg` is the fast path
+of random resized crop).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import inspect
 import json
 import os
+import shutil
+import socket
 import time
-from typing import Callable
+from typing import Iterator
 
 from absl import logging
 
 from etils import epath
+import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import utils as tfds_utils
 
+from shpeft_jax.data import chest_xray
+from shpeft_jax.data import content_hash
+from shpeft_jax.data import medmnist
+from shpeft_jax.data import parsed as parsed_lib
 from shpeft_jax.data import splits as splits_lib
+from shpeft_jax.data import tables
 from shpeft_jax.errors import DataError
 
-_VERSION = tfds.core.Version("1.0.0")
+# 2.0.0: every record has `patient`, multi-label records a float32 label vector. Records of an
+# older version are never read (prepared_sources lists the current version only).
+_VERSION = tfds.core.Version("2.0.0")
+
+
+def parsed_from_splits(name: str, root: str, splits: splits_lib.Splits,
+                       class_names=None) -> parsed_lib.ParsedSource:
+  """A ParsedSource of a single-label layout parsed by `splits.py` (no patient ids)."""
+  return parsed_lib.ParsedSource(name=name, root=root, splits=dict(splits),
+                                 class_names=tuple(class_names or BUILDERS[name].CLASS_NAMES))
 
 
 class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Shared logic: manual dir -> parse function -> checked, encoded images."""
+  """Shared logic: manual dir -> ParsedSource -> checked, encoded images.
+
+  The label feature depends on the source (its class names, its task): a builder is made with the
+  ParsedSource it stores (`parsed=`), or, to read prepared records back, with the `class_names`
+  and `task` they were written with; by default the class's own (the paper's six datasets).
+  """
 
   VERSION = _VERSION
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "2.0.0": "Records carry `patient`; multi-label sources store label vectors."}
+  DATA_NAME = ""  # data.name
   CLASS_NAMES: tuple[str, ...] = ()
+  TASK = parsed_lib.SINGLE_LABEL
+  SPLITS_FN = None  # the splits.py parser of a single-label layout
   DESCRIPTION = ""
   HOMEPAGE = ""
   CITATION = ""
   LICENSE = ""
   LAYOUT = ""
   URL = ""
+
+  def __init__(self, *, parsed: parsed_lib.ParsedSource | None = None,
+               class_names=None, task: str | None = None, **kwargs):
+    self._parsed = parsed
+    self.class_names = tuple(parsed.class_names if parsed else class_names or self.CLASS_NAMES)
+    self.task = parsed.task if parsed else task or self.TASK
+    super().__init__(**kwargs)
 
   @tfds_utils.classproperty
   @classmethod
@@ -51,22 +91,27 @@ class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     # backport for an editable install; the defining file is the same answer without it.
     return epath.Path(inspect.getfile(cls))
 
-  def _parse(self, manual_dir: str) -> splits_lib.Splits:
-    raise NotImplementedError
-
-  def _class_names(self) -> list[str] | None:
-    return list(self.CLASS_NAMES)
+  @classmethod
+  def parse(cls, manual_dir: str, data_config) -> parsed_lib.ParsedSource:
+    """The source in manual_dir; `data_config` holds the source's options (see data/__init__)."""
+    del data_config  # The paper's six layouts have no options.
+    return parsed_from_splits(cls.DATA_NAME, manual_dir, cls.SPLITS_FN(manual_dir),
+                              cls.CLASS_NAMES)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    names = self._class_names()
+    if self.task == parsed_lib.MULTI_LABEL:
+      label = tfds.features.Tensor(shape=(len(self.class_names),), dtype=np.float32)
+    else:
+      label = (tfds.features.ClassLabel(names=list(self.class_names)) if self.class_names
+               else tfds.features.ClassLabel())
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.DESCRIPTION,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(names=names) if names else
-                     tfds.features.ClassLabel(),
+            "label": label,
             "file_name": tfds.features.Text(),
+            "patient": tfds.features.Text(),
         }),
         supervised_keys=("image", "label"),
         homepage=self.HOMEPAGE,
@@ -84,25 +129,27 @@ class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
           "tfds.download.DownloadConfig(manual_dir=...) (data.manual_dir in the config).") from e
     return manual_dir
 
-  # Set by `open_builder`, which parsed the source already to compute its id.
-  _parsed: splits_lib.Splits | None = None
-
   def _split_generators(self, dl_manager):
-    manual_dir = self._manual_dir(dl_manager)
-    parsed = self._parsed if self._parsed is not None else self._parse(manual_dir)
-    return {split: self._generate_examples(exs, manual_dir) for split, exs in parsed.items()}
+    if self._parsed is None:
+      from shpeft_jax.data import default_data_config  # pylint: disable=g-import-not-at-top
+      self._parsed = self.parse(self._manual_dir(dl_manager), default_data_config())
+    return {split: self._generate_examples(self._parsed, split) for split in self._parsed.splits}
 
-  def _generate_examples(self, examples, manual_dir):
-    for path, label in examples:
-      data, _ = splits_lib.read_image(path)
-      name = splits_lib.relative_name(path, manual_dir)
-      yield name, {"image": data, "label": label, "file_name": name}
+  def _generate_examples(self, parsed: parsed_lib.ParsedSource, split: str) -> Iterator:
+    records = parsed.splits[split]
+    multi = parsed.task == parsed_lib.MULTI_LABEL
+    for (key, label), data in zip(records, parsed.images(split, records)):
+      name = splits_lib.relative_name(key, parsed.root)
+      yield name, {"image": data, "file_name": name, "patient": parsed.patient(key),
+                   "label": np.asarray(label, np.float32) if multi else label}
 
 
 class Chaoyang(_ManualImageBuilder):
   """D1 Chaoyang colon pathology, 4 classes, the official train / test JSON split."""
 
   CLASS_NAMES = splits_lib.CHAOYANG_CLASSES
+  DATA_NAME = "chaoyang"
+  SPLITS_FN = staticmethod(splits_lib.chaoyang_splits)
   DESCRIPTION = ("Chaoyang colon histopathology patches (normal, serrated, adenocarcinoma, "
                  "adenoma); official split 4,021 train / 2,139 test.")
   HOMEPAGE = "https://bupt-ai-cz.github.io/HSA-NRL/"
@@ -114,14 +161,13 @@ class Chaoyang(_ManualImageBuilder):
   URL = splits_lib.CHAOYANG_URL
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
 
-  def _parse(self, manual_dir):
-    return splits_lib.chaoyang_splits(manual_dir)
-
 
 class CovidCt(_ManualImageBuilder):
   """D2 COVID-CT (UCSD-AI4H), 2 classes, the official Data-split lists."""
 
   CLASS_NAMES = splits_lib.COVID_CT_CLASSES
+  DATA_NAME = "covid_ct"
+  SPLITS_FN = staticmethod(splits_lib.covid_ct_splits)
   DESCRIPTION = ("COVID-CT lung CT slices (non-COVID, COVID); official split 425 / 118 / 203.")
   HOMEPAGE = "https://github.com/UCSD-AI4H/COVID-CT"
   CITATION = ("@article{yang2020covidct, title={COVID-CT-Dataset: A CT Scan Dataset about "
@@ -132,14 +178,13 @@ class CovidCt(_ManualImageBuilder):
   URL = splits_lib.COVID_CT_URL
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
 
-  def _parse(self, manual_dir):
-    return splits_lib.covid_ct_splits(manual_dir)
-
 
 class Busi(_ManualImageBuilder):
   """D3 BUSI breast ultrasound, 3 classes, seeded stratified 547 / 77 / 156 split, masks skipped."""
 
   CLASS_NAMES = splits_lib.BUSI_CLASSES
+  DATA_NAME = "busi"
+  SPLITS_FN = staticmethod(splits_lib.busi_splits)
   DESCRIPTION = ("Breast ultrasound images (benign, malignant, normal), 780 images; no official "
                  "split: seeded stratified 547 / 77 / 156 (the paper's 559:79:160 ratio; its sizes "
                  "add up to 798, not 780).")
@@ -151,9 +196,6 @@ class Busi(_ManualImageBuilder):
   LAYOUT = splits_lib.BUSI_LAYOUT
   URL = splits_lib.BUSI_URL
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
-
-  def _parse(self, manual_dir):
-    return splits_lib.busi_splits(manual_dir)
 
 
 _KERMANY_CITATION = (
@@ -169,6 +211,8 @@ class PediatricCxr(_ManualImageBuilder):
   """D4 pediatric chest X-ray (Kermany), normal / bacterial / viral from the file names."""
 
   CLASS_NAMES = splits_lib.CXR_CLASSES
+  DATA_NAME = "cxr"
+  SPLITS_FN = staticmethod(splits_lib.cxr_splits)
   DESCRIPTION = ("Pediatric chest X-rays (normal, bacterial pneumonia, viral pneumonia); validation "
                  "carved from the published train split with a fixed seed (4,708 / 524), test as "
                  "published (624).")
@@ -179,14 +223,13 @@ class PediatricCxr(_ManualImageBuilder):
   URL = splits_lib.CXR_URL
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
 
-  def _parse(self, manual_dir):
-    return splits_lib.cxr_splits(manual_dir)
-
 
 class Oct2017(_ManualImageBuilder):
   """D5 retinal OCT (Kermany OCT2017), CNV / DME / DRUSEN / NORMAL."""
 
   CLASS_NAMES = splits_lib.OCT_CLASSES
+  DATA_NAME = "oct"
+  SPLITS_FN = staticmethod(splits_lib.oct_splits)
   DESCRIPTION = ("Retinal OCT B-scans (CNV, DME, DRUSEN, NORMAL); validation carved from the "
                  "published train split with a fixed seed (10,832/108,309 of it), test as published.")
   HOMEPAGE = "https://data.mendeley.com/datasets/rscbjbr9sj"
@@ -196,14 +239,13 @@ class Oct2017(_ManualImageBuilder):
   URL = splits_lib.OCT_URL
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
 
-  def _parse(self, manual_dir):
-    return splits_lib.oct_splits(manual_dir)
-
 
 class Limuc(_ManualImageBuilder):
   """D6 LIMUC ulcerative colitis, Mayo endoscopic score 0..3, 9,590 / 1,686."""
 
   CLASS_NAMES = splits_lib.LIMUC_CLASSES
+  DATA_NAME = "limuc"
+  SPLITS_FN = staticmethod(splits_lib.limuc_splits)
   DESCRIPTION = ("LIMUC colonoscopy images graded Mayo 0-3 (11,276 images); the published "
                  "train_and_validation_sets / test_set split (9,590 / 1,686), or a seeded stratified "
                  "split of the same sizes when only the class folders are present.")
@@ -217,79 +259,154 @@ class Limuc(_ManualImageBuilder):
   URL = splits_lib.LIMUC_URL
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
 
-  def _parse(self, manual_dir):
-    return splits_lib.limuc_splits(manual_dir)
-
 
 class ImageFolder(_ManualImageBuilder):
   """The user's own dataset: `<root>/<class>/*.png|jpg`, optional train/validation/test folders.
 
-  Class names come from the folder names, so the builder needs the root at construction
-  (`ImageFolder(root_dir=..., data_dir=...)`); a prepared dataset is read back without it. Use one
-  data_dir per image-folder dataset: tfds stores it under `<data_dir>/image_folder/1.0.0`.
+  Class names come from the folder names (a builder made with `root_dir=` reads them there).
   """
 
+  DATA_NAME = "image_folder"
   DESCRIPTION = "A user-supplied image folder dataset."
   LAYOUT = splits_lib.IMAGE_FOLDER_LAYOUT
   URL = "your own data"
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put your images in:\n{LAYOUT}"
 
   def __init__(self, *, root_dir: str | None = None, **kwargs):
-    self._root_dir = os.path.abspath(root_dir) if root_dir else None
+    if root_dir and "parsed" not in kwargs and "class_names" not in kwargs:
+      kwargs["class_names"] = splits_lib.image_folder_classes(os.path.abspath(root_dir))
     super().__init__(**kwargs)
 
-  def _class_names(self):
-    return splits_lib.image_folder_classes(self._root_dir) if self._root_dir else None
-
-  def _manual_dir(self, dl_manager):
-    return self._root_dir or super()._manual_dir(dl_manager)
-
-  def _parse(self, manual_dir):
-    return splits_lib.image_folder_splits(manual_dir)
+  @classmethod
+  def parse(cls, manual_dir, data_config):
+    del data_config
+    return parsed_from_splits("image_folder", manual_dir,
+                              splits_lib.image_folder_splits(manual_dir),
+                              splits_lib.image_folder_classes(manual_dir))
 
 
-# Config name -> builder class.
-BUILDERS: dict[str, Callable[..., _ManualImageBuilder]] = {
-    "chaoyang": Chaoyang,
-    "covid_ct": CovidCt,
-    "busi": Busi,
-    "cxr": PediatricCxr,
-    "oct": Oct2017,
-    "limuc": Limuc,
-    "image_folder": ImageFolder,
-}
+class CsvDataset(_ManualImageBuilder):
+  """Images named by a CSV table: single-label (a class column) or multi-label (0/1 columns or
+  a findings column); splits from a column, list files, or seeded and grouped by patient."""
+
+  name = "csv"
+  DATA_NAME = "csv"
+  DESCRIPTION = "A CSV-labelled image dataset (data.csv_* fields)."
+  LAYOUT = tables.CSV_LAYOUT
+  URL = "your own data"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Put your table and images in:\n{LAYOUT}"
+
+  @classmethod
+  def parse(cls, manual_dir, data_config):
+    return tables.csv_source(manual_dir, data_config)
+
+
+class ChestXray14(_ManualImageBuilder):
+  """NIH ChestX-ray14: 14 findings, the official train_val / test lists, validation by patient."""
+
+  name = "chestxray14"
+  DATA_NAME = "chestxray14"
+  CLASS_NAMES = chest_xray.CHESTXRAY14_FINDINGS
+  TASK = parsed_lib.MULTI_LABEL
+  DESCRIPTION = ("NIH ChestX-ray14: 112,120 frontal chest X-rays of 30,805 patients, 14 "
+                 "text-mined findings (multi-label); official train_val (86,524) / test (25,596) "
+                 "lists, validation carved from train_val by patient.")
+  HOMEPAGE = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
+  CITATION = ("@inproceedings{wang2017chestxray, title={ChestX-ray8: Hospital-scale Chest X-ray "
+              "Database and Benchmarks on Weakly-Supervised Classification and Localization of "
+              "Common Thorax Diseases}, author={Wang, Xiaosong and Peng, Yifan and Lu, Le and Lu, "
+              "Zhiyong and Bagheri, Mohammadhadi and Summers, Ronald M}, booktitle={CVPR}, "
+              "year={2017}}")
+  LICENSE = "Unrestricted use with attribution (NIH Clinical Center), see the download page."
+  LAYOUT = chest_xray.CHESTXRAY14_LAYOUT
+  URL = chest_xray.CHESTXRAY14_URL
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
+
+  @classmethod
+  def parse(cls, manual_dir, data_config):
+    return chest_xray.chestxray14_source(manual_dir, data_config)
+
+
+class Chexpert(_ManualImageBuilder):
+  """Stanford CheXpert: 5 competition findings (or all 14), an uncertainty policy for -1."""
+
+  name = "chexpert"
+  DATA_NAME = "chexpert"
+  TASK = parsed_lib.MULTI_LABEL
+  DESCRIPTION = ("CheXpert chest radiographs (Stanford, 65,240 patients), 14 observations labelled "
+                 "1 / 0 / -1 (uncertain) / blank (not mentioned); train.csv -> train + validation "
+                 "(by patient), valid.csv -> test.")
+  HOMEPAGE = "https://stanfordmlgroup.github.io/competitions/chexpert/"
+  CITATION = ("@inproceedings{irvin2019chexpert, title={CheXpert: A Large Chest Radiograph "
+              "Dataset with Uncertainty Labels and Expert Comparison}, author={Irvin, Jeremy and "
+              "Rajpurkar, Pranav and others}, booktitle={AAAI}, year={2019}}")
+  LICENSE = "Stanford University School of Medicine CheXpert Dataset Research Use Agreement."
+  LAYOUT = chest_xray.CHEXPERT_LAYOUT
+  URL = chest_xray.CHEXPERT_URL
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} and extract:\n{LAYOUT}"
+
+  @classmethod
+  def parse(cls, manual_dir, data_config):
+    return chest_xray.chexpert_source(manual_dir, data_config)
+
+
+class MedMnist(_ManualImageBuilder):
+  """MedMNIST v2 / MedMNIST+ 2D datasets from their `.npz` files, splits as shipped."""
+
+  name = "medmnist"
+  DATA_NAME = "medmnist"
+  DESCRIPTION = ("MedMNIST+ 2D datasets (12 tasks, 28 / 64 / 128 / 224 px), official "
+                 "train / val / test splits; ChestMNIST is multi-label.")
+  HOMEPAGE = "https://medmnist.com/"
+  CITATION = ("@article{yang2023medmnist, title={MedMNIST v2 - A large-scale lightweight "
+              "benchmark for 2D and 3D biomedical image classification}, author={Yang, Jiancheng "
+              "and Shi, Rui and Wei, Donglai and Liu, Zequan and Zhao, Lin and Ke, Bilian and "
+              "Pfister, Hanspeter and Ni, Bingbing}, journal={Scientific Data}, volume={10}, "
+              "pages={41}, year={2023}}")
+  LICENSE = "CC BY 4.0 (each dataset also carries its source's licence)."
+  LAYOUT = medmnist.LAYOUT
+  URL = medmnist.URL
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Download from {URL} into one folder:\n{LAYOUT}"
+
+  @classmethod
+  def parse(cls, manual_dir, data_config):
+    return medmnist.medmnist_source(manual_dir, data_config)
+
+
+# data.name -> builder class.
+BUILDERS: dict[str, type[_ManualImageBuilder]] = {
+    cls.DATA_NAME: cls for cls in (Chaoyang, CovidCt, Busi, PediatricCxr, Oct2017, Limuc,
+                                   ImageFolder, CsvDataset, ChestXray14, Chexpert, MedMnist)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Prepared data keyed by its source.
 #
 # tfds stores a builder's records under <data_dir>/<name>/<config>/<version>. The config name is
-# `src_<id>`, the id a hash of the parsed source: every (split, file, label, size) and, for an
-# image folder, its root and class list. Two image folders, or a named dataset re-prepared from a
-# corrected manual_dir, get their own records; a run never reads another source's.
+# `src_<id>`, the id a hash of the parsed source: every record's (split, file name, label,
+# patient, content digest of its file), the class names and the task. Two image folders, a
+# corrected manual_dir or one image replaced by another of the same size get their own records;
+# a run never reads another source's.
 
 SOURCE_FILE = "shpeft_source.json"
-
-_PARSERS: dict[str, Callable[[str], splits_lib.Splits]] = {
-    "chaoyang": splits_lib.chaoyang_splits,
-    "covid_ct": splits_lib.covid_ct_splits,
-    "busi": splits_lib.busi_splits,
-    "cxr": splits_lib.cxr_splits,
-    "oct": splits_lib.oct_splits,
-    "limuc": splits_lib.limuc_splits,
-    "image_folder": splits_lib.image_folder_splits,
-}
+PREPARE_LOCK = ".shpeft_prepare.lock"
+# Bump when what the id covers changes.
+_ID_FORMAT = "content/2"
 
 
-def source_id(name: str, manual_dir: str, parsed: splits_lib.Splits,
-              class_names: list[str]) -> str:
-  h = hashlib.sha256(json.dumps([name, list(class_names)]).encode())
-  if name == "image_folder":
-    h.update(os.path.abspath(manual_dir).encode())
-  for split in sorted(parsed):
-    for path, label in parsed[split]:
-      rel = splits_lib.relative_name(path, manual_dir)
-      h.update(f"{split}\t{rel}\t{label}\t{os.path.getsize(path)}\n".encode())
+def source_id(parsed: parsed_lib.ParsedSource, cache_path: str | None) -> str:
+  """12 hex digits identifying the records `parsed` gives (content digests: content_hash)."""
+  files = parsed.files()
+  digest = dict(zip(files, content_hash.digests(files, cache_path, f"{parsed.name}: hashing")))
+  h = hashlib.sha256(json.dumps([_ID_FORMAT, parsed.name, list(parsed.class_names),
+                                 parsed.task]).encode())
+  for split in sorted(parsed.splits):
+    for key, label in parsed.splits[split]:
+      rel = splits_lib.relative_name(key, parsed.root)
+      h.update(f"{split}\t{rel}\t{label}\t{parsed.patient(key)}\t{digest.get(key, '')}\n"
+               .encode())
+  for f in parsed.content_files or ():
+    h.update(f"file\t{splits_lib.relative_name(f, parsed.root)}\t{digest[f]}\n".encode())
   return h.hexdigest()[:12]
 
 
@@ -316,53 +433,127 @@ def _config(cfg_name: str, description: str = "") -> tfds.core.BuilderConfig:
   return tfds.core.BuilderConfig(name=cfg_name, description=description or cfg_name)
 
 
-def open_builder(name: str, data_dir: str | None, manual_dir: str | None
+# ---------------------------------------------------------------------------------------------
+# Preparing: one process at a time per dataset, leftovers of killed ones removed.
+
+
+def _stale_incomplete(dataset_dir: str) -> list[str]:
+  """tfds' `incomplete.*` folders under <data_dir>/<name>/<config>/ (a killed preparation's)."""
+  prefix = tfds.core.constants.INCOMPLETE_PREFIX
+  out = []
+  for cfg in sorted(os.listdir(dataset_dir)) if os.path.isdir(dataset_dir) else []:
+    cfg_dir = os.path.join(dataset_dir, cfg)
+    if os.path.isdir(cfg_dir):
+      out += [os.path.join(cfg_dir, e) for e in sorted(os.listdir(cfg_dir))
+              if e.startswith(prefix) and os.path.isdir(os.path.join(cfg_dir, e))]
+  return out
+
+
+@contextlib.contextmanager
+def prepare_lock(dataset_dir: str, name: str, wait: bool = True):
+  """Holds `<data_dir>/<name>/.shpeft_prepare.lock` (an flock, released by the kernel when its
+  holder dies, kill -9 included) and removes `incomplete.*` folders, which only a holder writes.
+
+  Yields True when held; with wait=False, yields False at once if another process holds it.
+  """
+  os.makedirs(dataset_dir, exist_ok=True)
+  path = os.path.join(dataset_dir, PREPARE_LOCK)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      if not wait:
+        yield False
+        return
+      holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+      logging.warning("%s: %s is preparing data in %s; waiting for it to finish.", name, holder,
+                      dataset_dir)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+    stale = _stale_incomplete(dataset_dir)
+    for d in stale:
+      shutil.rmtree(d, ignore_errors=True)
+    if stale:
+      logging.warning("%s: removed %d unfinished preparation folder(s) left by an interrupted "
+                      "run: %s", name, len(stale), ", ".join(stale[:3]))
+    yield True
+  finally:
+    os.close(fd)
+
+
+def _read_back(name: str, data_dir: str, manual: str, manual_dir: str | None,
+               prepared: dict[str, dict]) -> tuple[_ManualImageBuilder, str]:
+  """The one prepared copy, when the manual dir is not readable (several: an error)."""
+  if len(prepared) > 1:
+    listed = "; ".join(f"{c} from {r.get('manual_dir')} ({r.get('num_examples')} images, "
+                       f"prepared {r.get('prepared')})" for c, r in prepared.items())
+    raise DataError(f"{name}: data_dir {data_dir} holds {len(prepared)} prepared sources "
+                    f"({listed}) and data.manual_dir={manual_dir!r} is not readable; set "
+                    "data.manual_dir to the source to use.")
+  cfg, rec = next(iter(prepared.items()))
+  (logging.warning if manual_dir else logging.info)(
+      "%s: manual_dir %s not found; reading the copy prepared from %s.", name, manual,
+      rec.get("manual_dir"))
+  builder = BUILDERS[name](data_dir=data_dir, config=_config(cfg),
+                           class_names=rec["class_names"], task=rec["task"])
+  return builder, rec["source_id"]
+
+
+def _prepare(builder: _ManualImageBuilder, parsed: parsed_lib.ParsedSource, sid: str,
+             manual: str) -> None:
+  from shpeft_jax.utils import atomic_path  # pylint: disable=g-import-not-at-top
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  record = {"name": parsed.name, "source_id": sid, "manual_dir": os.path.abspath(manual),
+            "class_names": list(parsed.class_names), "task": parsed.task,
+            "num_examples": parsed.num_examples, "split_sizes": parsed.split_sizes,
+            "prepared": time.strftime("%Y-%m-%d %H:%M:%S")}
+  with atomic_path(os.path.join(os.fspath(builder.data_dir), SOURCE_FILE)) as tmp, \
+      open(tmp, "w") as f:
+    json.dump(record, f, indent=1)
+
+
+def open_builder(name: str, data_dir: str | None, manual_dir: str | None, data_config=None
                  ) -> tuple[_ManualImageBuilder, str]:
   """(prepared builder, source id) for the source in manual_dir, preparing it on first use.
 
-  Without a readable manual_dir, the one prepared copy in data_dir is used (several: an error that
-  lists them and asks for data.manual_dir).
+  data_config: the source's options (`data.csv_*`, `data.chexpert_*`, ...; None: the defaults).
+  Without a readable manual_dir, the one prepared copy in data_dir is used (several: an error
+  that lists them and asks for data.manual_dir). One process prepares a dataset at a time;
+  the others wait and then read its records.
   """
-  from shpeft_jax.utils import atomic_path  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.data import source_options  # pylint: disable=g-import-not-at-top
   cls = BUILDERS[name]
   data_dir = _default_data_dir(data_dir)
+  dataset_dir = os.path.join(data_dir, cls.name)
   manual = manual_dir or os.path.join(data_dir, "downloads", "manual")
   prepared = prepared_sources(name, data_dir)
   if not os.path.isdir(manual) and prepared:
-    if len(prepared) > 1:
-      listed = "; ".join(f"{c} from {r.get('manual_dir')} ({r.get('num_examples')} images, "
-                         f"prepared {r.get('prepared')})" for c, r in prepared.items())
-      raise DataError(f"{name}: data_dir {data_dir} holds {len(prepared)} prepared sources "
-                      f"({listed}) and data.manual_dir={manual_dir!r} is not readable; set "
-                      "data.manual_dir to the source to use.")
-    cfg, rec = next(iter(prepared.items()))
-    (logging.warning if manual_dir else logging.info)(
-        "%s: manual_dir %s not found; reading the copy prepared from %s.", name, manual,
-        rec.get("manual_dir"))
-    return cls(data_dir=data_dir, config=_config(cfg)), rec["source_id"]
-  parsed = _PARSERS[name](manual)  # DataError for a missing / misplaced / empty source.
-  class_names = (splits_lib.image_folder_classes(manual) if name == "image_folder"
-                 else list(cls.CLASS_NAMES))
-  sid = source_id(name, manual, parsed, class_names)
-  cfg = f"src_{sid}"
-  kwargs = {"root_dir": manual} if name == "image_folder" else {}
-  builder = cls(data_dir=data_dir, config=_config(cfg, f"prepared from {manual}"), **kwargs)
-  if not builder.is_prepared():
-    others = {c: r for c, r in prepared.items() if c != cfg}
-    if others:
-      logging.warning(
-          "%s: the source in %s differs from the one(s) prepared before in %s (%s); preparing it "
-          "as %s. Runs made from the old records keep their fingerprints and will say so.", name,
-          manual, data_dir, ", ".join(f"{c} from {r.get('manual_dir')}" for c, r in others.items()),
-          cfg)
-    builder._parsed = parsed  # pylint: disable=protected-access
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual))
-    record = {"name": name, "source_id": sid, "manual_dir": os.path.abspath(manual),
-              "class_names": class_names, "num_examples": sum(len(v) for v in parsed.values()),
-              "split_sizes": {k: len(v) for k, v in parsed.items()},
-              "prepared": time.strftime("%Y-%m-%d %H:%M:%S")}
-    with atomic_path(os.path.join(os.fspath(builder.data_dir), SOURCE_FILE)) as tmp, \
-        open(tmp, "w") as f:
-      json.dump(record, f, indent=1)
+    return _read_back(name, data_dir, manual, manual_dir, prepared)
+  parsed = cls.parse(manual, source_options(data_config))  # DataError: missing / misplaced / empty
+  sid = source_id(parsed, os.path.join(dataset_dir, content_hash.CACHE_FILE))
+  cfg = _config(f"src_{sid}", f"prepared from {manual}")
+  builder = cls(data_dir=data_dir, config=cfg, parsed=parsed)
+  if builder.is_prepared():
+    if _stale_incomplete(dataset_dir):
+      try:
+        with prepare_lock(dataset_dir, name, wait=False):
+          pass  # Removes them when no other process is preparing.
+      except OSError as e:  # A read-only data_dir: reading the records still works.
+        logging.warning("%s: could not remove unfinished preparation folders in %s (%s).", name,
+                        dataset_dir, e)
+    return builder, sid
+  with prepare_lock(dataset_dir, name):
+    # Another process may have prepared the same source while this one waited.
+    builder = cls(data_dir=data_dir, config=cfg, parsed=parsed)
+    if not builder.is_prepared():
+      others = {c: r for c, r in prepared.items() if c != cfg.name}
+      if others:
+        logging.warning(
+            "%s: the source in %s differs from the one(s) prepared before in %s (%s); preparing "
+            "it as %s. Runs made from the old records keep their fingerprints and will say so.",
+            name, manual, data_dir,
+            ", ".join(f"{c} from {r.get('manual_dir')}" for c, r in others.items()), cfg.name)
+      _prepare(builder, parsed, sid, manual)
   return builder, sid

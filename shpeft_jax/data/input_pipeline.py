@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 from typing import Any, Iterator
@@ -28,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from shpeft_jax.data import demo
+from shpeft_jax.data import parsed as parsed_lib
 from shpeft_jax.errors import ConfigError, DataError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,13 +44,29 @@ _PAD_PNG = demo.encode_png(np.zeros((1, 1), np.uint8))
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """What the trainer needs to know about a dataset before reading it."""
+  """What the trainer needs to know about a dataset before reading it.
+
+  task: 'single_label' (label = class index) or 'multi_label' (label = one value per finding,
+  1 / 0 / -1 unknown); class_names are the classes or the findings, in label order.
+  """
   name: str
   num_classes: int
   class_names: tuple[str, ...]
   split_sizes: dict[str, int]
   # Identity of the records (the prepared source's id): part of every stage's fingerprint.
   source_id: str = ""
+  task: str = parsed_lib.SINGLE_LABEL
+
+
+# The batches' label dtype per task kind (records: ClassLabel int64 / float32 vectors).
+_LABEL_DTYPES = {parsed_lib.SINGLE_LABEL: tf.int32, parsed_lib.MULTI_LABEL: tf.float32}
+
+
+def _padding_label(info: DatasetInfo) -> tf.Tensor:
+  """The label of an eval padding row: 0 (single_label) or a vector of -1 (multi_label)."""
+  if info.task == parsed_lib.MULTI_LABEL:
+    return tf.fill([info.num_classes], tf.constant(parsed_lib.UNKNOWN, tf.float32))
+  return tf.constant(0, tf.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,12 +74,16 @@ class DatasetInfo:
 
 
 class _Source:
+  """A fixed-order tf.data.Dataset of {'image': encoded bytes, 'label'} per split."""
   info: DatasetInfo
 
   def split_size(self, split: str) -> int:
     raise NotImplementedError
 
   def dataset(self, split: str) -> tf.data.Dataset:
+    raise NotImplementedError
+
+  def metadata(self, split: str) -> dict[str, np.ndarray]:
     raise NotImplementedError
 
   def _check_split(self, split: str):
@@ -94,23 +116,30 @@ class _DigitsSource(_Source):
         "image": tf.constant(list(images), tf.string),
         "label": tf.constant(labels, tf.int64)})
 
+  def metadata(self, split):
+    self.split_size(split)
+    labels = self._splits[split][1]
+    return {"file_name": np.asarray([f"{split}/{i:04d}" for i in range(len(labels))]),
+            "patient": np.asarray([""] * len(labels)), "label": np.asarray(labels)}
+
 
 class _TfdsSource(_Source):
   """A tfds builder from `builders.py`, prepared from the manual dir on first use."""
 
-  def __init__(self, name: str, data_dir: str | None, manual_dir: str | None):
+  def __init__(self, options: ml_collections.ConfigDict):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     from shpeft_jax.data import builders  # pylint: disable=g-import-not-at-top
     self._tfds = tfds
+    name, data_dir = options.name, options.data_dir
     try:
-      self._builder, sid = builders.open_builder(name, data_dir, manual_dir)
+      self._builder, sid = builders.open_builder(name, data_dir, options.manual_dir, options)
     except tf.errors.OpError as e:
       raise DataError(f"{name}: cannot open data_dir={data_dir!r}: {e}") from e
     info = self._builder.info
-    names = tuple(info.features["label"].names)
+    names = tuple(self._builder.class_names)
     self.info = DatasetInfo(name, len(names), names,
                             {s: info.splits[s].num_examples for s in info.splits.keys()},
-                            source_id=f"{name}:{sid}")
+                            source_id=f"{name}:{sid}", task=self._builder.task)
 
   def split_size(self, split):
     self._check_split(split)
@@ -129,29 +158,42 @@ class _TfdsSource(_Source):
         read_config=self._tfds.ReadConfig())
     return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
 
-
-def _source_key(cfg: ml_collections.ConfigDict) -> tuple:
-  return (cfg.name, cfg.get("task"), cfg.get("data_dir"), cfg.get("manual_dir"))
+  def metadata(self, split: str) -> dict[str, np.ndarray]:
+    """file_name, patient and label of every record of `split`, in split order (no decoding)."""
+    self.split_size(split)
+    ds = self._builder.as_dataset(split=split, shuffle_files=False,
+                                  decoders={"image": self._tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: {k: ex[k] for k in ("file_name", "patient", "label")})
+    rows = list(self._tfds.as_numpy(ds))
+    return {k: np.asarray([r[k] for r in rows]) for k in ("file_name", "patient", "label")}
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_source(name, task, data_dir, manual_dir) -> _Source:
-  if name == "digits":
-    return _DigitsSource(task or "target")
+def _cached_source(options_json: str) -> _Source:
+  options = ml_collections.ConfigDict(json.loads(options_json))
+  if options.name == "digits":
+    return _DigitsSource(options.task or "target")
   from shpeft_jax.data import builders  # pylint: disable=g-import-not-at-top
-  if name not in builders.BUILDERS:
-    raise ConfigError(f"data.name={name!r} is not a known dataset; choose one of "
+  if options.name not in builders.BUILDERS:
+    raise ConfigError(f"data.name={options.name!r} is not a known dataset; choose one of "
                       f"{sorted(list(builders.BUILDERS) + ['digits'])}.")
-  return _TfdsSource(name, data_dir, manual_dir)
+  return _TfdsSource(options)
 
 
 def get_source(data_config: ml_collections.ConfigDict) -> _Source:
   """The (cached) source for a data config; prepares a tfds dataset on first use."""
-  return _cached_source(*_source_key(data_config))
+  from shpeft_jax.data import source_options  # pylint: disable=g-import-not-at-top
+  return _cached_source(json.dumps(source_options(data_config).to_dict(), sort_keys=True))
 
 
 def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
   return get_source(data_config).info
+
+
+def record_metadata(data_config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
+  """{'file_name', 'patient', 'label'} arrays of `split`'s records in split order (no image is
+  decoded): what a patient-grouped subset or a per-file report needs."""
+  return get_source(data_config).metadata(split)
 
 
 def num_batches_per_epoch(data_config: ml_collections.ConfigDict, *, split: str,
@@ -238,11 +280,11 @@ def _example_key(seed: int, epoch: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
   return tf.random.experimental.stateless_fold_in(key, index)
 
 
-def _train_preprocess_fn(data_config, image_size: int, seed: int):
+def _train_preprocess_fn(data_config, image_size: int, seed: int, label_dtype: tf.DType):
   augment = bool(data_config.augment)
-  scale = data_config.get("random_resized_crop_scale")
+  scale = data_config.random_resized_crop_scale
   use_crop = augment and scale is not None and len(scale) == 2
-  use_flip = augment and bool(data_config.get("hflip", True))
+  use_flip = augment and bool(data_config.hflip)
 
   def fn(ex):
     key = _example_key(seed, ex["epoch"], ex["index"])
@@ -253,7 +295,7 @@ def _train_preprocess_fn(data_config, image_size: int, seed: int):
       image = _resize_centre_crop(_decode(ex["image"]), image_size)
     if use_flip:
       image = tf.image.stateless_random_flip_left_right(image, flip_key)
-    return {"image": _normalise(image), "label": tf.cast(ex["label"], tf.int32),
+    return {"image": _normalise(image), "label": tf.cast(ex["label"], label_dtype),
             "valid": ex["valid"]}
 
   return fn
@@ -264,10 +306,10 @@ def eval_transform(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
   return _normalise(_resize_centre_crop(_decode(image_bytes), image_size))
 
 
-def _eval_preprocess_fn(image_size: int):
+def _eval_preprocess_fn(image_size: int, label_dtype: tf.DType):
   def fn(ex):
     return {"image": eval_transform(ex["image"], image_size),
-            "label": tf.cast(ex["label"], tf.int32), "valid": ex["valid"]}
+            "label": tf.cast(ex["label"], label_dtype), "valid": ex["valid"]}
   return fn
 
 
@@ -300,7 +342,7 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _parallel_calls(data_config) -> int:
-  n = data_config.get("num_parallel_calls", -1)
+  n = data_config.num_parallel_calls
   return tf.data.AUTOTUNE if n is None or n < 0 else int(n)
 
 
@@ -330,8 +372,8 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, split: str,
   n = source.split_size(split)
   if n == 0:
     raise DataError(f"{source.info.name}: split {split!r} is empty.")
-  base = _indexed(source, split, bool(data_config.get("cache", False)))
-  buffer = int(data_config.get("shuffle_buffer", 0) or 0)
+  base = _indexed(source, split, bool(data_config.cache))
+  buffer = int(data_config.shuffle_buffer or 0)
   buffer = n if buffer <= 0 else min(buffer, n)
   first_epoch, offset = divmod(int(start_step) * global_batch_size, n)
   seed = int(seed)
@@ -344,7 +386,8 @@ def make_train_iterator(data_config: ml_collections.ConfigDict, *, split: str,
 
   ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_stream)
   ds = _keep_process_slice(ds, global_batch_size, local_b, process_index)
-  ds = ds.map(_train_preprocess_fn(data_config, image_size, seed),
+  ds = ds.map(_train_preprocess_fn(data_config, image_size, seed,
+                                   _LABEL_DTYPES[source.info.task]),
               num_parallel_calls=_parallel_calls(data_config), deterministic=True)
   ds = ds.batch(local_b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _as_numpy(_options(ds))
@@ -355,24 +398,24 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, *, split: str,
                        process_count: int = 1) -> Iterator[Batch]:
   """Finite, ordered batches covering every example of `split` exactly once.
 
-  The last global batch is completed with padding (`valid` False, label 0, image of a black pixel);
-  every process yields ceil(N / global_batch_size) batches.
+  The last global batch is completed with padding (`valid` False, label 0 or, multi-label, a
+  vector of -1; image of a black pixel); every process yields ceil(N / global_batch_size) batches.
   """
   local_b = _local_batch_size(global_batch_size, process_index, process_count)
   source = get_source(data_config)
   n = source.split_size(split)
   if n == 0:
     raise DataError(f"{source.info.name}: split {split!r} is empty.")
-  ds = _indexed(source, split, bool(data_config.get("cache", False)))
+  ds = _indexed(source, split, bool(data_config.cache))
   n_pad = math.ceil(n / global_batch_size) * global_batch_size - n
   if n_pad:
     pad = tf.data.Dataset.from_tensors({
         "index": tf.constant(-1, tf.int64), "image": tf.constant(_PAD_PNG),
-        "label": tf.constant(0, tf.int64), "valid": tf.constant(False)}).repeat(n_pad)
+        "label": _padding_label(source.info), "valid": tf.constant(False)}).repeat(n_pad)
     ds = ds.concatenate(pad)
   ds = _keep_process_slice(ds, global_batch_size, local_b, process_index)
-  ds = ds.map(_eval_preprocess_fn(image_size), num_parallel_calls=_parallel_calls(data_config),
-              deterministic=True)
+  ds = ds.map(_eval_preprocess_fn(image_size, _LABEL_DTYPES[source.info.task]),
+              num_parallel_calls=_parallel_calls(data_config), deterministic=True)
   ds = ds.batch(local_b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _as_numpy(_options(ds))
 

@@ -205,6 +205,16 @@ def _class_folder_examples(folder: str, label: int, name: str,
   return [(p, label) for p in files]
 
 
+def check_case_collisions(names: Iterable[str], what: str, name: str) -> None:
+  """Names that differ only by case ('Cat', 'cat') would be two classes: an error naming both."""
+  seen: dict[str, str] = {}
+  for n in sorted(names):
+    other = seen.setdefault(n.casefold(), n)
+    if other != n:
+      raise DataError(f"{name}: {what} {other!r} and {n!r} differ only by case and would be two "
+                      "classes; merge or rename one of them.")
+
+
 def apportion(total: int, weights: Sequence[float]) -> list[int]:
   """Integers summing to `total`, proportional to `weights` (largest remainder, ties to the first)."""
   w = np.asarray(weights, dtype=np.float64)
@@ -529,6 +539,7 @@ def image_folder_classes(root: str) -> list[str]:
   if not classes:
     raise DataError(f"image_folder: no class folders in {root!r}. Expected layout:\n"
                     f"{IMAGE_FOLDER_LAYOUT}")
+  check_case_collisions(classes, "class folders", "image_folder")
   return classes
 
 
@@ -609,7 +620,11 @@ def _to_png(img) -> bytes:
 
 
 def relative_name(path: str, root: str) -> str:
-  return os.path.relpath(path, root).replace(os.sep, "/")
+  """`path` relative to `root`, '/'-separated (a plain prefix cut when path starts with root:
+  os.path.relpath costs about 10 us, 1 s per source id of an OCT2017-sized tree)."""
+  prefix = root if root.endswith(os.sep) else root + os.sep
+  rel = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+  return rel.replace(os.sep, "/")
 
 
 def counts(examples: Iterable[Example], num_classes: int) -> list[int]:

@@ -38,7 +38,7 @@ def test_busi_prepared_and_read_through_pipeline(tmp_path):
   # 13 images in the paper's 559:79:160 ratio -> 9 / 1 / 3 (largest remainder of 9.1 / 1.3 / 2.6).
   assert info.split_sizes == {"train": 9, "validation": 1, "test": 3}
   (cfg, rec), = builders.prepared_sources("busi", str(tmp_path / "tfds")).items()
-  assert os.path.isdir(tmp_path / "tfds" / "busi" / cfg / "1.0.0") and rec["num_examples"] == 13
+  assert os.path.isdir(tmp_path / "tfds" / "busi" / cfg / "2.0.0") and rec["num_examples"] == 13
   assert info.source_id == "busi:" + rec["source_id"]
   seen = []
   for split in ("train", "validation", "test"):

@@ -1,0 +1,79 @@
+"""What a source's parser returns: its records per split, the label names and the task kind.
+
+Plain Python (no TensorFlow). Every source (the paper's six layouts, image folders, CSV tables,
+ChestX-ray14, CheXpert, MedMNIST) is parsed into one `ParsedSource`; the tfds builder stores it,
+the source id hashes it (`builders.source_id`), and nothing downstream asks which source it was.
+
+The record contract (docs/DATASETS.md, "Records and batches"):
+- single_label: `label` is the class index (an int, tfds ClassLabel);
+- multi_label: `label` is a float32 vector [L] over `class_names` (the findings, in label order):
+  POSITIVE 1.0, NEGATIVE 0.0, UNKNOWN -1.0 (masked out of the loss and the metrics);
+- every record has `patient` (text; '' where the source has no patient or group id).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Mapping, Sequence, Union
+
+SINGLE_LABEL = "single_label"
+MULTI_LABEL = "multi_label"
+TASKS = (SINGLE_LABEL, MULTI_LABEL)
+
+POSITIVE, NEGATIVE, UNKNOWN = 1.0, 0.0, -1.0
+
+# A class index (single_label) or one value per finding (multi_label).
+Label = Union[int, tuple[float, ...]]
+Record = tuple[str, Label]  # (key: an image path, or a name inside an array file; label)
+
+
+def read_files(split: str, records: Sequence[Record]) -> Iterator[bytes]:
+  """Encoded bytes of each record's image file, in order (the default image reader)."""
+  del split
+  from shpeft_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+  for path, _ in records:
+    yield splits_lib.read_image(path)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedSource:
+  """A source parsed into records.
+
+  name: the dataset name (`data.name`).
+  root: record file names are stored relative to it (`file_name` in the records).
+  splits: {split: [(key, label), ...]} in a deterministic order; keys are unique in the source.
+  class_names: class names (single_label) or finding names (multi_label), in label order.
+  task: SINGLE_LABEL or MULTI_LABEL.
+  patients: {key: patient id}; keys without one get ''.
+  content_files: the files whose bytes identify the source (None: every record key is a file).
+  images: (split, records) -> encoded image bytes of each record, in order.
+  """
+  name: str
+  root: str
+  splits: Mapping[str, list[Record]]
+  class_names: tuple[str, ...]
+  task: str = SINGLE_LABEL
+  patients: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  content_files: tuple[str, ...] | None = None
+  images: Callable[[str, Sequence[Record]], Iterator[bytes]] = read_files
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+
+  @property
+  def split_sizes(self) -> dict[str, int]:
+    return {split: len(records) for split, records in self.splits.items()}
+
+  @property
+  def num_examples(self) -> int:
+    return sum(self.split_sizes.values())
+
+  def patient(self, key: str) -> str:
+    return self.patients.get(key, "")
+
+  def files(self) -> list[str]:
+    """The files to content-hash, sorted."""
+    if self.content_files is not None:
+      return sorted(self.content_files)
+    return sorted({key for records in self.splits.values() for key, _ in records})
