@@ -37,6 +37,7 @@ import numpy as np
 from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError, ConfigError, cli_main, exit_process
 from shpeft_jax.models import clip_vit
+from shpeft_jax.models import of_checkpoint
 from shpeft_jax.models.convert import flax_to_torch_state_dict  # noqa: F401  (re-exported)
 from shpeft_jax.models.convert import LAYOUTS, flax_encoder_config
 
@@ -86,12 +87,9 @@ def write_state_dict(path: str, sd: Mapping[str, np.ndarray], metadata: dict[str
 def check_params_match_meta(params: Mapping[str, Any], meta: Mapping[str, Any]) -> clip_vit.ViTConfig:
   """The tower config meta.json describes, checked against the params' shapes and head."""
   model, image_size = meta.get("model"), meta.get("image_size")
-  if model not in clip_vit.model_names():
-    raise CheckpointError(f"meta.json names model {model!r}, which is not a preset {clip_vit.model_names()}.")
+  want = of_checkpoint.vit_config(meta)  # the one reading of a checkpoint's tower
   if "encoder" not in params:
     raise CheckpointError("The params have no 'encoder' subtree; this is not a shpeft_jax model checkpoint.")
-  tower = clip_vit.tower_from_meta(meta)
-  want = clip_vit.get_model_config(model, image_size, **tower)
   cfg = flax_encoder_config(params["encoder"])
   fields = ("patch_size", "width", "layers", "heads", "mlp_dim", "image_size", "ln_pre", "patch_bias")
   if any(getattr(cfg, f) != getattr(want, f) for f in fields):

@@ -89,8 +89,7 @@ def load_model(model_dir: str, base: str | None = None) -> LoadedModel:
   """Loads a classifier from a workdir, a params checkpoint or a task adapter (with its base)."""
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
-  from shpeft_jax.peft import merge  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.models import of_checkpoint  # pylint: disable=g-import-not-at-top
 
   adapter = _adapter_module()
   if adapter is not None and adapter.is_adapter(model_dir):
@@ -105,25 +104,13 @@ def load_model(model_dir: str, base: str | None = None) -> LoadedModel:
     checkpoint = resolve_checkpoint(model_dir)
     params, meta = checkpoints.load_params(checkpoint)
   config = run_config(checkpoint)
-  num_classes = meta.get("num_classes")
-  if "head" not in params or not num_classes:
-    raise CheckpointError(f"{checkpoint} has no trained head (meta num_classes is "
-                          f"{num_classes!r}): it is a pretrained encoder, not a classifier. Use a "
-                          "trainer workdir's export/model or best/.")
+  # The one builder of a checkpoint's model: the tower meta.json records, the head's classes, the
+  # run's additive hooks and dtype.
+  model = of_checkpoint.model_of_checkpoint(params, meta, config, where=checkpoint)
+  num_classes = model.num_classes
   names = list(meta.get("class_names") or [])
   if len(names) != num_classes:
     names = [f"class_{i}" for i in range(num_classes)]
-  additive = None
-  if merge.additive_leaves(params):
-    if config is None:
-      raise CheckpointError(f"{checkpoint} holds additive PEFT parameters (adapter / VPT / LoRA "
-                            "/ SSF) but no config.json was found next to it to say how they are "
-                            "wired; predict from the run's workdir.")
-    from shpeft_jax.peft import methods  # pylint: disable=g-import-not-at-top
-    additive = methods.additive_config_for(config.peft)
-  dtype = config.model.get("dtype", "float32") if config is not None else "float32"
-  model = clip_vit.build_model(meta["model"], int(num_classes), image_size=meta.get("image_size"),
-                               dtype=dtype, additive=additive)
   image_size = int(model.config.image_size)
 
   def logits(params, images):

@@ -173,19 +173,10 @@ def merged_params(pretrained_encoder: PyTree, finetuned: Mapping, mask: PyTree) 
 
 
 def model_for(ckpt: Checkpoint):
-  """The ClipClassifier that the fine-tuned checkpoint's params belong to."""
-  from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
-  model_name = ckpt.meta.get("model")
-  if not model_name:
-    raise CheckpointError(f"{ckpt.path}/meta.json does not name its model ('model' key).")
-  num_classes = int(np.shape(head_of(ckpt)["kernel"])[-1])
-  meta_classes = ckpt.meta.get("num_classes")
-  if meta_classes is not None and int(meta_classes) != num_classes:
-    raise CheckpointError(
-        f"{ckpt.path}: meta.json says num_classes={meta_classes} but the head has {num_classes} "
-        "outputs; the checkpoint is inconsistent.")
-  return clip_vit.build_model(model_name, num_classes, image_size=ckpt.meta.get("image_size"),
-                              tower=clip_vit.tower_from_meta(ckpt.meta))
+  """The ClipClassifier that the fine-tuned checkpoint's params belong to (its own tower)."""
+  from shpeft_jax.models import of_checkpoint  # pylint: disable=g-import-not-at-top
+  head_of(ckpt)  # the analysis' own message for a checkpoint without a classifier
+  return of_checkpoint.model_of_checkpoint(ckpt.params, ckpt.meta, where=ckpt.path)
 
 
 def make_logits_fn(model) -> Callable[[PyTree, np.ndarray], jax.Array]:
