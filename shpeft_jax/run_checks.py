@@ -57,6 +57,9 @@ def check_run_settings(config, split_sizes: Mapping[str, int] | None = None, *,
     if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
       raise ConfigError(f"{'optim' if node is o else 'train'}.{name}={v!r} must be an integer "
                         ">= 0 (0: off).")
+  if t.get("report_best") and not (t.get("eval_every", 0) or 0):
+    raise ConfigError("train.report_best=True picks the best-validation model, but validation is "
+                      "off (train.eval_every=0); set --config.train.eval_every=N or drop report_best.")
   keep = t.get("keep_checkpoints", 2)
   if not (isinstance(keep, int) and keep >= 1):
     raise ConfigError(f"train.keep_checkpoints={keep!r} would keep no checkpoint, so an "

@@ -65,11 +65,11 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   vit = clip_vit.get_model_config(config.model.name, config.model.image_size)
   clip_vit.compute_dtype(config.model.dtype)
   method = methods_lib.validate_peft(config.peft)
+  run_checks.check_run_settings(config)  # Numbers first: no data, model or compile work yet.
   sharding.validate_batch_sizes(config.train)
   if config.train.num_steps <= 0:
     raise ConfigError(f"train.num_steps must be positive, got {config.train.num_steps}.")
   optim.validate(config.optim, config.train.num_steps)
-  run_checks.check_run_settings(config)  # Numbers first: no data, model or compile work yet.
   sharding.mesh_shape(config.mesh)
   # Data: opening the source raises DataError for a missing / misplaced dataset.
   info = input_pipeline.dataset_info(config.data)
@@ -85,6 +85,10 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
     params_io.check_init_checkpoint(config.model.init_checkpoint, config.model.name,
                                     vit.image_size)
   vit = clip_vit.get_model_config(config.model.name, config.model.image_size, **model_tower(config))
+  # The selection budget against the model's real weight count (k_count > N, a k_percent that
+  # rounds to 0 weights), from shapes alone: before the scoring pass, not after it.
+  methods_lib.count_trainable(method, methods_lib.param_shapes(
+      config.model.name, info.num_classes, method.additive, vit.image_size, vit.tower()))
   return {"vit": vit, "num_classes": info.num_classes, "class_names": info.class_names,
           "dataset": info.name, "split_sizes": dict(info.split_sizes), "method": method,
           "source_id": info.source_id}

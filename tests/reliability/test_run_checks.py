@@ -29,6 +29,8 @@ SIZES = {"train": 539, "validation": 180, "test": 180}
     ("peft.k_count", -3, "peft.k_count=-3"),
     ("peft.lam", float("nan"), "peft.lam=nan"),
     ("train.batch_size", 1024, "larger than the 539 images of the 'train' split"),
+    ("train.batch_size", 0, "train.batch_size=0 must be a positive integer"),
+    ("train.report_best", True, "validation is off (train.eval_every=0)"),
 ])
 def test_bad_setting_is_one_line_naming_field(field, value, words):
   config = make_tiny_config()
@@ -72,3 +74,22 @@ def test_watch_names_the_first_non_finite_step_without_syncing_each_step():
   assert "Lower optim.lr" in msg and "\n" not in msg
   # A huge-but-finite parameter overflows the norm: that model has diverged as well.
   assert not bool(step_fn(jnp.array([3e19, 0.0, 0.0])))
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("peft.k_count", 10 ** 9, "k_count must be in [1, N="),
+    ("peft.k_percent", 1e-9, "rounds to 0 weights"),
+    ("train.batch_size", 0, "train.batch_size=0 must be a positive integer"),
+])
+def test_budget_and_batch_refused_before_any_work(field, value, words, monkeypatch):
+  """validate_config refuses before the scoring pass (which would be the first work)."""
+  from shpeft_jax import train  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.peft import importance  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(importance, "hybrid_importance",
+                      lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored")))
+  config = make_tiny_config("shpeft")
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError) as e:
+    train.validate_config(config)
+  assert words in str(e.value) and "\n" not in str(e.value)
