@@ -81,6 +81,21 @@ def current_umask() -> int:
   return mask
 
 
+def follow_umask(path: str) -> None:
+  """Gives `path` (a file, or a directory and everything below it) the modes that the process
+  umask gives new files (0666 & ~umask) and directories (0777 & ~umask)."""
+  mask = current_umask()
+  if not os.path.isdir(path):
+    os.chmod(path, 0o666 & ~mask)
+    return
+  os.chmod(path, 0o777 & ~mask)
+  for root, dirs, files in os.walk(path):
+    for d in dirs:
+      os.chmod(os.path.join(root, d), 0o777 & ~mask)
+    for f in files:
+      os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, *, directory: bool = False):
   """Yields a temporary sibling of `path` (a file, or a directory) to write; on success it replaces
@@ -105,8 +120,8 @@ def atomic_path(path: str, *, directory: bool = False):
     os.chmod(tmp, 0o666 & ~_UMASK)
   try:
     yield tmp
-    if not directory:  # Some writers (safetensors) replace the file with an owner-only one.
-      os.chmod(tmp, 0o666 & ~current_umask())
+    # Some writers (safetensors) create owner-only (0600) files: every file follows the umask.
+    follow_umask(tmp)
     if directory and os.path.exists(path):
       shutil.rmtree(path)
     os.replace(tmp, path)

@@ -159,3 +159,36 @@ def test_exports_compute_the_trainers_logits_in_torch(tower_run, layout, tmp_pat
   with torch.no_grad():
     got = module(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
   np.testing.assert_allclose(got, np.stack([by_name[f] for f in files]), atol=1e-5, rtol=0)
+
+
+def test_every_file_written_follows_the_umask(tower_run, tmp_path):
+  """Training, export in every format (peft included), predict and report under umask 022: every
+  file is 0644 and every folder 0755 (mkstemp / safetensors make owner-only 0600 files)."""
+  import stat  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import export  # pylint: disable=g-import-not-at-top
+  name, _, _, root, workdir, init, _, _ = tower_run
+  if name != "hf_gelu":
+    pytest.skip("one tower is enough")
+  old = os.umask(0o022)
+  try:
+    out = tmp_path / "out"
+    for fmt in ("open_clip", "hf", "timm"):
+      assert export.main([os.path.join(workdir, "export", "model"), "--format", fmt,
+                          "--out", str(out / f"m_{fmt}.safetensors")]) == 0
+    assert export.main([os.path.join(workdir, "export", "model"), "--format", "peft",
+                        "--base", init, "--out", str(out / "peft")]) == 0
+    assert predict.main([workdir, os.path.join(root, "test"), "--out", str(out / "p.csv"),
+                         "--no_progress"]) == 0
+    assert report.main([workdir]) == 0
+  finally:
+    os.umask(old)
+  bad = []
+  for top in (workdir, str(out)):
+    for r, dirs, files in os.walk(top):
+      for d in dirs:
+        if stat.S_IMODE(os.stat(os.path.join(r, d)).st_mode) != 0o755:
+          bad.append((os.path.join(r, d), oct(os.stat(os.path.join(r, d)).st_mode)))
+      for f in files:
+        if stat.S_IMODE(os.stat(os.path.join(r, f)).st_mode) != 0o644:
+          bad.append((os.path.join(r, f), oct(os.stat(os.path.join(r, f)).st_mode)))
+  assert not bad, bad[:10]
