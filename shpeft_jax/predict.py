@@ -57,13 +57,30 @@ def resolve_checkpoint(path: str) -> str:
   for candidate in (path, os.path.join(path, "export", "model"), os.path.join(path, "best")):
     if os.path.isfile(os.path.join(candidate, "meta.json")):
       return candidate
-  runs = sorted(d for d in os.listdir(path)
-                if os.path.isfile(os.path.join(path, d, "export", "model", "meta.json")))
+  runs = _runs_below(path)
   if runs:
-    raise CheckpointError(f"{path} holds several runs ({', '.join(runs)}); pass one of them, "
-                          f"e.g. {os.path.join(path, runs[0])}.")
+    # A classifier of the task, not the demo's pre-training (which classifies its source digits).
+    pick = next((r for r in runs if not os.path.basename(r).startswith("pretrain")), runs[0])
+    shown = ", ".join(os.path.relpath(r, path) for r in runs[:12])
+    more = f" and {len(runs) - 12} more" if len(runs) > 12 else ""
+    raise CheckpointError(f"{path} holds {len(runs)} runs ({shown}{more}); pass one of them, "
+                          f"e.g. {pick}.")
   raise CheckpointError(f"{path} holds no model: expected meta.json (a params checkpoint) or a "
                         "trainer workdir with export/model/ or best/. Has the run finished?")
+
+
+def _runs_below(path: str, depth: int = 3) -> list[str]:
+  """Trainer workdirs with an export/model below `path` (sorted; the sweep nests them)."""
+  found = []
+  for root, dirs, _ in os.walk(path):
+    if os.path.isfile(os.path.join(root, "export", "model", "meta.json")):
+      found.append(root)
+      dirs[:] = []
+    elif root[len(path):].count(os.sep) >= depth:
+      dirs[:] = []
+    else:
+      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+  return sorted(found)
 
 
 def run_config(checkpoint: str):
@@ -212,7 +229,7 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], *, batch_size: int 
   unreadable: list[tuple[str, str]] = []
   done, probs = [], []
   bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, file=sys.stderr,
-             dynamic_ncols=True)
+             dynamic_ncols=True, postfix={"unreadable": 0})
   for index, images in _batches(files, loaded.image_size, batch_size, unreadable):
     n = len(index)
     if n < batch_size:
@@ -222,7 +239,9 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], *, batch_size: int 
     probs.append(metrics.softmax(logits.astype(np.float64)))
     done += [files[i] for i in index]
     bar.update(min(len(files), len(done) + len(unreadable)) - bar.n)
+    bar.set_postfix(classified=len(done), unreadable=len(unreadable), refresh=False)
   bar.update(len(files) - bar.n)
+  bar.set_postfix(classified=len(done), unreadable=len(unreadable))
   bar.close()
   k = len(loaded.class_names)
   return done, (np.concatenate(probs) if probs else np.zeros((0, k))), unreadable
@@ -256,40 +275,48 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  try:
-    if os.path.exists(args.out) and not args.overwrite:
-      raise ConfigError(f"{args.out} already exists; pass --overwrite or choose another --out.")
-    if args.batch_size <= 0:
-      raise ConfigError(f"--batch_size must be positive, got {args.batch_size}.")
-    files, missing = list_inputs(args.images)
-    for item, why in missing:
-      print(f"warning: {item}: {why}", file=sys.stderr)
-    if not files:
-      raise DataError("no images to classify (see the warnings above).")
-    from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
-    utils.hide_accelerators_from_tf()
-    loaded = load_model(args.model_dir, args.base)
-    done, probs, unreadable = predict_files(loaded, files, batch_size=args.batch_size,
-                                            progress=not args.no_progress)
-    if done:
-      write_csv(args.out, done, probs, loaded.class_names)
-  except ShpeftError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  counts = np.bincount(probs.argmax(-1), minlength=len(loaded.class_names)) if done else []
-  summary = ", ".join(f"{n} {c}" for c, n in zip(loaded.class_names, counts) if n)
+def run(args: argparse.Namespace) -> int:
+  """The command; faults raise (main turns them into one line and exit 2)."""
+  out = os.path.abspath(args.out)
+  if os.path.isdir(out):
+    raise ConfigError(f"--out {args.out} is a directory; pass the CSV file to write, e.g. "
+                      f"{os.path.join(args.out, 'predictions.csv')}.")
+  if os.path.exists(out) and not args.overwrite:
+    raise ConfigError(f"{args.out} already exists; pass --overwrite or choose another --out.")
+  if args.batch_size <= 0:
+    raise ConfigError(f"--batch_size must be positive, got {args.batch_size}.")
+  # The model directory and the inputs are checked before the heavy imports (JAX, TensorFlow).
+  adapter_dir = os.path.isfile(os.path.join(args.model_dir, "shpeft_adapter.json"))
+  if not adapter_dir:
+    resolve_checkpoint(args.model_dir)
+  files, missing = list_inputs(args.images)
+  for item, why in missing:
+    print(f"warning: {item}: {why}", file=sys.stderr)
+  if not files:
+    raise DataError("no images to classify (see the warnings above).")
+  from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
+  utils.hide_accelerators_from_tf()
+  loaded = load_model(args.model_dir, args.base)
+  done, probs, unreadable = predict_files(loaded, files, batch_size=args.batch_size,
+                                          progress=not args.no_progress)
   if done:
+    write_csv(out, done, probs, loaded.class_names)
+    counts = np.bincount(probs.argmax(-1), minlength=len(loaded.class_names))
+    summary = ", ".join(f"{n} {c}" for c, n in zip(loaded.class_names, counts) if n)
     print(f"wrote {args.out}: {len(done)} images ({summary}) with {loaded.checkpoint}")
   if unreadable:
     print(f"{len(unreadable)} unreadable file(s), not classified:", file=sys.stderr)
     for path, why in unreadable:
       print(f"  {path}: {why}", file=sys.stderr)
   if not done:
-    print("error: no image could be read.", file=sys.stderr)
-    return 2
+    raise DataError("no image could be read (see the list above).")
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  from shpeft_jax.errors import cli_main  # pylint: disable=g-import-not-at-top
+  args = build_parser().parse_args(argv)
+  return cli_main(lambda: run(args), hint_path=args.out)
 
 
 if __name__ == "__main__":

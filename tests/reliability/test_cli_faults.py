@@ -3,13 +3,17 @@
 import errno
 import os
 import stat
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from fault_fixtures import (error_lines, run_module, small_tmpfs, tiny_classifier,  # pylint: disable=g-bad-import-order
                             truncate_data_files)
+import fault_fixtures  # pylint: disable=g-bad-import-order
 from shpeft_jax import checkpoints
+from shpeft_jax import predict
 from shpeft_jax import errors
 from shpeft_jax import export as export_cli
 from shpeft_jax import utils
@@ -205,3 +209,69 @@ def test_only_orbax_closed_loop_noise_is_dropped_from_stderr(capsys, monkeypatch
   del y
   err = capsys.readouterr().err
   assert "Event loop is closed" in err and "Traceback" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# predict: its output faults and a wrong model directory, each one line and exit 2.
+
+
+def _one_image(path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+  return str(path)
+
+
+def test_predict_output_faults_are_one_line(tmp_path, capsys):
+  model = tmp_path / "model"
+  fault_fixtures.tiny_classifier(str(model))
+  img = _one_image(tmp_path / "a.png")
+  (tmp_path / "outdir").mkdir()
+  rc = predict.main([str(model), img, "--out", str(tmp_path / "outdir"), "--overwrite",
+                     "--no_progress"])
+  err = fault_fixtures.error_lines(capsys.readouterr().err)
+  assert rc == 2 and len(err) == 1 and "is a directory" in err[0], err
+  ro = tmp_path / "ro"
+  with fault_fixtures.small_tmpfs(str(ro), read_only=True) as ok:
+    if not ok:
+      pytest.skip("cannot mount a tmpfs here")
+    rc = predict.main([str(model), img, "--out", str(ro / "p.csv"), "--no_progress"])
+    err = fault_fixtures.error_lines(capsys.readouterr().err)
+    assert rc == 2 and len(err) == 1 and "cannot write" in err[0], err
+  full = tmp_path / "full"
+  with fault_fixtures.small_tmpfs(str(full), size="64k") as ok:
+    if not ok:
+      pytest.skip("cannot mount a tmpfs here")
+    with open(full / "filler", "wb", buffering=0) as f:
+      try:
+        while True:
+          f.write(b"\0" * 4096)
+      except OSError:
+        pass
+    rc = predict.main([str(model), img, "--out", str(full / "p.csv"), "--no_progress"])
+    err = fault_fixtures.error_lines(capsys.readouterr().err)
+    assert rc == 2 and len(err) == 1 and "disk full" in err[0], err
+    assert not [p for p in os.listdir(full) if p != "filler"]  # no half-written CSV
+
+
+def test_predict_names_the_runs_of_a_workdir(tmp_path, capsys):
+  for run in ("pretrain", "shpeft_seed0", "random_seed0"):
+    os.makedirs(tmp_path / run / "export" / "model")
+    (tmp_path / run / "export" / "model" / "meta.json").write_text("{}")
+  img = _one_image(tmp_path / "a.png")
+  assert predict.main([str(tmp_path), img, "--out", str(tmp_path / "p.csv")]) == 2
+  err = fault_fixtures.error_lines(capsys.readouterr().err)
+  assert len(err) == 1 and "holds 3 runs (pretrain, random_seed0, shpeft_seed0)" in err[0], err
+  assert err[0].endswith(f"e.g. {tmp_path / 'random_seed0'}."), err
+
+
+def test_predict_refuses_a_wrong_model_dir_before_heavy_imports(tmp_path):
+  img = _one_image(tmp_path / "a.png")
+  code = ("import sys; from shpeft_jax import predict; "
+          f"rc = predict.main([{str(tmp_path / 'nope')!r}, {img!r}, '--out', "
+          f"{str(tmp_path / 'p.csv')!r}]); "
+          "print(rc, 'tensorflow' in sys.modules, 'jax' in sys.modules)")
+  env = {**os.environ, "PYTHONPATH": fault_fixtures.ROOT}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)
+  assert out.stdout.split() == ["2", "False", "False"], (out.stdout, out.stderr[-2000:])
+  assert "does not exist" in out.stderr
