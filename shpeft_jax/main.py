@@ -94,8 +94,80 @@ def main(argv):
       print(line, flush=True)
 
 
+def _config_arg(argv) -> str | None:
+  """The --config value in argv (`--config FILE` or `--config=FILE`), if any."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(spec: str | None):
+  """The config of a `FILE[:arg]` spec (the package defaults when none or unreadable)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if spec:
+    path, _, arg = spec.partition(":")
+    try:
+      module_spec = importlib.util.spec_from_file_location("_shpeft_help_config", path)
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+      return module.get_config(arg) if arg else module.get_config(), spec
+    except Exception:  # pylint: disable=broad-except  (help must answer whatever the file is)
+      pass
+  from shpeft_jax import base_config  # pylint: disable=g-import-not-at-top
+  return base_config.get_config(), "the package defaults (shpeft_jax/base_config.py)"
+
+
+def _config_fields(config, prefix: str = "") -> list[tuple[str, object]]:
+  out = []
+  for key in sorted(config.keys()):
+    value = config[key]
+    if hasattr(value, "keys") and hasattr(value, "items"):
+      out += _config_fields(value, f"{prefix}{key}.")
+    else:
+      out.append((f"{prefix}{key}", value))
+  return out
+
+
+def _print_help(argv) -> None:
+  """`--help`: the usage, the flags and every config field with its value; exit status 0."""
+  print(__doc__.strip())
+  print("\nFlags:\n  --config FILE[:arg]  config file (configs/*.py)\n  --workdir DIR        "
+        "checkpoints, metrics, results\n  --restart_from STAGE redo a stage and every later one "
+        f"({', '.join(stages.STAGES)})\n  --verbosity N        1: every detail line and full "
+        "tracebacks\n  --config.FIELD=VALUE override a config field (below)")
+  config, where = _load_config(_config_arg(argv))
+  fields = _config_fields(config)
+  print(f"\nConfig fields of {where} ({len(fields)}; docs/CONFIG.md explains each):")
+  for name, value in fields:
+    print(f"  --config.{name}={value!r}")
+
+
+def _unknown_field_sentence(text: str, overrides: list[str]) -> str:
+  """`unknown config field 'train.num_step'; did you mean 'train.num_steps'?` from
+  ml_collections' `num_step Did you mean "num_steps" instead of "num_step"?`."""
+  import re  # pylint: disable=g-import-not-at-top
+  name = text.split()[0] if text.split() else "?"
+  full = next((o[len("--config."):] for o in overrides
+               if o == f"--config.{name}" or o.endswith(f".{name}") or f".{name}." in o + "."),
+              name)
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  if hint:
+    parent = full[:full.rindex(".") + 1] if "." in full else ""
+    suggestion = f"; did you mean '{parent}{hint.group(1)}'?"
+  else:
+    suggestion = "."
+  return (f"unknown config field '{full}'{suggestion} `python -m shpeft_jax.main --config FILE "
+          "--help` lists every field (new fields cannot be added from the command line).")
+
+
 def _parse_flags(argv) -> list[str]:
   """absl's flag parsing, with an unknown config field reported as a one-line error."""
+  if any(a in ("--help", "-h", "-?", "--helpfull", "--helpshort") for a in argv[1:]):
+    _print_help(argv)
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
@@ -104,11 +176,10 @@ def _parse_flags(argv) -> list[str]:
     while text[:1] in "\"'" and text[-1:] == text[:1]:
       text = text[1:-1]
     text = text.replace("\\n", " ").replace("\n", " ").replace("\\'", "").replace("'", "")
-    print(f"error: unknown config field ({text}) among {overrides}. Every field is listed in "
-          "docs/CONFIG.md; new fields cannot be added from the command line.", file=sys.stderr)
+    print(f"error: {_unknown_field_sentence(text, overrides)}", file=sys.stderr)
     sys.exit(2)
   except flags.Error as e:
-    print(f"error: {e}\nPass --helpshort to see the flags.", file=sys.stderr)
+    print(f"error: {e}\nPass --help to see the flags and config fields.", file=sys.stderr)
     sys.exit(2)
   except (SyntaxError, OSError, ImportError, NameError, TypeError) as e:  # The --config file.
     from shpeft_jax import errors  # pylint: disable=g-import-not-at-top

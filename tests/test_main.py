@@ -89,9 +89,29 @@ def test_unknown_config_key_is_a_clear_error(tmp_path):
                "--config.train.num_stepz=3", timeout=120)
   assert proc.returncode == 2
   assert "unknown config field" in proc.stderr
-  assert 'Did you mean "num_steps"' in proc.stderr
+  err = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert err == ["error: unknown config field 'train.num_stepz'; did you mean 'train.num_steps'? "
+                 "`python -m shpeft_jax.main --config FILE --help` lists every field (new fields "
+                 "cannot be added from the command line)."], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_help_exits_0_and_lists_every_config_field():
+  from configs import oct as oct_config  # pylint: disable=g-import-not-at-top
+  proc = _main("--config", "configs/oct.py", "--help", timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  listed = {l.split("=")[0].strip()[len("--config."):] for l in proc.stdout.splitlines()
+            if l.strip().startswith("--config.") and "=" in l and "FIELD" not in l}
+
+  def fields(c, prefix=""):
+    for k in c.keys():
+      v = c[k]
+      if hasattr(v, "keys"):
+        yield from fields(v, f"{prefix}{k}.")
+      else:
+        yield f"{prefix}{k}"
+  assert listed == set(fields(oct_config.get_config())) and "train.num_steps" in listed
 
 
 def test_a_dataset_config_loads_from_anywhere_and_rejects_unknown_fields(tmp_path):
