@@ -529,10 +529,13 @@ def write_run_adapter(workdir: str, params, *, init_checkpoint: str | None, meth
   """
   from shpeft_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from shpeft_jax.models.convert import ADDITIVE_PREFIXES  # pylint: disable=g-import-not-at-top
+  # An adapter is a difference from a base checkpoint: without one there is nothing to differ from.
+  if not init_checkpoint:
+    return {"skipped": "the run has no base checkpoint (model.init_checkpoint is empty: it trained "
+                       "from scratch), so there is nothing for an adapter to be a difference from; "
+                       "export/model is the model"}
   if method in NO_ADAPTER_METHODS:
     return {"skipped": f"method {method!r} trains the whole encoder"}
-  if not init_checkpoint:
-    return {"skipped": "no model.init_checkpoint: the base encoder is not on disk"}
   additive = [n for n in flatten_names(params)
               if any(p.startswith(ADDITIVE_PREFIXES) for p in n.split("/"))]
   if additive:

@@ -62,3 +62,14 @@ def test_runs_without_an_adapter_say_why(tmp_path):
   skipped = write(init_checkpoint="/x", method="vpt_shallow")["skipped"]
   assert "vpt_prompts_0" in skipped and "No export/adapter" in adapter.describe({"skipped": skipped})
   assert not os.path.exists(tmp_path / "export")
+
+
+def test_no_adapter_without_a_base_says_why(tmp_path):
+  """The demo's pre-training ('full', from scratch): the reason is the missing base checkpoint."""
+  from shpeft_jax import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
+  for method in ("full", "shpeft"):
+    rec = adapter_lib.write_run_adapter(str(tmp_path), {"head": {}}, init_checkpoint="",
+                                        method=method, meta={})
+    line = adapter_lib.describe(rec)
+    assert "no base checkpoint" in line and "trains the whole encoder" not in line, line
+    assert not os.path.exists(tmp_path / "export")
