@@ -35,6 +35,10 @@ _NOISE = (
 )
 
 
+# tfds warnings that every prepared source (a custom BuilderConfig, `src_<id>`) triggers by design.
+_TFDS_NOTES = re.compile(r"Using custom data configuration|has no dataset_info\.json")
+
+
 def verbosity() -> int:
   """absl's --verbosity (0 by default; 1 brings the detail back)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -92,6 +96,11 @@ class _DropNoise(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     if record.levelno < std_logging.WARNING and "/orbax/" in record.pathname:
+      return False
+    if "/tensorflow_datasets/" in record.pathname and (
+        record.levelno < std_logging.WARNING or _TFDS_NOTES.search(record.msg or "")):
+      # tfds' INFO lines per read (`Load dataset info from ...`, `Constructing tf.data.Dataset`)
+      # and its notes on our own prepared-source configs: not news to the user.
       return False
     if record.exc_info and record.exc_info[0] and issubclass(record.exc_info[0],
                                                              KeyboardInterrupt):

@@ -140,3 +140,45 @@ def test_runs_progress_closes_its_bar_and_keeps_the_error(tmp_path, monkeypatch)
   with pytest.raises(ValueError, match="bad run"):
     progress("x", str(tmp_path / "x"), boom)
   assert progress.bar is None and not console._QUIET and progress.done == 0
+
+
+def test_tfds_chatter_of_a_prepared_source_is_dropped(tmp_path):
+  """Every dataset, not only the demo: tfds's INFO lines on each read and its notes on our
+  prepared-source BuilderConfig do not reach the console; other tfds warnings would."""
+  import logging as std  # pylint: disable=g-import-not-at-top
+  from test_predict import _image_folder  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.data import builders  # pylint: disable=g-import-not-at-top
+  root = _image_folder(str(tmp_path / "images"))
+  builders.open_builder("image_folder", str(tmp_path / "tfds"), root)  # prepares
+  raw, kept = [], []
+
+  class Collect(std.Handler):
+    def __init__(self, sink, filtered):
+      super().__init__()
+      self.sink = sink
+      if filtered:
+        self.addFilter(console._DropNoise())  # pylint: disable=protected-access
+
+    def emit(self, record):
+      self.sink.append(record)
+
+  absl_logger = std.getLogger("absl")
+  handlers = [Collect(raw, False), Collect(kept, True)]
+  level = absl_logger.level
+  absl_logger.setLevel(std.INFO)
+  for h in handlers:
+    absl_logger.addHandler(h)
+  try:
+    builder, _ = builders.open_builder("image_folder", str(tmp_path / "tfds"), root)
+    for _ in builder.as_dataset(split="test").take(1):
+      pass
+  finally:
+    for h in handlers:
+      absl_logger.removeHandler(h)
+    absl_logger.setLevel(level)
+  tfds_raw = [r.getMessage() for r in raw if "/tensorflow_datasets/" in r.pathname]
+  assert any("Constructing tf.data.Dataset" in m or "Load dataset info" in m for m in tfds_raw)
+  assert not [r.getMessage() for r in kept if "/tensorflow_datasets/" in r.pathname]
+  warn = std.LogRecord("absl", std.WARNING, "/x/tensorflow_datasets/core/other.py", 1,
+                       "a real problem", None, None)
+  assert console._DropNoise().filter(warn)  # pylint: disable=protected-access
