@@ -341,6 +341,10 @@ def _start(config, workdir: str, restart_from: str | None) -> tuple[dict, dict, 
     logging.info("%s: results.json and the export exist (same inputs); nothing to do.", workdir)
     return facts, stages, params_io.json_load(results_path)
   if jax.process_index() == 0:
+    # A run killed (-9) while writing left NAME.tmp-* behind: no other process writes here.
+    for folder in (workdir, os.path.join(workdir, "export")):
+      for path in utils.remove_stale_temporaries(folder):
+        logging.info("Removed %s, left by an interrupted write.", path)
     params_io.json_dump(os.path.join(workdir, "config.json"),
                         json.loads(config.to_json_best_effort()))
   return facts, stages, None

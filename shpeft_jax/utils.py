@@ -96,6 +96,25 @@ def follow_umask(path: str) -> None:
       os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
+def remove_stale_temporaries(folder: str) -> list[str]:
+  """Removes what `atomic_path` leaves in `folder` when a process is killed (-9) mid-write: the
+  `NAME.tmp-*` folders and `.tmp-NAME.*` files. Call it only where no other process writes (a
+  trainer's workdir, under its lock). Returns the removed paths."""
+  removed = []
+  if not os.path.isdir(folder):
+    return removed
+  for entry in os.listdir(folder):
+    path = os.path.join(folder, entry)
+    if os.path.isdir(path) and ".tmp-" in entry and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.isfile(path) and entry.startswith(".tmp-"):
+      os.remove(path)
+    else:
+      continue
+    removed.append(path)
+  return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, *, directory: bool = False):
   """Yields a temporary sibling of `path` (a file, or a directory) to write; on success it replaces

@@ -148,3 +148,20 @@ def test_sweep_validates_every_dataset_and_method_before_its_first_run(tmp_path)
   with pytest.raises(ConfigError, match=r"^digits / shpeft: optim.lr.*nan"):
     sweep.run_sweep(config, str(tmp_path), variants, ["digits"])
   assert os.listdir(tmp_path) == []  # not even the first (valid) run started
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
+  """kill -9 during export leaves export/model.tmp-*; the next run of the workdir removes them
+  (and a `.tmp-` file of an atomic file write), keeping everything else."""
+  from train_fixtures import make_tiny_config  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  stale_dir = workdir / "export" / "model.tmp-k9x2"
+  os.makedirs(stale_dir / "params")
+  (stale_dir / "meta.json").write_text("{}")
+  (workdir / ".tmp-results.json.ab12.json").write_text("{")
+  (workdir / "notes.txt").write_text("mine")
+  train.train_and_evaluate(make_tiny_config("linear", num_steps=2), str(workdir))
+  assert not stale_dir.exists() and not (workdir / ".tmp-results.json.ab12.json").exists()
+  assert sorted(os.listdir(workdir / "export")) == ["model"]
+  assert (workdir / "notes.txt").read_text() == "mine"
