@@ -45,6 +45,12 @@ class NonFiniteError(ShpeftError, FloatingPointError):
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a process they asked to stop
+
+
+class Preempted(KeyboardInterrupt):
+  """SIGTERM (a scheduler's preemption notice) honoured: a checkpoint was saved at the step all
+  processes agreed on. Reported like Ctrl-C, in one line; the rerun resumes from that step."""
 
 # Where a long command currently is ("training step 120 of 300 in /w"), for Ctrl-C messages: a
 # text, or a function that makes it when it is needed (the trainer's step changes every step).
@@ -148,7 +154,7 @@ def handle(exc: BaseException, *, verbosity: int = 0, log_file: str | None = Non
     where = _progress_text()
     print(f"\ninterrupted{where}. Nothing finished was lost: rerun the same command to resume.",
           file=sys.stderr, flush=True)
-    return EXIT_INTERRUPTED
+    return EXIT_PREEMPTED if isinstance(exc, Preempted) else EXIT_INTERRUPTED
   line = describe(exc, hint_path)
   if line is None:
     return None

@@ -33,6 +33,7 @@ from shpeft_jax import console
 from shpeft_jax import errors
 from shpeft_jax import optim
 from shpeft_jax import params_io
+from shpeft_jax import preemption
 from shpeft_jax import run_checks
 from shpeft_jax import sharding
 from shpeft_jax import stages as stages_lib
@@ -226,12 +227,24 @@ def train_loop(config, state, train_step, schedule, manager, validation, writer,
   # A non-finite step is caught before anything is written (`run_checks`); each step's flag stays
   # on the device until then, so the hot path has no host sync.
   watch = run_checks.FiniteWatch()
-  lr_at = lambda s: schedule(s - 1)
-  post = {}
   at = [start_step]  # What a Ctrl-C message says: the step done last, the newest checkpoint.
   errors.note_progress(lambda: f"training in {manager.directory}, after step {at[0]} of "
                        f"{num_steps} (last complete checkpoint: step "
                        f"{(params_io.complete_steps(str(manager.directory)) or ['none'])[-1]})")
+  with preemption.Preemption() as preempt:
+    state = _steps(config, state, train_step, schedule, manager, validation, writer, it, batch_sh,
+                   watch, progress, at, preempt, start_step, end_step)
+  progress.close()
+  errors.note_progress(None)
+  return state
+
+
+def _steps(config, state, train_step, schedule, manager, validation, writer, it, batch_sh, watch,
+           progress, at, preempt, start_step: int, end_step: int):
+  """The loop of train_loop; a SIGTERM (preempt) checkpoints the agreed step and stops."""
+  t, num_steps = config.train, int(config.train.num_steps)
+  lr_at = lambda s: schedule(s - 1)
+  post = {}
   for step in range(start_step + 1, end_step + 1):
     state, measurements = train_step(state, sharding.to_global(next(it), batch_sh))
     at[0] = step
@@ -257,11 +270,15 @@ def train_loop(config, state, train_step, schedule, manager, validation, writer,
       if val is not None:
         post["val_f1"] = f"{100 * val['f1_macro']:.1f}"
         progress.update(step, **post)
-    if step % t.checkpoint_every == 0 or step == end_step:
+    stop = preempt.reached(step)
+    if step % t.checkpoint_every == 0 or step == end_step or stop:
       watch.check(before=f"the checkpoint at step {step}", lr_at=lr_at)
       manager.save(step, args=ocp.args.StandardSave({"state": state}))
-  progress.close()
-  errors.note_progress(None)
+    if stop:
+      manager.wait_until_finished()
+      progress.close()
+      logging.info("SIGTERM: saved the checkpoint of step %d; stopping.", step)
+      raise errors.Preempted(f"preempted at step {step}")
   return state
 
 

@@ -104,3 +104,35 @@ def test_ctrl_c_says_where_it_stopped_releases_the_workdir_and_keeps_the_checkpo
   assert kept and int(m.group(3)) == max(kept) >= 8 and int(m.group(2)) >= 8
   assert (workdir / ".lock").read_text() == ""  # released: no holder
   assert not (workdir / "results.json").exists()
+
+
+def test_sigterm_saves_the_next_step_says_so_and_the_rerun_is_bit_identical(tmp_path):
+  """A scheduler's preemption notice (SIGTERM): the step in flight finishes, its checkpoint is
+  saved (between the regular ones, every 4 steps), the Ctrl-C line is printed, exit 143; the rerun
+  resumes from that step and ends bit-identical to an uninterrupted run."""
+  workdir = tmp_path / "preempted"
+  proc = _start_and_wait_for_checkpoint(workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+  before = params_io.complete_steps(str(workdir / "checkpoints"))[-1]
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  lines = [l for l in err.splitlines() if l.startswith("interrupted")]
+  assert len(lines) == 1 and "rerun the same command to resume" in lines[0], err[-3000:]
+  assert "Traceback" not in err
+  saved = params_io.complete_steps(str(workdir / "checkpoints"))[-1]
+  assert before <= saved < STEPS and f"last complete checkpoint: step {saved}" in lines[0]
+  assert not (workdir / "results.json").exists()
+
+  rerun = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert f"Resumed from the checkpoint at step {saved}" in rerun.stderr
+  ref = subprocess.run(_cmd(tmp_path / "reference"), cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-4000:]
+  resumed, _ = checkpoints.load_params(str(workdir / "export" / "model"))
+  reference, _ = checkpoints.load_params(str(tmp_path / "reference" / "export" / "model"))
+  resumed, reference = utils.flatten_names(resumed), utils.flatten_names(reference)
+  for name in reference:
+    np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
