@@ -642,3 +642,58 @@ def test_main_reports_a_missing_process_as_an_error(tmp_path):
   assert "missing process ids [1]" in out and env["SHPEFT_COORDINATOR"] in out
   assert time.monotonic() - t0 < 90
   assert not (tmp_path / "w").exists()  # Nothing was started.
+
+
+@pytest.mark.slow
+def test_sigterm_in_a_two_process_world_checkpoints_one_agreed_step(tmp_path):
+  """SLURM's scancel / a TPU VM's preemption send SIGTERM to every process: both finish the same
+  step (JAX's preemption sync point), save it together, print the Ctrl-C line, exit 143; one
+  process then resumes from that step and ends as an uninterrupted run does."""
+  from shpeft_jax import params_io  # pylint: disable=g-import-not-at-top
+  steps = 400
+  flags_ = [a if not a.startswith("--config.train.num_steps=") else
+            f"--config.train.num_steps={steps}" for a in _TRAIN_FLAGS]
+  flags_ = [a for a in flags_ if not a.startswith(("--config.train.eval_every",
+                                                   "--config.train.log_every"))]
+  flags_ += ["--config.train.eval_every=0", "--config.train.log_every=100"]
+  workdir = tmp_path / "multi"
+  argv = [sys.executable, "-m", "shpeft_jax.main", *flags_, "--workdir", str(workdir),
+          f"--config.compilation_cache_dir={tmp_path / 'xla_cache'}"]
+  logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]
+  procs = [subprocess.Popen(argv, env=_child_env(env), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=str(REPO), start_new_session=True)
+           for env, log in zip(world_envs(2, timeout=60), logs)]
+  try:
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+      done = params_io.complete_steps(str(workdir / "checkpoints"))
+      if done and done[-1] >= 6:
+        break
+      time.sleep(0.05)
+    assert all(p.poll() is None for p in procs), "a process ended before its checkpoint"
+    for p in procs:
+      p.send_signal(signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+  outs = []
+  for log in logs:
+    log.seek(0)
+    outs.append(log.read())
+    log.close()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 143, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+  saved = params_io.complete_steps(str(workdir / "checkpoints"))[-1]
+  assert 6 <= saved < steps
+  for out in outs:
+    assert "SIGTERM: saved the checkpoint of step" in out or "interrupted" in out, out[-3000:]
+  line = [l for l in outs[0].splitlines() if l.startswith("interrupted")]
+  assert len(line) == 1 and f"last complete checkpoint: step {saved}" in line[0], outs[0][-3000:]
+  (rc, out), = run_processes(argv, [{}], tmp_path / "resume_logs", timeout=600)
+  assert rc == 0, out[-5000:]
+  assert f"Resumed from the checkpoint at step {saved}" in out
