@@ -35,6 +35,9 @@ _NOISE = (
 )
 
 
+# A storage fault as TensorStore / the OS words it.
+_STORAGE_FAULT = re.compile(r"No space left on device|Disk quota exceeded|Read-only file system|"
+                            r"Permission denied|os_error_code='?(28|30|13|122)")
 # tfds warnings that every prepared source (a custom BuilderConfig, `src_<id>`) triggers by design.
 _TFDS_NOTES = re.compile(r"Using custom data configuration|has no dataset_info\.json")
 
@@ -109,6 +112,12 @@ class _DropNoise(std_logging.Filter):
       message = record.getMessage()
     except (TypeError, ValueError):
       return True
+    if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR:
+      # orbax's background threads log a storage fault (disk full, read-only) with its traceback,
+      # once per thread, before the save raises it to us: the command reports it in one line.
+      exc = record.exc_info[1] if record.exc_info else None
+      if _STORAGE_FAULT.search(f"{message} {exc or ''}"):
+        return False
     return not any(p.search(message) for p in _NOISE)
 
 

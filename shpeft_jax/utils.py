@@ -105,7 +105,8 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return removed
   for entry in os.listdir(folder):
     path = os.path.join(folder, entry)
-    if os.path.isdir(path) and ".tmp-" in entry and not os.path.islink(path):
+    if os.path.isdir(path) and (".tmp-" in entry or ".orbax-checkpoint-tmp" in entry) \
+        and not os.path.islink(path):
       shutil.rmtree(path, ignore_errors=True)
     elif os.path.isfile(path) and entry.startswith(".tmp-"):
       os.remove(path)

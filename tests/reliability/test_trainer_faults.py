@@ -165,3 +165,24 @@ def test_stale_temporaries_of_a_killed_write_are_removed(tmp_path):
   assert not stale_dir.exists() and not (workdir / ".tmp-results.json.ab12.json").exists()
   assert sorted(os.listdir(workdir / "export")) == ["model"]
   assert (workdir / "notes.txt").read_text() == "mine"
+
+
+def test_disk_full_while_the_scores_are_saved_is_one_line(tmp_path):
+  """The workdir fills up while the importance scores are written (orbax, background threads):
+  one line on stderr, not orbax's per-thread tracebacks; the rerun on a larger disk cleans the
+  half-written scores up and finishes."""
+  w = str(tmp_path / "small")
+  args = ["--config", os.path.join(ROOT, "configs", "common.py"), "--workdir", w,
+          *cli_overrides({**TINY_OVERRIDES, "train.num_steps": 2})]
+  with small_tmpfs(w, "48k") as mounted:
+    if not mounted:
+      pytest.skip("cannot mount a tmpfs here (needs root)")
+    proc = run_module("shpeft_jax.main", *args, timeout=300)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: disk full while writing {w}"), lines
+    assert "scores.orbax-checkpoint-tmp" in os.listdir(w)  # the scores' unfinished write
+    subprocess.run(["mount", "-o", "remount,size=64m", w], check=True)
+    proc = run_module("shpeft_jax.main", *args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [e for e in os.listdir(w) if "tmp" in e] and os.path.isdir(os.path.join(w, "scores"))
