@@ -12,8 +12,10 @@ SHiRA adapter directory instead of a file (see docs/ADAPTERS.md).
 --format openai: OpenAI CLIP names without the `visual.` prefix (`conv1.weight`,
   `transformer.resblocks.N.attn.in_proj_weight`, ...; no `proj`). QuickGELU towers only.
 --format open_clip: the same names, for open_clip's `VisionTransformer` (QuickGELU or GELU).
---format hf: Hugging Face CLIP vision names (`embeddings.*`, `encoder.layers.N.*`); with a head
-  behind `vision_model.`.
+--format hf: with --out DIR, a Hugging Face model directory (config.json + model.safetensors,
+  head.safetensors beside them when there is a head) that `CLIPVisionModel.from_pretrained(DIR)`
+  loads strictly: the base of a peft adapter. With --out FILE.safetensors, one state dict of HF CLIP
+  vision names (`embeddings.*`, `encoder.layers.N.*`; with a head behind `vision_model.`).
 --format timm: timm `VisionTransformer` names (`cls_token`, `blocks.N.attn.qkv`, ...; BiomedCLIP's
   `visual.trunk`); with a head behind `trunk.`.
 With a trained head, `head.weight` / `head.bias` are added and the file loads with strict=True into
@@ -135,9 +137,58 @@ def _export_torch(args: argparse.Namespace, params, meta) -> str:
           f"{meta.get('act', 'quick_gelu')}, {what}; loads with strict=True into {into}")
 
 
+HF_HEAD = "head.safetensors"
+
+
+def write_hf_directory(params: Mapping[str, Any], meta: Mapping[str, Any], out: str, *,
+                       overwrite: bool = False) -> dict[str, Any]:
+  """A Hugging Face model directory of the encoder (config.json with the tower's true shape,
+  hidden_act and layer_norm_eps + model.safetensors, written by transformers' save_pretrained) that
+  `CLIPVisionModel.from_pretrained(out)` loads strictly; the trained head, if any, beside it in
+  head.safetensors (`head.weight` [C, D], `head.bias` [C]: logits = head(F.normalize(pooler_output))).
+  This directory is the base a peft adapter (`--format peft`) loads onto."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.models import torch_reference  # pylint: disable=g-import-not-at-top
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise CheckpointError(f"{out} already exists; pass --overwrite or choose another --out.")
+  cfg = check_params_match_meta(params, meta)
+  try:
+    hf_config = torch_reference.hf_vision_config(cfg)
+  except ConfigError as e:
+    raise CheckpointError(f"this tower cannot be written as a Hugging Face CLIPVisionModel ({e}) "
+                          "Use --format timm.") from e
+  sd = flax_to_torch_state_dict({"encoder": params["encoder"]}, "hf", tower=cfg.tower())
+  model = transformers.CLIPVisionModel(hf_config)
+  model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in sd.items()},
+                        strict=True)
+  with utils.atomic_path(out, directory=True) as tmp:
+    model.save_pretrained(tmp, safe_serialization=True)
+    if "head" in params:
+      save_file({"head.weight": np.ascontiguousarray(np.asarray(params["head"]["kernel"],
+                                                                np.float32).T),
+                 "head.bias": np.ascontiguousarray(np.asarray(params["head"]["bias"], np.float32))},
+                os.path.join(tmp, HF_HEAD), metadata={"format": "pt"})
+  return {"tensors": len(sd), "head": "head" in params, "config": hf_config}
+
+
+def _export_hf(args: argparse.Namespace, params, meta) -> str:
+  """--format hf: a model directory (--out DIR), or one state-dict file (--out FILE.safetensors)."""
+  if args.out.endswith((".safetensors",) + _TORCH_SUFFIXES):
+    return _export_torch(args, params, meta)
+  info = write_hf_directory(params, meta, args.out, overwrite=args.overwrite)
+  head = f"; head.safetensors holds the {meta.get('num_classes')}-class head" if info["head"] else ""
+  return (f"wrote {args.out}: a Hugging Face model directory ({info['tensors']} tensors, "
+          f"hidden_act {info['config'].hidden_act}, layer_norm_eps {info['config'].layer_norm_eps})"
+          f"{head}; loads with transformers.CLIPVisionModel.from_pretrained({args.out!r})")
+
+
 # --format -> exporter(args, params, meta) -> the line printed on success.
 EXPORTERS: dict[str, Callable[[argparse.Namespace, Any, Mapping[str, Any]], str]] = {
     fmt: _export_torch for fmt in LAYOUTS}
+EXPORTERS["hf"] = _export_hf
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--format", required=True, choices=list(EXPORTERS) + ["peft"])
   parser.add_argument("--base", default=None,
                       help="the base params checkpoint of an adapter CKPT_DIR (and of --format peft)")
-  parser.add_argument("--out", required=True, help="FILE.safetensors, or FILE.pt / .pth / .bin")
+  parser.add_argument("--out", required=True, help="FILE.safetensors, or FILE.pt / .pth / .bin; "
+                      "a directory for --format peft and for --format hf's model directory")
   parser.add_argument("--overwrite", action="store_true")
   parser.add_argument("--verbosity", type=int, default=0, help="1: full tracebacks of errors")
   return parser

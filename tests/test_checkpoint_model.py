@@ -192,3 +192,51 @@ def test_every_file_written_follows_the_umask(tower_run, tmp_path):
         if stat.S_IMODE(os.stat(os.path.join(r, f)).st_mode) != 0o644:
           bad.append((os.path.join(r, f), oct(os.stat(os.path.join(r, f)).st_mode)))
   assert not bad, bad[:10]
+
+
+def _eval_images(root, names):
+  from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  x = np.stack([input_pipeline.eval_transform(open(os.path.join(root, f), "rb").read(), 16).numpy()
+                for f in names])
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def test_hf_directory_is_the_base_of_the_peft_adapter(tower_run, tmp_path, capsys):
+  """docs/ADAPTERS.md's recipe: `export BASE --format hf --out BASE_HF_DIR` is a directory that
+  CLIPVisionModel.from_pretrained loads strictly (config.json says gelu); the run exported the same
+  way gives the trainer's logits; the peft adapter loaded onto BASE_HF_DIR reproduces them."""
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import export  # pylint: disable=g-import-not-at-top
+  name, _, _, root, workdir, init, by_name, _ = tower_run
+  base_dir, run_dir, peft_dir = (str(tmp_path / d) for d in ("base_hf", "run_hf", "peft"))
+  if name == "timm_trunk":  # no CLIPVisionModel computes a timm trunk: refused in one line
+    assert export.main([init, "--format", "hf", "--out", base_dir]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Use --format timm" in err[0] and not os.path.exists(base_dir)
+    return
+  peft = pytest.importorskip("peft")
+  assert export.main([init, "--format", "hf", "--out", base_dir]) == 0
+  assert export.main([os.path.join(workdir, "export", "model"), "--format", "hf",
+                      "--out", run_dir]) == 0
+  assert export.main([os.path.join(workdir, "export", "model"), "--format", "peft", "--base",
+                      init, "--out", peft_dir]) == 0
+  base, info = transformers.CLIPVisionModel.from_pretrained(base_dir, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  assert base.config.hidden_act == "gelu" and base.config.layer_norm_eps == 1e-5
+  files = [f for f in sorted(by_name) if f.endswith((".png", ".jpg", ".bmp"))][:6]
+  x, want = _eval_images(root, files), np.stack([by_name[f] for f in files])
+
+  def logits(model, head_file):
+    head = load_file(head_file)
+    with torch.no_grad():
+      feats = model.eval()(pixel_values=x).pooler_output
+      return (F.normalize(feats, dim=-1) @ head["head.weight"].T + head["head.bias"]).numpy()
+
+  run, info = transformers.CLIPVisionModel.from_pretrained(run_dir, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"]
+  np.testing.assert_allclose(logits(run, os.path.join(run_dir, "head.safetensors")), want,
+                             atol=1e-5, rtol=0)
+  adapted = peft.PeftModel.from_pretrained(base, peft_dir)
+  np.testing.assert_allclose(logits(adapted, os.path.join(peft_dir, "head.safetensors")), want,
+                             atol=1e-5, rtol=0)
