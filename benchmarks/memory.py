@@ -1,11 +1,12 @@
-"""Optimizer-state bytes and delta-checkpoint size for ViT-B/16 at k% (no training; CPU is enough).
+"""Optimizer-state bytes and delta-checkpoint task-adapter size for ViT-B/16 at k% (no training; CPU is enough).
 
 Optimizer state is measured with `jax.eval_shape` (exact bytes of every state leaf, nothing
 allocated) for: full fine-tuning (SGD momentum on every weight), the trainer's default masked SH-PEFT
 (`masking.masked_update`: full momentum + the element masks) and the sparse state
 (`sparse_optim.sparse_masked_optimizer`, `config.optim.sparse_state=True`).
 
-The delta checkpoint (`shpeft_jax.delta_checkpoint`) is written for a model in which k% of the
+The task adapter (`shpeft_jax.adapter`, the one sparse-delta format) is written for a model in
+which k% of the
 encoder weights (random positions) and the whole head differ from a random base, and compared with
 a full params checkpoint of the same model written by `shpeft_jax.checkpoints.save_params` (orbax),
 and with the raw float32 bytes of the params. Restore is timed and checked bit for bit.
@@ -35,7 +36,7 @@ import jax
 import numpy as np
 import optax
 
-from shpeft_jax import checkpoints, delta_checkpoint, optim
+from shpeft_jax import adapter, checkpoints, optim
 from shpeft_jax.models.clip_vit import build_model, init_params
 from shpeft_jax.peft import masking, sparse_optim
 from shpeft_jax.utils import flatten_names, unflatten_names
@@ -145,13 +146,17 @@ def main(argv=None):
   tmp = args.tmp or tempfile.mkdtemp(prefix="shpeft_memory_")
   os.makedirs(tmp, exist_ok=True)
   try:
+    meta = {"model": args.model, "image_size": int(model.config.image_size),
+            "num_classes": args.num_classes}
+    checkpoints.save_params(os.path.join(tmp, "base"), {"encoder": base_t["encoder"]},
+                            {**meta, "num_classes": None}, overwrite=True)
     t0 = time.perf_counter()
-    stats = delta_checkpoint.save_delta(os.path.join(tmp, "delta"), tuned_t,
-                                        os.path.join(tmp, "base"), base_params=base_t,
-                                        overwrite=True)
+    stats = adapter.write_adapter(os.path.join(tmp, "adapter"), tuned_t, base_t,
+                                  base_name=os.path.join(tmp, "base"), method="shpeft", meta=meta,
+                                  overwrite=True)
     save_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    restored, _ = delta_checkpoint.load_delta(os.path.join(tmp, "delta"), base_params=base_t)
+    restored, _ = adapter.load_with_base(os.path.join(tmp, "adapter"), os.path.join(tmp, "base"))
     load_s = time.perf_counter() - t0
     flat = flatten_names(restored)
     exact = all(np.array_equal(flat[n].view(np.uint32), tuned[n].view(np.uint32)) for n in tuned)
@@ -181,7 +186,7 @@ def main(argv=None):
   for name, b in opt.items():
     print(f"  optimizer state {name:22s} {mb(b):9.2f} MB", file=sys.stderr)
   print(f"  full / sparse SGD-momentum state: {opt_ratio:.1f}x", file=sys.stderr)
-  print(f"  delta checkpoint {mb(stats['bytes']):.2f} MB vs raw params {mb(raw):.1f} MB "
+  print(f"  task adapter {mb(stats['bytes']):.2f} MB vs raw params {mb(raw):.1f} MB "
         f"({100 * stats['bytes'] / raw:.2f}%)" + (
             f", vs full orbax checkpoint {mb(full_ckpt):.1f} MB "
             f"({100 * stats['bytes'] / full_ckpt:.2f}%)" if full_ckpt else "") +

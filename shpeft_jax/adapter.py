@@ -17,7 +17,7 @@ shpeft_jax.export --format openai` writes), so that applying an adapter in PyTor
 the values of the elements whose bits differ from the base and their flat C-order indices as the
 first index (in the JSON) plus successive gaps in the smallest unsigned dtype (uint16 for most
 tensors at 1%); a tensor more than a third changed is stored whole; an unchanged one not at all
-(`delta_checkpoint`'s encoding). The base is identified by `delta_checkpoint.content_hash` of its
+(`sparse_encoding`). The base is identified by `sparse_encoding.content_hash` of its
 Flax encoder (checked by `load_with_base`) and by the same hash over the OpenAI-layout tensors
 (checked by the PyTorch example); a base with another hash is refused.
 
@@ -35,8 +35,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from shpeft_jax import utils
-from shpeft_jax.delta_checkpoint import (DENSE_FRACTION, changed_indices, content_hash,
-                                         decode_indices, encode_indices)
+from shpeft_jax.sparse_encoding import (DENSE_FRACTION, changed_indices, content_hash,
+                                        decode_indices, encode_indices)
 from shpeft_jax.errors import CheckpointError
 from shpeft_jax.utils import flatten_names
 
