@@ -621,21 +621,57 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   if fmt not in FORMATS:
     raise ConfigError(f"Unknown checkpoint format {fmt!r}; choose from {FORMATS}.")
   sd, wrapped = _unwrap(sd)
-  keys = set(sd)
-  layout, prefix = _detect(keys, fmt)
+  layout, prefix = _detect(set(sd), fmt)
   lay = _LAYOUT[layout]
-  tower = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-  if prefix == "" and layout != "timm":  # bare layout: everything but our head is the tower.
-    tower = {k: v for k, v in tower.items() if not k.startswith("head.")}
-  if layout == "timm" and prefix == "":  # a plain timm file's head is timm's own classifier
-    tower = {k: v for k, v in tower.items() if not k.startswith("head.")}
-    head_keys: set[str] = set()
-  elif prefix == OPEN_CLIP_TIMM_PREFIX:  # visual.head.proj is open_clip's CLIP projection
-    head_keys = set()
-  else:
-    head_keys = {k for k in ("head.weight", "head.bias") if k in sd}
+  tower, head_keys = _split_tower(sd, layout, prefix)
+  shape = _tower_shape(tower, lay, layout, prefix)
+  found = _describe(shape["patch"], shape["width"], shape["layers"], shape["mlp_dim"])
+  guess = _preset_for(shape["patch"], shape["width"], shape["layers"], shape["mlp_dim"])
+  if model is None:
+    if guess is None:
+      raise CheckpointError(
+          f"The checkpoint's vision tower ({found}; from {prefix}{lay.conv} shape "
+          f"{_fmt(tower[lay.conv].shape)} and {shape['layers']} blocks) matches no model preset "
+          f"{clip_vit.model_names()}.")
+    model = guess
+  ln_pre, patch_bias = _tower_switches(tower, lay, layout, prefix)
+  variant, tower_source = _resolve_tower(layout, ln_pre, evidence or {}, act, ln_eps)
+  variant.update(ln_pre=ln_pre, patch_bias=patch_bias)
+  cfg = clip_vit.get_model_config(model, image_size or shape["src_image_size"], **variant)
+  _check_preset(cfg, shape, model, guess, found, heads, tower[lay.conv].shape, prefix + lay.conv)
+  expected = lay.shapes(cfg, num_tokens=shape["n_tok"])
+  num_classes = _check_keys(sd, tower, expected, head_keys, layout, prefix, model, cfg.width)
 
-  # Architecture from shapes.
+  arrays = {k: to_numpy(tower[k]) for k in expected}
+  canonical = _TO_OPENAI[layout](arrays, cfg.layers)
+  canonical["positional_embedding"] = resize_positional_embedding(
+      canonical["positional_embedding"], cfg.grid, antialias=antialias)
+  params: dict[str, Any] = {"encoder": _openai_to_flax(canonical, cfg)}
+  if num_classes is not None:
+    params["head"] = _contiguous_f32({"kernel": to_numpy(sd["head.weight"]).T,
+                                      "bias": to_numpy(sd["head.bias"])})
+  used = {prefix + k for k in expected} | head_keys
+  info = ConversionInfo(model=model, image_size=cfg.image_size,
+                        source_image_size=shape["src_image_size"],
+                        source_format=_source_format(fmt, layout, prefix, wrapped),
+                        num_classes=num_classes, ignored_keys=tuple(sorted(set(sd) - used)),
+                        tower=cfg.tower(), tower_source=tower_source)
+  return params, info
+
+
+def _split_tower(sd: Mapping[str, Any], layout: str, prefix: str) -> tuple[dict, set[str]]:
+  """(the tower's tensors without the prefix, the keys of our own trained head)."""
+  tower = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+  if prefix == "":  # bare layout: our head (or a plain timm file's own classifier) is not tower
+    tower = {k: v for k, v in tower.items() if not k.startswith("head.")}
+  if (layout == "timm" and prefix == "") or prefix == OPEN_CLIP_TIMM_PREFIX:
+    # timm's own classifier / open_clip's visual.head.proj (its CLIP projection): not ours.
+    return tower, set()
+  return tower, {k for k in ("head.weight", "head.bias") if k in sd}
+
+
+def _tower_shape(tower: Mapping[str, Any], lay, layout: str, prefix: str) -> dict[str, Any]:
+  """Patch, width, depth, MLP width and the position grid, read from the tensors."""
   if lay.conv not in tower:
     raise CheckpointError(
         f"Missing key {prefix}{lay.conv} (the patch embedding, shape (width, 3, patch, patch)); this "
@@ -647,8 +683,6 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
                           f"(width, 3, patch, patch) of a ViT patch embedding.")
   width, patch = int(conv.shape[0]), int(conv.shape[2])
   layer_ids = {int(m.group(1)) for k in tower if (m := lay.block.match(k))}
-  layers = max(layer_ids) + 1 if layer_ids else 0
-  mlp_dim = int(tower[lay.mlp].shape[0]) if lay.mlp in tower else None
   if lay.cls not in tower:
     raise CheckpointError(
         f"Missing key {prefix}{lay.cls}: the tower has no class token. shpeft_jax pools the class "
@@ -665,44 +699,42 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
     raise CheckpointError(f"{prefix}{lay.pos} has shape {_fmt(pos.shape)}; expected "
                           f"({lead}1 + grid**2, {width}) for a tower of width {width} with a class "
                           f"token.")
-  src_image_size = src_grid * patch
-  found = _describe(patch, width, layers, mlp_dim)
-  guess = _preset_for(patch, width, layers, mlp_dim)
-  if model is None:
-    if guess is None:
-      raise CheckpointError(
-          f"The checkpoint's vision tower ({found}; from {prefix}{lay.conv} shape {_fmt(conv.shape)} "
-          f"and {layers} blocks) matches no model preset {clip_vit.model_names()}.")
-    model = guess
+  return {"patch": patch, "width": width, "layers": max(layer_ids) + 1 if layer_ids else 0,
+          "mlp_dim": int(tower[lay.mlp].shape[0]) if lay.mlp in tower else None,
+          "n_tok": n_tok, "src_image_size": src_grid * patch}
 
-  # Switches the keys decide. OpenAI / HF CLIP always have ln_pre and no patch bias; timm ViTs
-  # have a patch bias exactly when they have no pre-norm (timm ties the two).
-  if layout == "timm":
-    ln_pre, patch_bias = f"{lay.ln_pre}.weight" in tower, lay.conv_bias in tower
-    if ln_pre == patch_bias:
-      raise CheckpointError(
-          f"{prefix}: a timm ViT has a patch-projection bias exactly when it has no norm_pre, but "
-          f"this one has {'both' if ln_pre else 'neither'} ({prefix}{lay.conv_bias}, "
-          f"{prefix}{lay.ln_pre}.weight); the file is incomplete or another architecture.")
-  else:
-    ln_pre, patch_bias = True, False
-  variant, tower_source = _resolve_tower(layout, ln_pre, evidence or {}, act, ln_eps)
-  variant.update(ln_pre=ln_pre, patch_bias=patch_bias)
 
-  cfg = clip_vit.get_model_config(model, image_size or src_image_size, **variant)
-  if (cfg.patch_size, cfg.width) != (patch, width) or cfg.layers != layers:
+def _tower_switches(tower: Mapping[str, Any], lay, layout: str, prefix: str) -> tuple[bool, bool]:
+  """(ln_pre, patch_bias) as the keys decide. OpenAI / HF CLIP always have ln_pre and no patch
+  bias; timm ViTs have a patch bias exactly when they have no pre-norm (timm ties the two)."""
+  if layout != "timm":
+    return True, False
+  ln_pre, patch_bias = f"{lay.ln_pre}.weight" in tower, lay.conv_bias in tower
+  if ln_pre == patch_bias:
+    raise CheckpointError(
+        f"{prefix}: a timm ViT has a patch-projection bias exactly when it has no norm_pre, but "
+        f"this one has {'both' if ln_pre else 'neither'} ({prefix}{lay.conv_bias}, "
+        f"{prefix}{lay.ln_pre}.weight); the file is incomplete or another architecture.")
+  return ln_pre, patch_bias
+
+
+def _check_preset(cfg, shape, model, guess, found, heads, conv_shape, conv_key) -> None:
+  """The preset `model` has the tower's patch, width, depth (and heads when a config says)."""
+  if (cfg.patch_size, cfg.width) != (shape["patch"], shape["width"]) or cfg.layers != shape["layers"]:
     looks = f"it looks like {guess}" if guess else f"it has {found}"
     exp = (cfg.width, 3, cfg.patch_size, cfg.patch_size)
-    detail = (f"{prefix}{lay.conv}: expected shape {_fmt(exp)}, found {_fmt(conv.shape)}"
-              if exp != tuple(conv.shape) else f"expected {cfg.layers} blocks, found {layers}")
+    detail = (f"{conv_key}: expected shape {_fmt(exp)}, found {_fmt(conv_shape)}"
+              if exp != tuple(conv_shape) else f"expected {cfg.layers} blocks, found {shape['layers']}")
     raise CheckpointError(f"The checkpoint is not a {model} vision tower ({looks}): {detail}. "
                           f"Pass the matching model name or convert the right file.")
   if heads is not None and heads != cfg.heads:
     raise CheckpointError(f"The checkpoint's config says {heads} attention heads, but {model} has "
                           f"{cfg.heads}; this tower cannot be represented by the {model} preset.")
 
-  # Every expected key and shape, in the file's own names.
-  expected = lay.shapes(cfg, num_tokens=n_tok)
+
+def _check_keys(sd, tower, expected, head_keys, layout, prefix, model, width) -> int | None:
+  """Every expected key and shape in the file's own names (all problems in one error); returns
+  the number of classes of our head, if the file has one."""
   problems = []
   for k, shape in expected.items():
     if k not in tower:
@@ -726,29 +758,17 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   if problems:
     raise CheckpointError(f"Checkpoint does not match {model} ({len(problems)} problem(s)): "
                           + _listing(problems, sep="; "))
+  return num_classes
 
-  arrays = {k: to_numpy(tower[k]) for k in expected}
-  canonical = _TO_OPENAI[layout](arrays, cfg.layers)
-  canonical["positional_embedding"] = resize_positional_embedding(
-      canonical["positional_embedding"], cfg.grid, antialias=antialias)
-  params: dict[str, Any] = {"encoder": _openai_to_flax(canonical, cfg)}
-  if num_classes is not None:
-    params["head"] = _contiguous_f32({"kernel": to_numpy(sd["head.weight"]).T,
-                                      "bias": to_numpy(sd["head.bias"])})
+
+def _source_format(fmt: str, layout: str, prefix: str, wrapped: bool) -> str:
   if fmt != "auto":
-    source_format = fmt
-  elif prefix == OPEN_CLIP_TIMM_PREFIX:
-    source_format = "open_clip"
-  elif layout == "openai":
-    source_format = "open_clip" if wrapped else "openai"
-  else:
-    source_format = layout
-  used = {prefix + k for k in expected} | head_keys
-  info = ConversionInfo(model=model, image_size=cfg.image_size, source_image_size=src_image_size,
-                        source_format=source_format, num_classes=num_classes,
-                        ignored_keys=tuple(sorted(keys - used)), tower=cfg.tower(),
-                        tower_source=tower_source)
-  return params, info
+    return fmt
+  if prefix == OPEN_CLIP_TIMM_PREFIX:
+    return "open_clip"
+  if layout == "openai":
+    return "open_clip" if wrapped else "openai"
+  return layout
 
 
 # ----------------------------------------------------------------------------------------------
