@@ -361,6 +361,45 @@ def _choose_rank(counts: dict[str, tuple[int, int, int]]) -> tuple[int, set[str]
   return best[1], best[2]
 
 
+def _shira_module(mod, ps, new, base, changed, r: int, pfx: str):
+  """One Linear as SHiRA: (tensors, bias keys written into the base, inexact count, max error).
+
+  Its r * (out + in) indices are the changed elements, padded with unchanged ones (delta -0.0)."""
+  w_new, w_base = new[ps["weight"]], base[ps["weight"]]
+  o, i = w_new.shape
+  n = r * (o + i)
+  idx = changed[ps["weight"]]
+  if idx.size < n:  # Pad with unchanged positions (their delta is -0.0: no change).
+    free = np.setdiff1d(np.arange(min(o * i, idx.size + n), dtype=np.int64), idx,
+                        assume_unique=True)[:n - idx.size]
+    idx = np.sort(np.concatenate([idx, free]))
+  target, b = w_new.reshape(-1)[idx], w_base.reshape(-1)[idx]
+  d = exact_deltas(target, b)
+  miss = changed_indices(b + d, target)
+  err = float(np.max(np.abs((b + d)[miss] - target[miss]))) if miss.size else 0.0
+  tensors = {f"{pfx}{mod}.shira_weight": d,
+             f"{pfx}{mod}.shira_indices": np.stack([idx // i, idx % i]).astype(np.int32)}
+  biases = []
+  if changed[ps["bias"]].size:
+    tensors[f"{pfx}{mod}.base_layer.bias"] = new[ps["bias"]]
+    biases.append(ps["bias"])
+  return tensors, biases, int(miss.size), err
+
+
+def _peft_config(base_name: str, r: int, shira_mods, to_save) -> dict[str, Any]:
+  """peft's adapter_config.json of a SHiRA adapter on a transformers CLIPVisionModel."""
+  return {
+      "peft_type": "SHIRA", "task_type": None, "revision": None,
+      "auto_mapping": {"base_model_class": "CLIPVisionModel",
+                       "parent_library": "transformers.models.clip.modeling_clip"},
+      "base_model_name_or_path": str(base_name), "inference_mode": True,
+      "r": int(r), "mask_type": PEFT_MASK_TYPE, "random_seed": None,
+      "target_modules": sorted(hf_module_prefix() + m for m in shira_mods),
+      "fan_in_fan_out": False, "init_weights": True,
+      "modules_to_save": sorted(hf_module_prefix() + m for m in to_save) or None,
+  }
+
+
 def write_peft(out_dir: str, params, base_params, *, base_name: str,
                meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Writes a `peft` SHiRA adapter of `params` for a transformers CLIPVisionModel holding the base.
@@ -414,25 +453,10 @@ def write_peft(out_dir: str, params, base_params, *, base_name: str,
   for mod in sorted(modules):
     ps = modules[mod]
     if mod in shira_mods:
-      w_new, w_base = new[ps["weight"]], base[ps["weight"]]
-      o, i = w_new.shape
-      n = r * (o + i)
-      idx = changed[ps["weight"]]
-      if idx.size < n:  # Pad with unchanged positions (their delta is -0.0: no change).
-        free = np.setdiff1d(np.arange(min(o * i, idx.size + n), dtype=np.int64), idx,
-                            assume_unique=True)[:n - idx.size]
-        idx = np.sort(np.concatenate([idx, free]))
-      target, b = w_new.reshape(-1)[idx], w_base.reshape(-1)[idx]
-      d = exact_deltas(target, b)
-      miss = changed_indices(b + d, target)
-      inexact += miss.size
-      if miss.size:
-        max_err = max(max_err, float(np.max(np.abs((b + d)[miss] - target[miss]))))
-      tensors[f"{pfx}{mod}.shira_weight"] = d
-      tensors[f"{pfx}{mod}.shira_indices"] = np.stack([idx // i, idx % i]).astype(np.int32)
-      if changed[ps["bias"]].size:
-        tensors[f"{pfx}{mod}.base_layer.bias"] = new[ps["bias"]]
-        in_base.append(ps["bias"])
+      t, biases, miss, err = _shira_module(mod, ps, new, base, changed, r, pfx)
+      tensors.update(t)
+      in_base += biases
+      inexact, max_err = inexact + miss, max(max_err, err)
       continue
     stray = [k for k in ps.values() if changed[k].size]
     if mod in dense_linear or (mod.endswith(_WHOLE_MODULES) and stray):
@@ -449,16 +473,7 @@ def write_peft(out_dir: str, params, base_params, *, base_name: str,
       raise CheckpointError(f"{stray} changed but has no representation in a peft SHiRA adapter; "
                             "export --format openai|hf with --base instead.")
 
-  config = {
-      "peft_type": "SHIRA", "task_type": None, "revision": None,
-      "auto_mapping": {"base_model_class": "CLIPVisionModel",
-                       "parent_library": "transformers.models.clip.modeling_clip"},
-      "base_model_name_or_path": str(base_name), "inference_mode": True,
-      "r": int(r), "mask_type": PEFT_MASK_TYPE, "random_seed": None,
-      "target_modules": sorted(hf_module_prefix() + m for m in shira_mods),
-      "fan_in_fan_out": False, "init_weights": True,
-      "modules_to_save": sorted(hf_module_prefix() + m for m in to_save) or None,
-  }
+  config = _peft_config(base_name, r, shira_mods, to_save)
   meta = dict(meta or {})
   info = {"format": "shpeft_jax.peft/1", "model": meta, "base": {"name": str(base_name),
           "sha256": base_hash(base_params)}, "shira_r": int(r),
