@@ -167,7 +167,9 @@ def _seed_group(label: str) -> tuple[str, str | None]:
 def _mean_per_class(reps: Sequence[dict], metric: str) -> dict:
   """The per-class `metric` averaged over runs (seeds) of one method, as a per-class report."""
   names = [c["name"] for c in reps[0]["classes"]]
-  return {"classes": [{"name": n, metric: float(np.mean([r["classes"][i][metric] for r in reps]))}
+  return {"classes": [{"name": n, metric: float(np.mean([r["classes"][i][metric] for r in reps])),
+                       f"{metric}_sd": float(np.std([r["classes"][i][metric] for r in reps], ddof=1))
+                       if len(reps) > 1 else 0.0, "seeds": len(reps)}
                       for i, n in enumerate(names)]}
 
 
@@ -381,15 +383,15 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
     group, seed = _seed_group(label)
     by_dataset.setdefault(res.get("dataset"), {}).setdefault(group, []).append(rep["per_class"])
     records = read_metrics(run)
-    if records and not any(k.startswith(group + " (") or k == group for k in curves):
-      curves[group if seed is None else f"{group} (seed {seed})"] = records
+    if records:  # every seed: one colour per method, a line per seed
+      curves.setdefault(group, []).append(records)
   for i, (dataset, groups) in enumerate(by_dataset.items()):
     seeded = any(len(v) > 1 for v in groups.values())
     reps = {g: (v[0] if len(v) == 1 else _mean_per_class(v, "f1")) for g, v in groups.items()}
     pngs[f"f1_{i}"] = plots.plot_per_class_bars(
         reps, os.path.join(out, f"per_class_f1_{i}.png"), metric="f1",
         title=f"Per-class F1 by method ({dataset}, {split} split"
-        + (", mean over seeds)" if seeded else ")"))
+        + (", mean ± sd over seeds)" if seeded else ")"))
   if curves:
     pngs["curves"] = plots.plot_training_curves(curves, os.path.join(out, "training_curves.png"),
                                                 title="Training curves of every method")
@@ -410,8 +412,14 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
   shown = (f"{len(per_run)} runs" if len(per_run) == n_all else
            f"the {len(per_run)} runs at each method's chosen learning rate (of {n_all}; "
            "runs.csv lists every run)")
-  body = [f"<p>{shown} in <code>{html.escape(path)}</code>, {split} split.</p>",
-          "<table>" + "\n".join(rows) + "</table>"]
+  body = []
+  table = os.path.join(path, "results_table.txt")  # the console's closing table, word for word
+  if os.path.isfile(table):
+    with open(table) as f:
+      body.append("<h2>Methods over seeds (the console's table)</h2><pre>"
+                  + html.escape(f.read().rstrip()) + "</pre>")
+  body += [f"<h2>Runs</h2><p>{shown} in <code>{html.escape(path)}</code>, {split} split.</p>",
+           "<table>" + "\n".join(rows) + "</table>"]
   for key in sorted(k for k in pngs if k.startswith("f1_")):
     body.append("<h2>Per-class F1</h2>" + _img(pngs[key], "per-class F1 by method"))
   if "curves" in pngs:

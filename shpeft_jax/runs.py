@@ -90,6 +90,7 @@ def pretrain_config(config) -> ml_collections.ConfigDict:
     sub.model.init_checkpoint = ""
     sub.optim = pre.optim
     sub.train.num_steps = pre.num_steps
+    sub.train.log_every = max(1, int(pre.num_steps) // 50)  # ~50 points of its curves
     sub.train.report_best = False
     sub.train.eval_every = pre.eval_every
     sub.pretrain.enabled = False

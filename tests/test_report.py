@@ -209,3 +209,86 @@ def test_after_run_says_where_everything_is(tmp_path):
   (top / "full" / "results.json").write_text('{"method": "full", "test": {}}')
   lines = report.after_run(str(top))
   assert lines[1].startswith("warning: no report (") and "python -m shpeft_jax.report" in lines[1]
+
+
+def test_comparison_page_leads_with_the_console_table_and_shows_spread(tmp_path, monkeypatch):
+  """A demo-like group (methods x 3 seeds): the page starts with the console's table (its
+  results_table.txt, word for word); per-class bars carry the sd over seeds (hand-computed);
+  the curves draw every seed; a panel of one validation point is left out."""
+  import html as html_lib  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.evaluation import compare, plots  # pylint: disable=g-import-not-at-top
+  top = tmp_path / "demo"
+  records, reps = [], {}
+  for method in ("shpeft", "random"):
+    for seed in range(3):
+      run = top / method / f"seed_{seed}"
+      _fake_run(str(run), method=method, seed=seed + (method == "random"), with_mask=False)
+      res = json.load(open(run / "results.json"))
+      records.append({"dataset": "busi", "variant": method, "label": method, "method": method,
+                      "type": "", "lr": 0.3, "seed": seed, **compare.metrics_of(res)})
+  table = compare.format_seed_table(records)
+  (top / "results_table.txt").write_text(table + "\n")
+  figures = {}
+  real_save = plots._save  # pylint: disable=protected-access
+
+  def capture(fig, path):
+    figures[os.path.basename(path)] = [
+        (ax.get_title(), len(ax.get_lines()), len(ax.containers)) for ax in fig.axes]
+    figures[os.path.basename(path) + ":errbars"] = sum(
+        1 for ax in fig.axes for c in ax.containers if getattr(c, "errorbar", None) is not None)
+    return real_save(fig, path)
+  monkeypatch.setattr(plots, "_save", capture)
+  out = report.write_report(str(top), log=lambda *_: None)
+  page = open(out["html"]).read()
+  assert page.index(html_lib.escape(table.splitlines()[1])) < page.index("<h2>Runs</h2>")
+  for line in table.splitlines():
+    assert html_lib.escape(line) in page
+  # Per-class F1: the mean and the sd (ddof=1) over the three seeds, drawn as error bars.
+  per_seed = [json.load(open(top / "shpeft" / f"seed_{s}" / "report" / "per_class.json"))
+              for s in range(3)]
+  mean = report._mean_per_class(per_seed, "f1")  # pylint: disable=protected-access
+  for i, c in enumerate(mean["classes"]):
+    vals = [r["classes"][i]["f1"] for r in per_seed]
+    assert c["f1"] == pytest.approx(np.mean(vals)) and c["f1_sd"] == pytest.approx(np.std(vals, ddof=1))
+  assert figures["per_class_f1_0.png:errbars"] == 2  # one set of error bars per method
+  # Curves: 3 panels (validation has 3 points per run), loss lines = 2 methods x 3 seeds.
+  panels = figures["training_curves.png"]
+  assert len(panels) == 3 and panels[0][1] == 6 and panels[1][1] == 2, panels
+  # One validation point per run: no validation panel.
+  one_val = [{"step": s, "kind": "train", "loss": 1.0 / s, "lr": 0.1} for s in range(1, 151)]
+  plots.plot_training_curves({"a": one_val + [{"step": 150, "kind": "val", "f1_macro": 0.5}]},
+                             str(tmp_path / "c.png"))
+  assert len(figures["c.png"]) == 2
+
+
+def test_the_demo_logs_enough_points_to_draw_a_curve():
+  """~50 loss points per 150-step transfer run and per pre-training (not 4)."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import runs  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  assert config.train.num_steps // config.train.log_every >= 50
+  pre = runs.pretrain_config(config)
+  assert pre.train.num_steps // pre.train.log_every >= 50
+
+
+def test_comparison_page_renders_in_a_real_browser(tmp_path):
+  """Headless Chromium draws the page: the table at the top, figures below, no blank lower half."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "screenshot_report", os.path.join(os.path.dirname(__file__), "..", "docs", "tools",
+                                        "screenshot_report.py"))
+  shot = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(shot)
+  if shot.chromium() is None:
+    pytest.skip("Debian's chromium is not installed")
+  top = tmp_path / "demo"
+  for method in ("shpeft", "random", "full"):
+    for seed in range(2):
+      _fake_run(str(top / method / f"seed_{seed}"), method=method, seed=seed, with_mask=False)
+  out = report.write_report(str(top), log=lambda *_: None)
+  png = str(tmp_path / "page.png")
+  w, h = shot.screenshot(out["html"], png)
+  assert w == 1400 and 1200 < h < 6000, (w, h)  # the page ends; the crop found its bottom
+  a = np.asarray(Image.open(png).convert("L"))
+  thirds = [a[i * h // 3:(i + 1) * h // 3] for i in range(3)]
+  assert all((t < 200).mean() > 0.01 for t in thirds), [(t < 200).mean() for t in thirds]

@@ -101,8 +101,10 @@ def plot_per_class_bars(per_method: Mapping[str, Mapping[str, Any]], path: str, 
   cmap = plt.get_cmap("tab10")
   for i, method in enumerate(methods):
     values = [100.0 * c[metric] for c in per_method[method]["classes"]]
+    sd = [100.0 * c.get(f"{metric}_sd", 0.0) for c in per_method[method]["classes"]]
     ax.bar(np.arange(k) + (i - (m - 1) / 2) * width, values, width, label=method,
-           color=cmap(i % 10))
+           color=cmap(i % 10), yerr=sd if any(sd) else None, capsize=2,
+           error_kw={"elinewidth": 0.9, "ecolor": "0.2"})
   ax.set_xticks(range(k), [_short(n) for n in names], rotation=30 if k > 6 else 0,
                 ha="right" if k > 6 else "center")
   ax.set_ylabel(f"{metric} (%)")
@@ -121,42 +123,55 @@ def _series(records: Sequence[Mapping[str, Any]], kind: str, key: str):
   return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
-def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str, *,
-                         title: str = "") -> str:
-  """Train loss, learning rate and validation macro F1 / accuracy / AUC against the step.
+_STYLES = ("-", "--", "-.", ":")
 
-  `runs` maps a label to its metrics.jsonl records; several runs share the axes (a sweep).
+
+def plot_training_curves(runs: Mapping[str, Any], path: str, *, title: str = "") -> str:
+  """Train loss, learning rate and (when validated more than once) validation metrics per step.
+
+  `runs` maps a label to its metrics.jsonl records, or to a list of such lists (the seeds of one
+  method: one colour, a line per seed). Lines that coincide (the same learning rate schedule)
+  stay visible: each label has its own dash pattern and marker.
   """
   plt = _plt()
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
+  runs = {k: (v if v and isinstance(v[0], (list, tuple)) else [v]) for k, v in runs.items()}
+  single = len(runs) == 1 and len(next(iter(runs.values()))) == 1
+  val_points = max((len(_series(r, "val", "f1_macro")[0]) for rs in runs.values() for r in rs),
+                   default=0)
+  panels = 3 if val_points > 1 else 2  # one validation point is no curve: no panel
+  fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.0))
   many = len(runs) > 6  # One legend beside the figure instead of one over each panel.
   cmap = plt.get_cmap("tab20" if len(runs) > 10 else "tab10")
-  single = len(runs) == 1
-  for i, (label, records) in enumerate(runs.items()):
-    color = cmap(i % cmap.N)
-    x, y = _series(records, "train", "loss")
-    if x:
-      axes[0].plot(x, y, color=color, lw=1.4, label=label)
-    x, y = _series(records, "train", "lr")
-    if x:
-      axes[1].plot(x, y, color=color, lw=1.4, label=label)
-    # One run: its three validation metrics; several: the macro F1 of each (fewer lines).
-    keys = (("f1_macro", "-"), ("accuracy", "--"), ("auc_macro", ":")) if single else (
-        ("f1_macro", "-"),)
-    for key, style in keys:
-      x, y = _series(records, "val", key)
+  for i, (label, seeds) in enumerate(runs.items()):
+    color, style = cmap(i % cmap.N), _STYLES[i % len(_STYLES)]
+    for j, records in enumerate(seeds):
+      name = label if j == 0 else None
+      alpha = 1.0 if len(seeds) == 1 else 0.75
+      x, y = _series(records, "train", "loss")
       if x:
-        axes[2].plot(x, [100 * v for v in y], ls=style, marker="o", ms=3, lw=1.4,
-                     color=cmap(("f1_macro", "accuracy", "auc_macro").index(key)) if single
-                     else color, label=key if single else label)
-  axes[0].set_title("training loss")
+        axes[0].plot(x, y, color=color, lw=1.2, alpha=alpha, label=name)
+      x, y = _series(records, "train", "lr")
+      if x and j == 0:  # every seed of a method has the same schedule
+        axes[1].plot(x, y, color=color, lw=1.6, ls=style, marker="os^vDP"[i % 6],
+                     markevery=max(1, len(x) // 8), ms=4, label=name)
+      if panels == 3:
+        keys = (("f1_macro", "-"), ("accuracy", "--"), ("auc_macro", ":")) if single else (
+            ("f1_macro", style),)
+        for key, ls in keys:
+          x, y = _series(records, "val", key)
+          if x:
+            axes[2].plot(x, [100 * v for v in y], ls=ls, marker="o", ms=3, lw=1.2, alpha=alpha,
+                         color=cmap(("f1_macro", "accuracy", "auc_macro").index(key)) if single
+                         else color, label=key if single else name)
+  axes[0].set_title("training loss" + ("" if single else " (every seed)"))
   axes[0].set_yscale("log")
   axes[1].set_title("learning rate")
   lrs = [v for line in axes[1].get_lines() for v in line.get_ydata() if v > 0]
   if lrs and max(lrs) / min(lrs) > 1e3 and not single:  # e.g. a linear probe's lr of 100
     axes[1].set_yscale("log")
     axes[1].set_title("learning rate (log scale)")
-  axes[2].set_title("validation (%)" if single else "validation macro F1 (%)")
+  if panels == 3:
+    axes[2].set_title("validation (%)" if single else "validation macro F1 (%)")
   for ax in axes:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
