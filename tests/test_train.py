@@ -300,7 +300,7 @@ def test_checkpoint_of_another_model_size(tmp_path):
     ("peft.method", "magic", "peft.method 'magic'"),
     ("peft.k_percent", 0.0, r"k_percent must be in \(0, 100\]"),
     ("peft.k_percent", 150.0, r"k_percent must be in \(0, 100\]"),
-    ("train.batch_size", 0, "not divisible"),
+    ("train.batch_size", 0, "must be a positive integer"),
     ("mesh.fsdp", 3, "mesh.fsdp=3 must divide"),
     ("model.name", "ViT-Z/99", "Unknown model"),
     ("data.test_split", "nope", "unknown split 'nope'"),
