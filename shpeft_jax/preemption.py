@@ -17,6 +17,7 @@ from __future__ import annotations
 import signal
 import threading
 
+from absl import logging
 import jax
 
 
@@ -49,6 +50,16 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+  def leave(self) -> None:
+    """After the agreed checkpoint: every process leaves the world together (JAX's shutdown
+    barrier). A process that exits on its own makes a peer that is still finishing its save see
+    the coordination service vanish, and XLA aborts that peer (SIGABRT instead of exit 143)."""
+    if self._multi:
+      try:
+        jax.distributed.shutdown()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("jax.distributed.shutdown after the preemption checkpoint: %s", e)
 
   def reached(self, step: int) -> bool:
     """True at the step where this process (and every other one) must checkpoint and stop.

@@ -47,6 +47,27 @@ def _start_and_wait_for_checkpoint(workdir, step: int = 8, **popen):
   raise AssertionError(f"the run ended (rc {proc.returncode}) or timed out before checkpoint {step}")
 
 
+def _rerun_resumes_bit_identically(tmp_path, workdir, step: int) -> str:
+  """Reruns _cmd(workdir): it resumes from `step` and its exported model equals, bit for bit, an
+  uninterrupted run's. Returns the rerun's stderr."""
+  rerun = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-4000:]
+  assert f"Resumed from the checkpoint at step {step}" in rerun.stderr
+  # The uninterrupted reference runs the same command in a fresh process too: the pytest process
+  # may carry global JAX state from other tests, which can change float rounding.
+  ref = subprocess.run(_cmd(tmp_path / "reference"), cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-4000:]
+  resumed, _ = checkpoints.load_params(str(workdir / "export" / "model"))
+  reference, _ = checkpoints.load_params(str(tmp_path / "reference" / "export" / "model"))
+  resumed, reference = utils.flatten_names(resumed), utils.flatten_names(reference)
+  assert resumed.keys() == reference.keys()
+  for name in reference:
+    np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+  return rerun.stderr
+
+
 def test_kill_9_then_rerun_takes_over_and_is_bit_identical(tmp_path):
   workdir = tmp_path / "killed"
   proc = _start_and_wait_for_checkpoint(workdir, stdout=subprocess.DEVNULL,
@@ -61,31 +82,19 @@ def test_kill_9_then_rerun_takes_over_and_is_bit_identical(tmp_path):
   fingerprints = sorted(os.listdir(workdir / "fingerprints"))
   assert {"data.json", "mask.json", "train.json"} <= set(fingerprints)
 
-  rerun = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=600)
-  assert rerun.returncode == 0, rerun.stderr[-4000:]
-  assert f"its previous holder, process {proc.pid}" in rerun.stderr
-  assert f"Resumed from the checkpoint at step {killed_at}" in rerun.stderr
-
-  # The uninterrupted reference runs the same command in a fresh process too: the pytest process
-  # may carry global JAX state from other tests, which can change float rounding.
-  ref = subprocess.run(_cmd(tmp_path / "reference"), cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=600)
-  assert ref.returncode == 0, ref.stderr[-4000:]
-  resumed, _ = checkpoints.load_params(str(workdir / "export" / "model"))
-  reference, _ = checkpoints.load_params(str(tmp_path / "reference" / "export" / "model"))
-  resumed, reference = utils.flatten_names(resumed), utils.flatten_names(reference)
-  assert resumed.keys() == reference.keys()
-  for name in reference:
-    np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+  rerun = _rerun_resumes_bit_identically(tmp_path, workdir, killed_at)
+  assert f"its previous holder, process {proc.pid}" in rerun
 
 
 def test_ctrl_c_says_where_it_stopped_releases_the_workdir_and_keeps_the_checkpoints(tmp_path):
   """SIGINT (Ctrl-C) of a real run: exit 130, one line naming the step, no traceback, the workdir
   released (no holder left in its lock), the finished checkpoints kept for the rerun."""
   workdir = tmp_path / "interrupted"
-  proc = _start_and_wait_for_checkpoint(workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
+  # A shell's background job (`.ci/run &`) passes SIGINT down ignored, and Python then keeps it
+  # ignored: the run gets Ctrl-C's default, as a terminal's foreground job has it.
+  proc = _start_and_wait_for_checkpoint(
+      workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   ckpts = workdir / "checkpoints"
   try:
     proc.send_signal(signal.SIGINT)
@@ -124,15 +133,4 @@ def test_sigterm_saves_the_next_step_says_so_and_the_rerun_is_bit_identical(tmp_
   assert before <= saved < STEPS and f"last complete checkpoint: step {saved}" in lines[0]
   assert not (workdir / "results.json").exists()
 
-  rerun = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                         timeout=600)
-  assert rerun.returncode == 0, rerun.stderr[-4000:]
-  assert f"Resumed from the checkpoint at step {saved}" in rerun.stderr
-  ref = subprocess.run(_cmd(tmp_path / "reference"), cwd=ROOT, env=_env(), capture_output=True,
-                       text=True, timeout=600)
-  assert ref.returncode == 0, ref.stderr[-4000:]
-  resumed, _ = checkpoints.load_params(str(workdir / "export" / "model"))
-  reference, _ = checkpoints.load_params(str(tmp_path / "reference" / "export" / "model"))
-  resumed, reference = utils.flatten_names(resumed), utils.flatten_names(reference)
-  for name in reference:
-    np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+  _rerun_resumes_bit_identically(tmp_path, workdir, saved)
