@@ -53,12 +53,15 @@ def get_config(arg=None):
   config.train.batch_size = 64     # global, over all devices and processes
   config.train.eval_batch_size = 0  # 0: same as batch_size
   config.train.num_steps = 40_000
-  config.train.eval_every = 1000   # validation macro F1; the best is kept in workdir/best
+  config.train.eval_every = 1000   # validation (the task's headline); best in workdir/best
   config.train.log_every = 50
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 2
   config.train.async_checkpoints = True
   config.train.report_best = False  # True: report/export the best-validation model, not the last
+  # Multi-label only: BCE positive weights, '' | 'balanced' (neg/pos per finding in train) |
+  # 'w1,w2,...' (one per finding).
+  config.train.pos_weight = ""
   config.train.stop_after_steps = 0  # > 0: stop (checkpointed) after this step, e.g. for tests
   config.train.progress_bar = True
 

@@ -319,15 +319,18 @@ def _clock(seconds: float) -> str:
 
 
 def _result_text(results: Mapping[str, Any] | None) -> str:
-  """'test F1 80.23, val F1 81.10' from a results.json (or why there is none)."""
+  """'test F1 80.23, val F1 81.10' (the task's headline: mean AUROC 'AUROC' for multi-label)
+  from a results.json (or why there is none)."""
+  from shpeft_jax import tasks  # pylint: disable=g-import-not-at-top
   results = results or {}
   if "stopped_at" in results:
     return f"stopped at step {results['stopped_at']}"
+  task = tasks.of(results.get("task"))
   parts = []
   for key, name in (("test", "test"), ("validation", "val")):
     m = results.get(key) or {}
-    if "f1_macro" in m:
-      parts.append(f"{name} F1 {100 * m['f1_macro']:.2f}")
+    if task.headline in m:
+      parts.append(f"{name} {task.headline_short} {100 * m[task.headline]:.2f}")
   return ", ".join(parts) or "no test result"
 
 

@@ -9,8 +9,11 @@ goes through the evaluation transform of the trainer (`input_pipeline.eval_trans
 to RGB, shorter side to the model's size with antialiased bicubic, centre crop, CLIP
 normalisation), so the probabilities are those the trainer's evaluation computes for the same file.
 
-The CSV has one row per readable image: its path, the predicted class name, and the probability
-of every class (columns `p_<class name>`). Unreadable or corrupt files do not stop the run; they
+The CSV has one row per readable image: its path, the prediction and the probability of every
+class (columns `p_<class name>`). Single-label: the predicted class, softmax probabilities.
+Multi-label (chest X-ray findings): the findings at or above the thresholds the trainer chose on
+validation (recorded in the checkpoint's meta.json; 0.5 without), joined by `|` (empty: none),
+and one sigmoid probability per finding. Unreadable or corrupt files do not stop the run; they
 are listed at the end (the exit status is 2 only when no image at all could be read).
 """
 
@@ -46,6 +49,8 @@ class LoadedModel:
   class_names: list[str]
   image_size: int
   logits_fn: Callable[[Any, np.ndarray], Any]
+  task: Any = None  # tasks.Task of the checkpoint (meta.json's task kind).
+  thresholds: list[float] | None = None  # Multi-label decision thresholds (meta.json).
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -106,6 +111,7 @@ def load_model(model_dir: str, base: str | None = None) -> LoadedModel:
   """Loads a classifier from a workdir, a params checkpoint or a task adapter (with its base)."""
   import jax  # pylint: disable=g-import-not-at-top
   from shpeft_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import tasks  # pylint: disable=g-import-not-at-top
   from shpeft_jax.models import of_checkpoint  # pylint: disable=g-import-not-at-top
 
   adapter = _adapter_module()
@@ -133,8 +139,13 @@ def load_model(model_dir: str, base: str | None = None) -> LoadedModel:
   def logits(params, images):
     return model.apply({"params": params}, images).astype(jax.numpy.float32)
 
+  task = tasks.of_meta(meta)
+  thresholds = meta.get("thresholds")
+  if thresholds is not None and len(thresholds) != num_classes:
+    raise CheckpointError(f"{checkpoint}/meta.json has {len(thresholds)} thresholds for "
+                          f"{num_classes} findings; re-export the run.")
   return LoadedModel(checkpoint, jax.device_put(params), meta, config, names, image_size,
-                     jax.jit(logits))
+                     jax.jit(logits), task, thresholds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +234,8 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], *, batch_size: int 
   Every batch is padded to `batch_size`, so one compiled program serves the whole run.
   """
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  from shpeft_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import tasks  # pylint: disable=g-import-not-at-top
+  task = loaded.task or tasks.of(None)
   if batch_size <= 0:
     raise ConfigError(f"--batch_size must be positive, got {batch_size}.")
   unreadable: list[tuple[str, str]] = []
@@ -236,7 +248,7 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], *, batch_size: int 
       images = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
                                                 images.dtype)])
     logits = np.asarray(loaded.logits_fn(loaded.params, images))[:n]
-    probs.append(metrics.softmax(logits.astype(np.float64)))
+    probs.append(task.probabilities(logits.astype(np.float64)))
     done += [files[i] for i in index]
     bar.update(min(len(files), len(done) + len(unreadable)) - bar.n)
     bar.set_postfix(classified=len(done), unreadable=len(unreadable), refresh=False)
@@ -247,14 +259,19 @@ def predict_files(loaded: LoadedModel, files: Sequence[str], *, batch_size: int 
   return done, (np.concatenate(probs) if probs else np.zeros((0, k))), unreadable
 
 
-def write_csv(path: str, files: Sequence[str], probs: np.ndarray, class_names: Sequence[str]):
-  """One row per image: file, predicted class name, p_<class> for every class (6 decimals)."""
+def write_csv(path: str, files: Sequence[str], probs: np.ndarray, class_names: Sequence[str],
+              task=None, thresholds: Sequence[float] | None = None) -> list[list[str]]:
+  """One row per image: file, prediction (the class; multi-label: the findings joined by '|'),
+  p_<class> for every class (6 decimals). Returns the predictions."""
+  from shpeft_jax import tasks  # pylint: disable=g-import-not-at-top
   from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
+  decisions = (task or tasks.of(None)).decisions(probs, list(class_names), thresholds)
   with utils.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["file", "predicted"] + [f"p_{c}" for c in class_names])
-    for file, p in zip(files, probs):
-      w.writerow([file, class_names[int(np.argmax(p))]] + [f"{x:.6f}" for x in p])
+    for file, d, p in zip(files, decisions, probs):
+      w.writerow([file, "|".join(d)] + [f"{x:.6f}" for x in p])
+  return decisions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,9 +317,9 @@ def run(args: argparse.Namespace) -> int:
   done, probs, unreadable = predict_files(loaded, files, batch_size=args.batch_size,
                                           progress=not args.no_progress)
   if done:
-    write_csv(out, done, probs, loaded.class_names)
-    counts = np.bincount(probs.argmax(-1), minlength=len(loaded.class_names))
-    summary = ", ".join(f"{n} {c}" for c, n in zip(loaded.class_names, counts) if n)
+    decisions = write_csv(out, done, probs, loaded.class_names, loaded.task, loaded.thresholds)
+    counts = {c: sum(c in d for d in decisions) for c in loaded.class_names}
+    summary = ", ".join(f"{n} {c}" for c, n in counts.items() if n) or "no finding predicted"
     print(f"wrote {args.out}: {len(done)} images ({summary}) with {loaded.checkpoint}")
   if unreadable:
     print(f"{len(unreadable)} unreadable file(s), not classified:", file=sys.stderr)

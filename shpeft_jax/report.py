@@ -37,6 +37,7 @@ import numpy as np
 from shpeft_jax.errors import CheckpointError, DataError, ShpeftError
 
 PREDICTIONS = "test_predictions.npz"
+_METRIC_TITLES = {"f1": "F1", "auc": "AUROC"}
 REPORT_DIR = "report"
 
 
@@ -46,7 +47,8 @@ REPORT_DIR = "report"
 
 def save_predictions(path: str, logits: np.ndarray, labels: np.ndarray,
                      class_names: Sequence[str], split: str = "test") -> str:
-  """What the report needs of an evaluation: logits [N, K], labels [N], class names, split."""
+  """What the report needs of an evaluation: logits [N, K], labels ([N] class indices, or [N, L]
+  findings 1 / 0 / -1 unknown), class names, split."""
   from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
   with utils.atomic_path(path) as tmp:
     np.savez_compressed(tmp, logits=np.asarray(logits, np.float32),
@@ -180,7 +182,8 @@ def _mean_per_class(reps: Sequence[dict], metric: str) -> dict:
 # What a run's report is drawn from: a report newer than all of them is up to date.
 _REPORT_INPUTS = ("results.json", PREDICTIONS, "metrics.jsonl", "mask_stats.json")
 # The figures of a run's report, by key (run_report draws them, an up-to-date report lists them).
-_REPORT_PNGS = {"confusion": "confusion_matrix.png", "roc": "roc_curves.png",
+_REPORT_PNGS = {"confusion": "confusion_matrix.png", "auc_bars": "auroc_per_finding.png",
+                "roc": "roc_curves.png",
                 "curves": "training_curves.png", "mask": "mask.png"}
 
 
@@ -211,7 +214,7 @@ def run_report(run_dir: str, *, split: str = "test", log=print, reuse: bool = Fa
   reuse: keep a report written after the run's results, predictions, metrics and mask stats (a
   sweep's comparison page re-reads hundreds of finished runs; drawing each again costs seconds).
   """
-  from shpeft_jax.evaluation import per_class  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import tasks  # pylint: disable=g-import-not-at-top
   from shpeft_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   run_dir = os.path.abspath(run_dir)
   if reuse:
@@ -230,23 +233,31 @@ def run_report(run_dir: str, *, split: str = "test", log=print, reuse: bool = Fa
   else:
     log(f"report: {os.path.basename(run_dir)}: evaluating export/model on the {split} split")
     logits, labels, names = predictions_from_checkpoint(run_dir, split)
-  rep = per_class.per_class_report(labels, logits, names)
+  task = tasks.of(results.get("task"))
+  # Multi-label decisions at the thresholds the trainer chose on validation (results.json).
+  rep = task.report(labels, logits, names, (results.get("thresholds") or {}).get("values"))
   rep.update(method=results.get("method"), dataset=results.get("dataset"), split=split,
-             reported=results.get("reported"))
+             reported=results.get("reported"), task=task.name)
   files = {"per_class_json": os.path.join(out, "per_class.json"),
            "per_class_txt": os.path.join(out, "per_class.txt")}
   from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
   with utils.atomic_path(files["per_class_json"]) as tmp, open(tmp, "w") as f:
     json.dump(rep, f, indent=1, default=_json_default)
-  text = per_class.format_report(rep)
+  text = task.report_text(rep)
   with utils.atomic_path(files["per_class_txt"]) as tmp, open(tmp, "w") as f:
     f.write(text + "\n")
 
   label = f"{results.get('method')} on {results.get('dataset')}"
-  pngs = {"confusion": plots.plot_confusion(rep, os.path.join(out, _REPORT_PNGS["confusion"]),
-                                            title=f"Confusion matrix, {label}, {split} split "
-                                            f"({rep['num_examples']} images)"),
-          "roc": plots.plot_roc(rep, os.path.join(out, _REPORT_PNGS["roc"]))}
+  pngs = {"roc": plots.plot_roc(rep, os.path.join(out, _REPORT_PNGS["roc"]), title=(
+      "" if task.has_confusion else f"ROC per finding, mean AUROC {rep['auc_macro']:.3f}"))}
+  if task.has_confusion:
+    pngs["confusion"] = plots.plot_confusion(
+        rep, os.path.join(out, _REPORT_PNGS["confusion"]),
+        title=f"Confusion matrix, {label}, {split} split ({rep['num_examples']} images)")
+  else:
+    pngs["auc_bars"] = plots.plot_per_class_bars(
+        {results.get("method", "run"): rep}, os.path.join(out, _REPORT_PNGS["auc_bars"]),
+        metric="auc", title=f"AUROC per finding, {label}, {split} split")
   records = read_metrics(run_dir)
   if records:
     pngs["curves"] = plots.plot_training_curves({results.get("method", "run"): records},
@@ -327,25 +338,64 @@ def _per_class_table(rep: dict) -> str:
   return "<table>" + "\n".join(rows) + "</table>"
 
 
+def _per_label_table(rep: dict) -> str:
+  """Multi-label: one row per finding (AUROC, AP, F1 at its validation threshold, ...)."""
+  rows = ["<tr><th>finding</th><th>AUROC %</th><th>AP %</th><th>F1 %</th><th>threshold</th>"
+          "<th>precision %</th><th>recall %</th><th>positives</th><th>negatives</th></tr>"]
+  aucs = [c["auc"] for c in rep["classes"] if c["auc"] == c["auc"]]
+  worst = min(aucs, default=None)
+  for c in rep["classes"]:
+    cls = ' class="low"' if worst is not None and c["auc"] == worst else ""
+    rows.append(f"<tr><td>{html.escape(c['name'])}</td><td{cls}>{_pct(c['auc'])}</td>"
+                f"<td>{_pct(c['ap'])}</td><td>{_pct(c['f1'])}</td><td>{c['threshold']:.3f}</td>"
+                f"<td>{_pct(c['precision'])}</td><td>{_pct(c['recall'])}</td>"
+                f"<td>{c['support']}</td><td>{c['negatives']}</td></tr>")
+  m = rep["macro"]
+  rows.append(f"<tr><th>mean</th><th>{_pct(rep['auc_macro'])}</th><th>{_pct(rep['map'])}</th>"
+              f"<th>{_pct(m['f1'])}</th><th></th><th>{_pct(m['precision'])}</th>"
+              f"<th>{_pct(m['recall'])}</th><th></th><th></th></tr>")
+  rows.append(f"<tr><th>exact match</th><th></th><th></th><th>{_pct(rep['accuracy'])}</th>"
+              f"<th></th><th></th><th></th><th>{rep['num_examples']}</th><th></th></tr>")
+  note = ("" if not rep.get("undefined") else
+          f"<p class=\"muted\">Undefined (one class only among the known labels of this split): "
+          f"{html.escape(', '.join(rep['undefined']))}.</p>")
+  return "<table>" + "\n".join(rows) + "</table>" + note
+
+
+# The per-class section of a run's page, by task kind.
+_TABLES = {"single_label": (_per_class_table, "Per class", (
+    '<p class="muted">The lowest F1 is in red. Precision: of the images predicted as the class, '
+    "the fraction that are; recall (sensitivity): of the images of the class, the fraction "
+    "found.</p>")), "multi_label": (_per_label_table, "Per finding", (
+        '<p class="muted">The lowest AUROC is in red. F1, precision and recall at the threshold '
+        "chosen on validation (highest validation F1); AUROC and AP need no threshold. Unknown "
+        "labels (-1) count nowhere.</p>"))}
+
+
 def _run_page(run_dir: str, results: dict, rep: dict, text: str, pngs: dict) -> str:
+  from shpeft_jax import tasks  # pylint: disable=g-import-not-at-top
+  task = tasks.of(results.get("task"))
+  table, heading, note = _TABLES[task.name]
   test = results.get("test", {})
   facts = [("method", results.get("method")), ("dataset", results.get("dataset")),
            ("steps", results.get("steps")),
            ("trainable", f"{results.get('trainable', 0):,} of {results.get('total', 0):,} "
                          f"({results.get('trainable_percent', float('nan')):.3f} %)"),
            ("reported model", f"{results.get('reported', 'final')} "
-                              f"(test macro F1 {_pct(test.get('f1_macro'))} %)"),
+                              f"(test {task.headline_title} {_pct(test.get(task.headline))} %)"),
            ("run directory", run_dir)]
   body = ["<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>"
                               for k, v in facts) + "</table>"]
-  body.append(f"<h2>Per class ({html.escape(rep['split'])} split, {rep['num_examples']} images)"
+  body.append(f"<h2>{heading} ({html.escape(rep['split'])} split, {rep['num_examples']} images)"
               "</h2>")
-  body.append(_per_class_table(rep))
-  body.append('<p class="muted">The lowest F1 is in red. Precision: of the images predicted as '
-              "the class, the fraction that are; recall (sensitivity): of the images of the "
-              "class, the fraction found.</p>")
-  body.append("<h2>Confusion matrix</h2>" + _img(pngs["confusion"], "confusion matrix"))
-  body.append("<h2>ROC curves (one vs rest)</h2>" + _img(pngs["roc"], "ROC curves"))
+  body.append(table(rep))
+  body.append(note)
+  if "confusion" in pngs:
+    body.append("<h2>Confusion matrix</h2>" + _img(pngs["confusion"], "confusion matrix"))
+  if "auc_bars" in pngs:
+    body.append("<h2>AUROC per finding</h2>" + _img(pngs["auc_bars"], "AUROC per finding"))
+  body.append(f"<h2>ROC curves ({'one vs rest' if task.has_confusion else 'per finding'})</h2>"
+              + _img(pngs["roc"], "ROC curves"))
   if "curves" in pngs:
     body.append("<h2>Training</h2>" + _img(pngs["curves"], "training curves"))
   if "mask" in pngs:
@@ -366,6 +416,7 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
   (`chosen_runs`). Runs that differ only in their seed are one method in the plots: its per-class
   F1 is the mean over the seeds, its training curves those of its first seed.
   """
+  from shpeft_jax import tasks  # pylint: disable=g-import-not-at-top
   from shpeft_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
   out = os.path.join(path, REPORT_DIR)
@@ -378,28 +429,34 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
                                            _read_json(os.path.join(run, "results.json")))
   pngs = {}
   by_dataset: dict[str, dict[str, list]] = {}
+  task_of = {}  # dataset -> its task kind (the per-class metric drawn for it)
   curves: dict[str, list] = {}
   for label, (run, rep, res) in per_run.items():
     group, seed = _seed_group(label)
+    task_of[res.get("dataset")] = tasks.of(res.get("task"))
     by_dataset.setdefault(res.get("dataset"), {}).setdefault(group, []).append(rep["per_class"])
     records = read_metrics(run)
     if records:  # every seed: one colour per method, a line per seed
       curves.setdefault(group, []).append(records)
   for i, (dataset, groups) in enumerate(by_dataset.items()):
     seeded = any(len(v) > 1 for v in groups.values())
-    reps = {g: (v[0] if len(v) == 1 else _mean_per_class(v, "f1")) for g, v in groups.items()}
+    metric, what = task_of[dataset].class_metric, task_of[dataset].label_title
+    reps = {g: (v[0] if len(v) == 1 else _mean_per_class(v, metric)) for g, v in groups.items()}
     pngs[f"f1_{i}"] = plots.plot_per_class_bars(
-        reps, os.path.join(out, f"per_class_f1_{i}.png"), metric="f1",
-        title=f"Per-class F1 by method ({dataset}, {split} split"
+        reps, os.path.join(out, f"per_class_{metric}_{i}.png"), metric=metric,
+        title=f"Per-{what} {_METRIC_TITLES[metric]} by method ({dataset}, {split} split"
         + (", mean ± sd over seeds)" if seeded else ")"))
   if curves:
     pngs["curves"] = plots.plot_training_curves(curves, os.path.join(out, "training_curves.png"),
                                                 title="Training curves of every method")
   rows = ["<tr><th>run</th><th>method</th><th>dataset</th><th>trainable %</th><th>F1 %</th>"
-          "<th>accuracy %</th><th>AUC %</th><th>worst class (F1 %)</th><th>page</th></tr>"]
+          "<th>accuracy %</th><th>AUC %</th><th>worst class / finding (F1 / AUROC %)</th>"
+          "<th>page</th></tr>"]
   for label, (run, rep, res) in per_run.items():
     pc = rep["per_class"]
-    worst = min(pc["classes"], key=lambda c: (c["f1"] if c["support"] else math.inf))
+    metric = task_of[res.get("dataset")].class_metric
+    worst = min(pc["classes"], key=lambda c: (c[metric] if c["support"] and c[metric] == c[metric]
+                                              else math.inf))
     link = os.path.relpath(rep["html"], out)
     rows.append(
         f"<tr><td>{html.escape(label)}</td><td>{html.escape(str(res.get('method')))}</td>"
@@ -407,7 +464,7 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
         f"<td>{res.get('trainable_percent', float('nan')):.3f}</td>"
         f"<td>{_pct(pc['macro']['f1'])}</td><td>{_pct(pc['accuracy'])}</td>"
         f"<td>{_pct(pc['auc_macro'])}</td>"
-        f"<td>{html.escape(worst['name'])} ({_pct(worst['f1'])})</td>"
+        f"<td>{html.escape(worst['name'])} ({_pct(worst[metric])})</td>"
         f"<td><a href=\"{html.escape(link)}\">report</a></td></tr>")
   shown = (f"{len(per_run)} runs" if len(per_run) == n_all else
            f"the {len(per_run)} runs at each method's chosen learning rate (of {n_all}; "
@@ -421,7 +478,7 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
   body += [f"<h2>Runs</h2><p>{shown} in <code>{html.escape(path)}</code>, {split} split.</p>",
            "<table>" + "\n".join(rows) + "</table>"]
   for key in sorted(k for k in pngs if k.startswith("f1_")):
-    body.append("<h2>Per-class F1</h2>" + _img(pngs[key], "per-class F1 by method"))
+    body.append("<h2>Per class / per finding</h2>" + _img(pngs[key], "per-class metric by method"))
   if "curves" in pngs:
     body.append("<h2>Training</h2>" + _img(pngs["curves"], "training curves"))
   page = os.path.join(out, "report.html")

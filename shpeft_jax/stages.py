@@ -251,15 +251,19 @@ def trainer_stages(config, workdir: str, *, source_id: str, init_id: str = "") -
   # The scores do not depend on how many weights are then selected.
   scoring = {k: v for k, v in _pick(flat, ["peft"]).items()
              if k not in ("peft.k_percent", "peft.k_count")}
+  # The loss (multi-label positive weights) changes the scores; recorded only when set, so that
+  # workdirs from before the field keep their fingerprints.
+  loss = {"train.pos_weight": flat["train.pos_weight"]} if flat.get("train.pos_weight") else {}
   scores = Stage(workdir, "scores", {
       "data": data.fingerprint, "model.init_checkpoint (content)": init_id, "seed": flat.get("seed"),
-      "batch_size": flat.get("train.batch_size"), **_pick(flat, ["model"]), **scoring})
+      "batch_size": flat.get("train.batch_size"), **_pick(flat, ["model"]), **scoring, **loss})
   mask = Stage(workdir, "mask", {"scores": scores.fingerprint, **_pick(flat, ["peft"])})
   train = Stage(workdir, "train", {
       "mask": mask.fingerprint,
       **_pick(flat, ["optim", "train.batch_size", "train.num_steps", "train.eval_every",
-                     "train.eval_batch_size"])})
-  export = Stage(workdir, "export", {"train": train.fingerprint, **_pick(flat, ["train"])})
+                     "train.eval_batch_size"]), **loss})
+  export = Stage(workdir, "export", {"train": train.fingerprint, **{
+      k: v for k, v in _pick(flat, ["train"]).items() if k != "train.pos_weight" or v}})
   return {"data": data, "scores": scores, "mask": mask, "train": train, "export": export}
 
 

@@ -37,6 +37,7 @@ from shpeft_jax import preemption
 from shpeft_jax import run_checks
 from shpeft_jax import sharding
 from shpeft_jax import stages as stages_lib
+from shpeft_jax import tasks
 from shpeft_jax import utils
 from shpeft_jax.errors import CheckpointError, ConfigError
 from shpeft_jax.evaluation import evaluator
@@ -74,9 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   sharding.mesh_shape(config.mesh)
   # Data: opening the source raises DataError for a missing / misplaced dataset.
   info = input_pipeline.dataset_info(config.data)
-  if info.task != "single_label":  # Until the task kind reaches loss / metrics (issue 22 item 1).
-    raise ConfigError(f"{info.name} is a {info.task} dataset ({info.num_classes} findings); the "
-                      "trainer trains single-label datasets only so far (softmax over classes).")
+  task = tasks.of(info.task)
   for split in split_names(config):
     if split is not None:
       input_pipeline.get_source(config.data).split_size(split)
@@ -90,9 +89,12 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
   # rounds to 0 weights), from shapes alone: before the scoring pass, not after it.
   methods_lib.count_trainable(method, methods_lib.param_shapes(
       config.model.name, info.num_classes, method.additive, vit.image_size, vit.tower()))
+  pos_weight = tasks.pos_weight(
+      config, task, info.num_classes,
+      lambda: input_pipeline.record_metadata(config.data, split_names(config)[0])["label"])
   return {"vit": vit, "num_classes": info.num_classes, "class_names": info.class_names,
           "dataset": info.name, "split_sizes": dict(info.split_sizes), "method": method,
-          "source_id": info.source_id}
+          "source_id": info.source_id, "task": task, "pos_weight": pos_weight}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,12 +115,12 @@ def build_model(config, num_classes: int, method=None) -> clip_vit.ClipClassifie
                               tower=model_tower(config))
 
 
-def make_loss_fn(model):
+def make_loss_fn(model, task: tasks.Task = tasks.of(tasks.SINGLE_LABEL), pos_weight=None):
+  """The task's mean loss over a batch's valid examples: what training and the SH-PEFT score
+  (its per-batch gradients) differentiate."""
   def loss_fn(params, batch):
     logits = model.apply({"params": params}, batch["image"], train=True).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    w = batch["valid"].astype(jnp.float32)
-    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return task.loss(logits, batch["label"], batch["valid"], pos_weight)
   return loss_fn
 
 
@@ -268,7 +270,8 @@ def _steps(config, state, train_step, schedule, manager, validation, writer, it,
       watch.check(before=f"the validation at step {step} (and best/)", lr_at=lr_at)
       val = validation(step, state["params"])
       if val is not None:
-        post["val_f1"] = f"{100 * val['f1_macro']:.1f}"
+        task = validation.task
+        post[f"val_{task.headline_short.lower()}"] = f"{100 * val[task.headline]:.1f}"
         progress.update(step, **post)
     stop = preempt.reached(step)
     if step % t.checkpoint_every == 0 or step == end_step or stop:
@@ -278,6 +281,7 @@ def _steps(config, state, train_step, schedule, manager, validation, writer, it,
       manager.wait_until_finished()
       progress.close()
       logging.info("SIGTERM: saved the checkpoint of step %d; stopping.", step)
+      preempt.leave()
       raise errors.Preempted(f"preempted at step {step}")
   return state
 
@@ -287,59 +291,90 @@ def _steps(config, state, train_step, schedule, manager, validation, writer, it,
 
 
 def evaluate_and_export(config, workdir, method, params, param_sh, eval_step, mesh, best, meta,
-                        writer) -> dict:
+                        writer, validation=None) -> dict:
   """Test metrics of the final (or, with train.report_best, the best) model; results.json and
-  export/model (LoRA / SSF folded into the plain weights when the method merges)."""
+  export/model (LoRA / SSF folded into the plain weights when the method merges).
+
+  Multi-label decisions (per-finding F1, exact-match accuracy, predict's findings) use thresholds
+  chosen on validation for the reported parameters (0.5 without a validation split); they are
+  recorded in results.json and in the exported model's meta.json."""
   from shpeft_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  task = tasks.of(meta.get("task"))
   test_split, num_steps = split_names(config)[2], int(config.train.num_steps)
   evaluate = functools.partial(evaluator.evaluate, eval_step, config=config, split=test_split,
-                               mesh=mesh, num_classes=meta["num_classes"], with_predictions=True)
-  test_final, predictions = evaluate(params)
-  writer.write(num_steps, "test", test_final)
-  results = {"method": method.name, "dataset": meta["dataset"], "steps": num_steps,
+                               mesh=mesh, num_classes=meta["num_classes"], task=task,
+                               with_predictions=True)
+
+  def on_validation(p):  # (validation metrics, their thresholds) of params p.
+    if validation is None:
+      return None, None
+    m = validation.evaluate(p)
+    return m, (m or {}).get("thresholds")
+
+  val_final, thr_final = on_validation(params)
+  test_final, predictions = evaluate(params, thresholds=thr_final)
+  writer.write(num_steps, "test", evaluator.scalars(test_final))
+  results = {"method": method.name, "dataset": meta["dataset"], "task": task.name,
+             "headline": task.headline, "steps": num_steps,
              "trainable": meta["trainable"], "total": meta["total"],
              "trainable_percent": 100.0 * meta["trainable"] / meta["total"],
              "test_final": test_final}
-  report, report_params = test_final, params
+  report, report_params, val_report, thresholds = test_final, params, val_final, thr_final
   best_dir = os.path.join(workdir, "best")
   use_best = bool(config.train.report_best) and os.path.isdir(best_dir)
   if use_best:
     report_params = jax.device_put(checkpoints.load_params(best_dir)[0], param_sh)
-    report, predictions = evaluate(report_params)
+    val_report, thresholds = on_validation(report_params)
+    report, predictions = evaluate(report_params, thresholds=thresholds)
     results["test_best"] = report
     results["best_step"] = best["step"] if best else None
   if best is not None:
     results["val_best"] = best
   results["test"] = report
   results["reported"] = "best" if use_best else "final"
-  if split_names(config)[1] is not None:
+  if val_report is not None:
     # Validation metrics of the reported model: what a sweep chooses learning rates on.
-    results["validation"] = evaluate(report_params, split=split_names(config)[1])[0]
+    results["validation"] = val_report
+  if task.uses_thresholds:
+    results["thresholds"] = {
+        "values": thresholds if thresholds is not None else [tasks.DEFAULT_THRESHOLD] * len(
+            meta["class_names"]),
+        "chosen_on": (f"validation ({split_names(config)[1]}), the reported model"
+                      if thresholds is not None else "none: fixed 0.5 (no validation split)")}
+    meta = {**meta, "thresholds": results["thresholds"]["values"]}
   if jax.process_index() == 0:
-    export_params = params_io.host(report_params)
-    if method.merges:
-      export_params = merge_lib.merge_additive(export_params, method.additive)
-    bad = [n for n, v in utils.flatten_names(export_params).items() if not np.isfinite(v).all()]
-    if bad:  # Only a model restored from an older, unguarded checkpoint can get here.
-      raise errors.NonFiniteError(
-          f"{len(bad)} tensors of the reported model hold NaN/inf (e.g. {bad[0]}); it is not "
-          "exported. Lower optim.lr or set optim.grad_clip and rerun with --restart_from=train.")
-    checkpoints.save_params(
-        os.path.join(workdir, "export", "model"), export_params,
-        {**meta, "step": results.get("best_step") or num_steps, "test": report,
-         "merged_additive": method.merges}, overwrite=True)
-    # The same model as a task adapter: changed encoder elements + head (docs/ADAPTERS.md).
-    from shpeft_jax import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
-    results["adapter"] = adapter_lib.write_run_adapter(
-        workdir, export_params, init_checkpoint=config.model.init_checkpoint, method=method.name,
-        meta={**meta, "step": results.get("best_step") or num_steps,
-              "merged_additive": method.merges})
-    logging.info("%s", adapter_lib.describe(results["adapter"]))
-    from shpeft_jax import report as report_lib  # pylint: disable=g-import-not-at-top
-    report_lib.save_predictions(os.path.join(workdir, report_lib.PREDICTIONS), *predictions,
-                                meta["class_names"], split=test_split)
-    params_io.json_dump(os.path.join(workdir, "results.json"), results)
+    _export(config, workdir, method, report_params, meta, results, predictions, test_split,
+            checkpoints)
   return results
+
+
+def _export(config, workdir, method, report_params, meta, results, predictions, test_split,
+            checkpoints) -> None:
+  """export/model, the task adapter, the test predictions and results.json (process 0)."""
+  num_steps = int(config.train.num_steps)
+  export_params = params_io.host(report_params)
+  if method.merges:
+    export_params = merge_lib.merge_additive(export_params, method.additive)
+  bad = [n for n, v in utils.flatten_names(export_params).items() if not np.isfinite(v).all()]
+  if bad:  # Only a model restored from an older, unguarded checkpoint can get here.
+    raise errors.NonFiniteError(
+        f"{len(bad)} tensors of the reported model hold NaN/inf (e.g. {bad[0]}); it is not "
+        "exported. Lower optim.lr or set optim.grad_clip and rerun with --restart_from=train.")
+  checkpoints.save_params(
+      os.path.join(workdir, "export", "model"), export_params,
+      {**meta, "step": results.get("best_step") or num_steps, "test": results["test"],
+       "merged_additive": method.merges}, overwrite=True)
+  # The same model as a task adapter: changed encoder elements + head (docs/ADAPTERS.md).
+  from shpeft_jax import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
+  results["adapter"] = adapter_lib.write_run_adapter(
+      workdir, export_params, init_checkpoint=config.model.init_checkpoint, method=method.name,
+      meta={**meta, "step": results.get("best_step") or num_steps,
+            "merged_additive": method.merges})
+  logging.info("%s", adapter_lib.describe(results["adapter"]))
+  from shpeft_jax import report as report_lib  # pylint: disable=g-import-not-at-top
+  report_lib.save_predictions(os.path.join(workdir, report_lib.PREDICTIONS), *predictions,
+                              meta["class_names"], split=test_split)
+  params_io.json_dump(os.path.join(workdir, "results.json"), results)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +426,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   n_params = utils.count_params(params)
   logging.info("%s on %s: %s with %d classes, %d steps, in %s", method.name, facts["dataset"],
                config.model.name, num_classes, int(config.train.num_steps), workdir)
-  loss_fn = make_loss_fn(model)
+  task = facts["task"]
+  loss_fn = make_loss_fn(model, task, facts["pos_weight"])
   host_mask = select(config, method, workdir, loss_fn, params, mesh, rng_mask)
   if is_main:
     for name in ("scores", "mask"):
@@ -417,10 +453,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   meta = {"model": config.model.name, "image_size": int(config.model.image_size),
           "num_classes": num_classes, "method": method.name,
           "class_names": list(facts["class_names"]), "dataset": facts["dataset"],
+          "task": task.name,
           "trainable": n_trainable, "total": n_params, **model.config.tower()}
   writer = writers.MetricWriter(workdir, resume_step=start_step)
   validation = evaluator.Validation(config, workdir, eval_step, mesh, num_classes, meta, writer,
-                                    start_step)
+                                    start_step, task)
   end_step = min(num_steps, t.stop_after_steps) if t.stop_after_steps else num_steps
   if start_step < end_step:
     if is_main:
@@ -436,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return {"stopped_at": end_step}
 
   results = evaluate_and_export(config, workdir, method, state["params"], param_sh, eval_step,
-                                mesh, validation.final(), meta, writer)
+                                mesh, validation.final(), meta, writer, validation)
   if is_main:
     stages["export"].record()
   writer.close()

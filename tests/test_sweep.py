@@ -71,15 +71,16 @@ def test_tables_and_plot_from_records(tmp_path):
   paths = sweep.write_outputs(_records(), str(tmp_path))
   with open(paths["csv"]) as f:
     table = list(csv.reader(f))
-  assert table[0][:8] == ["method", "type", "dataset", "lr", "n_seeds", "seeds", "f1_mean",
-                          "f1_sd"]
-  assert [row[:8] for row in table[1:]] == [
-      ["Linear Prob", "S", "d1", "0.1", "1", "0", "50.00", ""],
-      ["SH-PEFT", "S", "d1", "0.1", "1", "0", "80.00", ""],
-      ["Linear Prob", "S", "d2", "0.1", "1", "0", "70.00", ""],
-      ["SH-PEFT", "S", "d2", "0.1", "1", "0", "60.00", ""]]
+  assert table[0][:9] == ["method", "type", "dataset", "metric", "lr", "n_seeds", "seeds",
+                          "score_mean", "score_sd"]
+  assert [row[:9] for row in table[1:]] == [
+      ["Linear Prob", "S", "d1", "f1_macro", "0.1", "1", "0", "50.00", ""],
+      ["SH-PEFT", "S", "d1", "f1_macro", "0.1", "1", "0", "80.00", ""],
+      ["Linear Prob", "S", "d2", "f1_macro", "0.1", "1", "0", "70.00", ""],
+      ["SH-PEFT", "S", "d2", "f1_macro", "0.1", "1", "0", "60.00", ""]]
   # One seed: no sd, no interval; the paired difference is the one seed's difference.
-  assert table[1][11] == "-30.00" and table[1][12] == ""
+  assert table[0][13:15] == ["diff_vs_shpeft", "ci_low"]
+  assert table[1][13] == "-30.00" and table[1][14] == ""
   md = open(paths["md"]).read()
   assert "| Method | Type | d1 | lr | Δ vs SH-PEFT | W-T-L | d2 | lr |" in md
   assert "| SH-PEFT | S | 80.0 (n=1) | 0.1 |  |  | 60.0 (n=1) | 0.1 |  |  | 70.0 | 1 |" in md

@@ -1,15 +1,17 @@
 """From the runs of a sweep (methods x datasets x learning rates x seeds) to a fair comparison.
 
-Each run is a record (a dict) with at least `dataset`, `variant`, `lr`, `seed`, `val_f1` (macro F1
-on the validation split of the reported model) and `f1` (on the test split); the sweep adds the
-label, type, method, trainable % and the other test metrics.
+Each run is a record (a dict) with at least `dataset`, `variant`, `lr`, `seed`, `val_score` (the
+task's headline metric on the validation split of the reported model: macro F1 for single-label
+data, mean AUROC for multi-label data, `tasks`) and `score` (the same on the test split); records
+from before task kinds have `val_f1` / `f1` only, which are then the score. The sweep adds the
+label, type, method, trainable % and the other test metrics (`f1`, `accuracy`, `auc`).
 
 1. `choose_lr`: for every (dataset, variant), the learning rate of the grid with the best mean
-   validation F1 over the seeds (ties: the first rate of the grid in the order given). Test
+   validation score over the seeds (ties: the first rate of the grid in the order given). Test
    numbers play no part in the choice.
-2. `summarize`: the test F1 at the chosen rate only, per (dataset, variant): mean +- sd over the
-   seeds, and the paired difference to the reference variant (SH-PEFT) at *its* chosen rate on
-   the same seeds (`stats.paired_difference`), with wins-ties-losses.
+2. `summarize`: the test score at the chosen rate only, per (dataset, variant): mean +- sd over
+   the seeds, and the paired difference to the reference variant (SH-PEFT) at *its* chosen rate
+   on the same seeds (`stats.paired_difference`), with wins-ties-losses.
 3. `write_tables` / `plot_f1_vs_trainable`: results.csv / results.md / runs.csv, and Fig. 4 with
    the spread over seeds as error bars.
 """
@@ -30,8 +32,31 @@ REFERENCE = "shpeft"
 NAN = float("nan")
 
 
+# The record key of each task headline, and how tables name it.
+_HEADLINE_KEY = {"f1_macro": "f1", "auc_macro": "auc"}
+_TITLES = {"f1_macro": ("macro F1", "F1"), "auc_macro": ("mean AUROC", "AUROC")}
+
+
 def _finite(x) -> bool:
   return x is not None and math.isfinite(x)
+
+
+def _score(r: dict) -> float:
+  return r.get("score", r.get("f1", NAN))
+
+
+def _val_score(r: dict) -> float:
+  return r.get("val_score", r.get("val_f1", NAN))
+
+
+def _headline(r: dict) -> str:
+  return r.get("headline") or "f1_macro"
+
+
+def title_of(rows: Sequence[dict], short: bool = False) -> str:
+  """How tables name the score of `rows` (one metric, or 'score' when datasets differ)."""
+  names = {_TITLES.get(_headline(r), (_headline(r),) * 2)[int(short)] for r in rows}
+  return names.pop() if len(names) == 1 else "score"
 
 
 def _groups(records: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -42,7 +67,7 @@ def _groups(records: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
 
 
 def choose_lr(records: Sequence[dict]) -> dict[tuple[str, str], float]:
-  """{(dataset, variant): lr} with the best mean validation F1 over seeds."""
+  """{(dataset, variant): lr} with the best mean validation score over seeds."""
   out = {}
   for key, runs in _groups(records).items():
     grid = list(dict.fromkeys(r["lr"] for r in runs))
@@ -55,10 +80,11 @@ def choose_lr(records: Sequence[dict]) -> dict[tuple[str, str], float]:
       continue
     mean_val = {}
     for lr in grid:
-      vals = [r.get("val_f1", NAN) for r in runs if r["lr"] == lr]
+      vals = [_val_score(r) for r in runs if r["lr"] == lr]
       if any(v is None or not math.isfinite(v) for v in vals):
-        raise ConfigError(f"{key} at lr {lr:g} has a run without a validation F1; choosing the "
-                          "learning rate needs a validation split (data.val_split).")
+        raise ConfigError(f"{key} at lr {lr:g} has a run without a validation "
+                          f"{title_of(runs)}; choosing the learning rate needs a validation "
+                          "split (data.val_split).")
       mean_val[lr] = float(np.mean(vals))
     out[key] = max(grid, key=lambda lr: mean_val[lr])  # max keeps the first of equal values.
   return out
@@ -77,14 +103,14 @@ def summarize(records: Sequence[dict], reference: str = REFERENCE, *,
       raise ConfigError(f"{dataset}/{variant} at lr {lr:g}: two runs with the same seed.")
     # A run without a test result (the sweep warns) leaves its seed out of the cell and of the
     # pairing; `n` says how many seeds a number stands on.
-    at = [r for r in at if _finite(r.get("f1"))]
-    per_seed = {r["seed"]: r["f1"] for r in at}
+    at = [r for r in at if _finite(_score(r))]
+    per_seed = {r["seed"]: _score(r) for r in at}
     diff = None
     ref_key = (dataset, reference)
     if ref_key in groups and variant != reference:
       ref_lr = chosen[ref_key]
-      ref = {r["seed"]: r["f1"] for r in groups[ref_key]
-             if r["lr"] == ref_lr and _finite(r.get("f1"))}
+      ref = {r["seed"]: _score(r) for r in groups[ref_key]
+             if r["lr"] == ref_lr and _finite(_score(r))}
       common = sorted(set(per_seed) & set(ref))
       diff = stats.paired_difference({s: per_seed[s] for s in common},
                                      {s: ref[s] for s in common}, interval=interval,
@@ -94,12 +120,13 @@ def summarize(records: Sequence[dict], reference: str = REFERENCE, *,
         "dataset": dataset, "variant": variant, "label": first.get("label", variant),
         "type": first.get("type", ""), "method": first.get("method", variant),
         "lr": lr, "grid": list(dict.fromkeys(r["lr"] for r in runs)),
-        "seeds": sorted(per_seed),
-        "f1": stats.summarize([per_seed[s] for s in sorted(per_seed)]),
+        "seeds": sorted(per_seed), "headline": _headline(first),
+        "score": stats.summarize([per_seed[s] for s in sorted(per_seed)]),
+        "f1": stats.summarize([r.get("f1", NAN) for r in at if _finite(r.get("f1"))]),
         "accuracy": stats.summarize([r.get("accuracy", NAN) for r in at
                                      if _finite(r.get("accuracy"))]),
         "auc": stats.summarize([r.get("auc", NAN) for r in at if _finite(r.get("auc"))]),
-        "val_f1": float(np.mean([r.get("val_f1", NAN) for r in at])) if at else NAN,
+        "val_score": float(np.mean([_val_score(r) for r in at])) if at else NAN,
         "vs_reference": diff,
         "trainable_percent": (float(np.mean([r.get("trainable_percent", NAN) for r in at]))
                               if at else NAN),
@@ -116,8 +143,11 @@ def _by_variant(rows: Sequence[dict]) -> tuple[list[str], dict[str, dict[str, di
 
 
 def _avg(cells: Sequence[dict | None], datasets) -> float:
-  vals = [c["f1"].mean for c in cells if c is not None]
-  return float(np.mean(vals)) if len(vals) == len(datasets) else NAN
+  """The score averaged over datasets (NaN unless every dataset has it, in the same metric)."""
+  present = [c for c in cells if c is not None]
+  vals = [c["score"].mean for c in present]
+  same = len({c["headline"] for c in present}) == 1
+  return float(np.mean(vals)) if len(vals) == len(datasets) and same else NAN
 
 
 def _f(x: float, digits: int) -> str:
@@ -138,15 +168,17 @@ def write_tables(records: Sequence[dict], workdir: str, reference: str = REFEREN
            (("csv", "results.csv"), ("md", "results.md"), ("runs", "runs.csv"))}
   with open(paths["csv"], "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["method", "type", "dataset", "lr", "n_seeds", "seeds", "f1_mean", "f1_sd",
-                "accuracy_mean", "auc_mean", "val_f1_mean", f"diff_vs_{reference}",
-                "ci_low", "ci_high", "wins", "ties", "losses", "trainable_percent"])
+    w.writerow(["method", "type", "dataset", "metric", "lr", "n_seeds", "seeds", "score_mean",
+                "score_sd", "f1_mean", "accuracy_mean", "auc_mean", "val_score_mean",
+                f"diff_vs_{reference}", "ci_low", "ci_high", "wins", "ties", "losses",
+                "trainable_percent"])
     for r in rows:
       d = r["vs_reference"]
-      w.writerow([r["label"], r["type"], r["dataset"], f"{r['lr']:g}", r["f1"].n,
-                  " ".join(map(str, r["seeds"])), _f(100 * r["f1"].mean, 2),
-                  _f(100 * r["f1"].sd, 2), _f(100 * r["accuracy"].mean, 2),
-                  _f(100 * r["auc"].mean, 2), _f(100 * r["val_f1"], 2),
+      w.writerow([r["label"], r["type"], r["dataset"], r["headline"], f"{r['lr']:g}",
+                  r["score"].n, " ".join(map(str, r["seeds"])), _f(100 * r["score"].mean, 2),
+                  _f(100 * r["score"].sd, 2), _f(100 * r["f1"].mean, 2),
+                  _f(100 * r["accuracy"].mean, 2),
+                  _f(100 * r["auc"].mean, 2), _f(100 * r["val_score"], 2),
                   "" if d is None else _f(100 * d.mean, 2),
                   "" if d is None else _f(100 * d.ci_low, 2),
                   "" if d is None else _f(100 * d.ci_high, 2),
@@ -154,15 +186,22 @@ def write_tables(records: Sequence[dict], workdir: str, reference: str = REFEREN
                   _pct(r["trainable_percent"])])
   seeds = sorted({s for r in rows for s in r["seeds"]})
   grids = sorted({tuple(r["grid"]) for r in rows})
+  title = title_of(rows)
+  metric = {d: title_of([r for r in rows if r["dataset"] == d], short=True) for d in datasets}
   lines = [
-      f"Macro F1 (%) on the test split: mean ± sd over {len(seeds)} seed(s) "
+      (f"{title[0].upper()}{title[1:]}" if title != "score" else
+       "The task's headline metric (macro F1 for single-label datasets, mean AUROC for "
+       "multi-label ones; named per dataset)")
+      + f" (%) on the test split: mean ± sd over {len(seeds)} seed(s) "
       f"({', '.join(map(str, seeds))}), each method at the learning rate with the best mean "
-      "validation F1 (column lr; grid" + ("s " if len(grids) > 1 else " ")
+      f"validation {title} (column lr; grid" + ("s " if len(grids) > 1 else " ")
       + "; ".join(", ".join(f"{x:g}" for x in g) for g in grids) + "). "
       f"Δ: the paired difference to SH-PEFT on the same seeds, with its 95% t interval, and "
       "the seeds on which the method is better-equal-worse. Trainable % of the model's "
       "parameters.", "",
-      "| Method | Type | " + " | ".join(f"{d} | lr | Δ vs SH-PEFT | W-T-L" for d in datasets)
+      "| Method | Type | " + " | ".join(
+          (f"{d} | " if title != "score" else f"{d} ({metric[d]}) | ") + "lr | Δ vs SH-PEFT | W-T-L"
+          for d in datasets)
       + " | Avg | Trainable % |",
       "|---|---|" + "---:|---:|---:|---:|" * len(datasets) + "---:|---:|"]
   for variant, cells in table.items():
@@ -174,7 +213,7 @@ def write_tables(records: Sequence[dict], workdir: str, reference: str = REFEREN
         parts.append(" |  |  | ")
         continue
       diff = c["vs_reference"]
-      parts.append(f"{c['f1'].format(100)} (n={c['f1'].n}) | {c['lr']:g} | "
+      parts.append(f"{c['score'].format(100)} (n={c['score'].n}) | {c['lr']:g} | "
                    f"{'' if diff is None else diff.format(100)} | "
                    f"{'' if diff is None else diff.record}")
     avg = _avg([cells.get(d) for d in datasets], datasets)
@@ -184,7 +223,8 @@ def write_tables(records: Sequence[dict], workdir: str, reference: str = REFEREN
   with open(paths["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
   fields = ["dataset", "variant", "label", "type", "method", "lr", "seed", "chosen_lr",
-            "val_f1", "f1", "accuracy", "auc", "trainable", "total", "trainable_percent",
+            "headline", "val_score", "score", "val_f1", "f1", "accuracy", "auc", "trainable",
+            "total", "trainable_percent",
             "run_dir"]
   with open(paths["runs"], "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -195,7 +235,8 @@ def write_tables(records: Sequence[dict], workdir: str, reference: str = REFEREN
 
 
 def plot_f1_vs_trainable(records: Sequence[dict], path: str, reference: str = REFERENCE) -> str:
-  """Fig. 4: average test F1 (%) against trainable % (log x), error bars = sd over seeds."""
+  """Fig. 4: average test score (macro F1 / mean AUROC, %) against trainable % (log x), error
+  bars = sd over seeds."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -226,9 +267,9 @@ def plot_f1_vs_trainable(records: Sequence[dict], path: str, reference: str = RE
   ax.set_xscale("log")
   _place_labels(ax, labels)
   ax.set_xlabel("trainable parameters (%)")
-  ax.set_ylabel("average test macro F1 (%)")
+  ax.set_ylabel(f"average test {title_of(rows)} (%)")
   seeds = "/".join(str(n) for n in sorted(n_seeds))
-  ax.set_title(f"F1 vs trainable parameters (mean ± sd over {seeds} seeds, lr chosen on "
+  ax.set_title(f"{title_of(rows, short=True)} vs trainable parameters (mean ± sd over {seeds} seeds, lr chosen on "
                "validation)", fontsize=9)
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
@@ -278,14 +319,14 @@ def _place_labels(ax, labels: Sequence[tuple[float, float, float, str]]) -> None
 
 
 def _per_seed_avg(records: Sequence[dict], cells: Sequence[dict | None]) -> list[float]:
-  """For each seed common to every dataset's cell, the test F1 averaged over the datasets."""
+  """For each seed common to every dataset's cell, the test score averaged over the datasets."""
   cells = [c for c in cells if c is not None]
   if not cells:
     return []
   seeds = set.intersection(*(set(c["seeds"]) for c in cells))
   out = []
   for s in sorted(seeds):
-    vals = [r["f1"] for c in cells for r in records
+    vals = [_score(r) for c in cells for r in records
             if (r["dataset"], r["variant"], r["lr"], r["seed"]) ==
             (c["dataset"], c["variant"], c["lr"], s)]
     out.append(float(np.mean(vals)))
@@ -298,7 +339,7 @@ def summary_json(records: Sequence[dict], reference: str = REFERENCE) -> list[di
   out = []
   for r in summarize(records, reference):
     row = dict(r)
-    for k in ("f1", "accuracy", "auc"):
+    for k in ("score", "f1", "accuracy", "auc"):
       row[k] = dataclasses.asdict(r[k])
     row["vs_reference"] = None if r["vs_reference"] is None else dataclasses.asdict(
         r["vs_reference"])
@@ -385,25 +426,34 @@ def metrics_of(results: dict) -> dict:
   """The fields of a record that come from one run's results.json."""
   test = results.get("test") or {}
   val = results.get("validation") or {}
+  headline = results.get("headline") or "f1_macro"
   return {"trainable": results.get("trainable"), "total": results.get("total"),
-          "trainable_percent": results.get("trainable_percent", NAN),
+          "trainable_percent": results.get("trainable_percent", NAN), "headline": headline,
+          "val_score": val.get(headline, NAN), "score": test.get(headline, NAN),
           "val_f1": val.get("f1_macro", NAN), "f1": test.get("f1_macro", NAN),
           "accuracy": test.get("accuracy", NAN), "auc": test.get("auc_macro", NAN)}
 
 
 def format_seed_table(records: Sequence[dict], reference: str = REFERENCE) -> str:
-  """The demo's closing table: mean ± sd over seeds, lr, and the paired difference to SH-PEFT."""
+  """The demo's closing table: mean ± sd over seeds, lr, and the paired difference to SH-PEFT,
+  led by the task's headline metric (macro F1 / mean AUROC), then the other test metrics."""
   rows = summarize(records, reference)
-  n = max((r["f1"].n for r in rows), default=0)
-  head = (f"{'method':<10} {'trainable %':>11} {'lr':>6} {'F1 (mean ± sd)':>15} "
-          f"{'accuracy':>15} {'AUC':>15} {'Δ F1 vs shpeft [95% CI]':>24} {'W-T-L':>6}")
+  n = max((r["score"].n for r in rows), default=0)
+  short = title_of(rows, short=True)
+  main_key = {_HEADLINE_KEY.get(r["headline"]) for r in rows}
+  others = [(k, t) for k, t in (("f1", "F1"), ("accuracy", "accuracy"), ("auc", "AUC"))
+            if {k} != main_key]
+  delta = f"Δ {short} vs shpeft [95% CI]"
+  head = (f"{'method':<10} {'trainable %':>11} {'lr':>6} {short + ' (mean ± sd)':>15} "
+          + " ".join(f"{t:>15}" for _, t in others) + f" {delta:>24} {'W-T-L':>6}")
   lines = [f"test metrics (%) over {n} seed(s) "
            f"{', '.join(map(str, sorted({s for r in rows for s in r['seeds']})))}", head,
            "-" * len(head)]
   for r in rows:
     d = r["vs_reference"]
     lines.append(f"{r['variant']:<10} {r['trainable_percent']:>11.3f} {r['lr']:>6g} "
-                 f"{r['f1'].format(100):>15} {r['accuracy'].format(100):>15} "
-                 f"{r['auc'].format(100):>15} {'' if d is None else d.format(100):>24} "
+                 f"{r['score'].format(100):>15} "
+                 + " ".join(f"{r[k].format(100):>15}" for k, _ in others)
+                 + f" {'' if d is None else d.format(100):>24} "
                  f"{'' if d is None else d.record:>6}")
   return "\n".join(lines)

@@ -50,7 +50,7 @@ def test_tied_validation_takes_the_first_rate_of_the_grid():
 def test_missing_validation_or_unequal_seeds_is_refused():
   recs = _records()
   recs[0] = dict(recs[0], val_f1=float("nan"))
-  with pytest.raises(ConfigError, match="without a validation F1"):
+  with pytest.raises(ConfigError, match="without a validation macro F1"):
     compare.choose_lr(recs)
   recs = [r for r in _records() if not (r["variant"] == "random" and r["lr"] == 1.0
                                         and r["seed"] == 2)]
