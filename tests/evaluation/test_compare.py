@@ -157,3 +157,40 @@ def test_a_run_without_test_result_is_left_out_and_counted():
   assert rows["random"]["f1"].n == 2 and rows["random"]["seeds"] == [0, 1]
   assert rows["random"]["vs_reference"].n == 2  # paired on the seeds both have
   assert rows["shpeft"]["f1"].n == 3
+
+
+def test_multi_label_records_choose_and_compare_on_mean_auroc():
+  """Records of a multi-label dataset carry the task's headline (mean AUROC): the learning rate
+  is chosen on the validation AUROC even where the validation F1 says otherwise, the cell and the
+  paired difference are AUROC, and the tables name the metric per dataset."""
+  recs = []
+  for s in range(2):
+    for variant, lr, val_auc, val_f1, auc in (("shpeft", 0.1, 0.80, 0.2, 0.70 + 0.02 * s),
+                                               ("shpeft", 1.0, 0.70, 0.9, 0.99),
+                                               ("linear", 0.1, 0.75, 0.5, 0.60)):
+      recs.append({**_rec(variant, lr, s, val_f1, 0.3, dataset="chestxray14"), "auc": auc,
+                   "headline": "auc_macro", "val_score": val_auc, "score": auc})
+    recs.append(_rec("shpeft", 0.1, s, 0.9, 0.8))  # digits: single-label, macro F1
+    recs.append(_rec("linear", 0.1, s, 0.9, 0.7))
+  rows = {(r["dataset"], r["variant"]): r for r in compare.summarize(recs)}
+  cxr = rows[("chestxray14", "shpeft")]
+  assert cxr["lr"] == 0.1 and cxr["score"].mean == pytest.approx(0.71)
+  assert cxr["headline"] == "auc_macro" and cxr["f1"].mean == pytest.approx(0.3)
+  d = rows[("chestxray14", "linear")]["vs_reference"]
+  assert d.mean == pytest.approx(np.mean([0.60 - 0.70, 0.60 - 0.72])) and d.record == "0-0-2"
+  assert rows[("digits", "shpeft")]["score"].mean == pytest.approx(0.8)
+  text = compare.format_seed_table([r for r in recs if r["dataset"] == "chestxray14"])
+  assert "AUROC (mean ± sd)" in text and "Δ AUROC vs shpeft" in text
+  assert text.splitlines()[1].split().count("AUC") == 0  # the headline is not repeated
+  paths = compare.write_tables(recs, str(_tmp()))
+  md = open(paths["md"]).read()
+  assert "chestxray14 (AUROC) | lr" in md and "digits (F1) | lr" in md
+  # Averaging AUROC with F1 over datasets means nothing: the Avg column stays empty.
+  row = next(l for l in md.splitlines() if l.startswith("| SHPEFT | S |"))
+  assert row.startswith("| SHPEFT | S | 71.0 ± 1.4 (n=2) | 0.1 |")
+  assert row.split("|")[-3].strip() == ""
+
+
+def _tmp():
+  import tempfile  # pylint: disable=g-import-not-at-top
+  return tempfile.mkdtemp()
