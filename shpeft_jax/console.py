@@ -94,6 +94,13 @@ def import_tensorflow(detail: bool | None = None):
   return tf
 
 
+def _formatted(record: std_logging.LogRecord) -> str:
+  try:
+    return record.getMessage()
+  except (TypeError, ValueError):
+    return str(record.msg)
+
+
 class _DropNoise(std_logging.Filter):
   """Drops library INFO chatter (orbax: dozens of lines per checkpoint) and known empty warnings."""
 
@@ -101,7 +108,7 @@ class _DropNoise(std_logging.Filter):
     if record.levelno < std_logging.WARNING and "/orbax/" in record.pathname:
       return False
     if "/tensorflow_datasets/" in record.pathname and (
-        record.levelno < std_logging.WARNING or _TFDS_NOTES.search(record.msg or "")):
+        record.levelno < std_logging.WARNING or _TFDS_NOTES.search(_formatted(record))):
       # tfds' INFO lines per read (`Load dataset info from ...`, `Constructing tf.data.Dataset`)
       # and its notes on our own prepared-source configs: not news to the user.
       return False

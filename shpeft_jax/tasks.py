@@ -132,6 +132,10 @@ class Task:
     """`report` as a text table (sklearn's classification_report style)."""
     raise NotImplementedError
 
+  def summary(self, m: dict) -> str:
+    """One console line of test metrics (%), the headline first."""
+    raise NotImplementedError
+
   def decisions(self, probs: np.ndarray, names: Sequence[str],
                 thresholds: Sequence[float] | None = None) -> list[list[str]]:
     """What predict writes as the prediction of each row: the names predicted (one class; the
@@ -162,6 +166,10 @@ class SingleLabel(Task):
   def report_text(self, report):
     from shpeft_jax.evaluation import per_class  # pylint: disable=g-import-not-at-top
     return per_class.format_report(report)
+
+  def summary(self, m):
+    return (f"F1 {100 * m['f1_macro']:.2f}  accuracy {100 * m['accuracy']:.2f}  "
+            f"AUC {100 * m['auc_macro']:.2f}")
 
   def decisions(self, probs, names, thresholds=None):
     return [[names[i]] for i in np.argmax(probs, axis=-1)]
@@ -272,6 +280,10 @@ class MultiLabel(Task):
       lines.append(f"undefined (one class only among known labels): "
                    f"{', '.join(report['undefined'])}")
     return "\n".join(lines)
+
+  def summary(self, m):
+    return (f"mean AUROC {100 * m['auc_macro']:.2f}  mAP {100 * m['map']:.2f}  macro F1 "
+            f"{100 * m['f1_macro']:.2f}  exact match {100 * m['accuracy']:.2f}")
 
   def decisions(self, probs, names, thresholds=None):
     t = np.full(len(names), DEFAULT_THRESHOLD) if thresholds is None else np.asarray(thresholds)

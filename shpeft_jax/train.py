@@ -481,6 +481,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # encoder as init_checkpoint) reads export/ right away.
   sharding.sync_processes(f"run done {workdir}")
   m = results["test"]
-  logging.info("%s test (%s model): F1 %.2f  accuracy %.2f  AUC %.2f", method.name,
-               results["reported"], 100 * m["f1_macro"], 100 * m["accuracy"], 100 * m["auc_macro"])
+  logging.info("%s test (%s model): %s", method.name, results["reported"], task.summary(m))
   return results

@@ -21,10 +21,12 @@ import contextlib
 import fcntl
 import hashlib
 import inspect
+import io
 import json
 import os
 import shutil
 import socket
+import sys
 import time
 from typing import Iterator
 
@@ -142,6 +144,8 @@ class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
       name = splits_lib.relative_name(key, parsed.root)
       yield name, {"image": data, "file_name": name, "patient": parsed.patient(key),
                    "label": np.asarray(label, np.float32) if multi else label}
+      if getattr(self, "on_example", None) is not None:
+        self.on_example()
 
 
 class Chaoyang(_ManualImageBuilder):
@@ -503,8 +507,30 @@ def _read_back(name: str, data_dir: str, manual: str, manual_dir: str | None,
 
 def _prepare(builder: _ManualImageBuilder, parsed: parsed_lib.ParsedSource, sid: str,
              manual: str) -> None:
+  from shpeft_jax import console  # pylint: disable=g-import-not-at-top
   from shpeft_jax.utils import atomic_path  # pylint: disable=g-import-not-at-top
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  t0 = time.time()
+  if console.verbosity() >= 1:  # tfds' own banners and per-split bars
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  else:
+    # One bar over every image (rate, ETA) instead of tfds' banner and its nested per-split and
+    # shuffle bars named by temporary paths.
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=parsed.num_examples, desc=f"preparing {parsed.name}", unit="img",
+               dynamic_ncols=True, leave=False, file=sys.stderr)
+    builder.on_example = lambda: bar.update(1)
+    tfds.display_progress_bar(False)
+    try:
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    finally:
+      tfds.display_progress_bar(True)
+      builder.on_example = None
+      bar.close()
+  logging.info("%s: prepared %d images (%s) in %.1f s into %s", parsed.name,
+               parsed.num_examples, ", ".join(f"{k} {v}" for k, v in parsed.split_sizes.items()),
+               time.time() - t0, os.fspath(builder.data_dir))
   record = {"name": parsed.name, "source_id": sid, "manual_dir": os.path.abspath(manual),
             "class_names": list(parsed.class_names), "task": parsed.task,
             "num_examples": parsed.num_examples, "split_sizes": parsed.split_sizes,

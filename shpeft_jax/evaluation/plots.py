@@ -107,7 +107,7 @@ def plot_per_class_bars(per_method: Mapping[str, Mapping[str, Any]], path: str, 
            error_kw={"elinewidth": 0.9, "ecolor": "0.2"})
   ax.set_xticks(range(k), [_short(n) for n in names], rotation=30 if k > 6 else 0,
                 ha="right" if k > 6 else "center")
-  ax.set_ylabel(f"{metric} (%)")
+  ax.set_ylabel(f"{ {'f1': 'F1', 'auc': 'AUROC', 'ap': 'AP'}.get(metric, metric)} (%)")
   ax.set_ylim(0, 118)  # Room above 100 for the legend.
   ax.set_yticks(range(0, 101, 20))
   ax.set_title(title or f"Per-class {metric} by method")
