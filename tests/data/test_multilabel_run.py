@@ -124,3 +124,21 @@ def test_report_draws_per_finding_roc_and_auroc_bars(run):
   assert "Per finding" in page and "mean AUROC" in page and "AUROC per finding" in page
   text = open(out["per_class_txt"]).read()
   assert text.splitlines()[0].split()[:3] == ["auroc", "ap", "f1"]
+
+
+@pytest.mark.parametrize("method", ["lora", "vpt_deep", "spt_lora"])
+def test_other_methods_train_on_multi_label_data(run, method, tmp_path):
+  """Additive (merged LoRA), prompt (VPT) and SPT-LoRA methods train on the BCE too; their
+  exported model gives the test metrics results.json records (recomputed from its predictions)."""
+  config, _, _, _, _ = run
+  config = config.copy_and_resolve_references()
+  config.peft.method = method
+  config.train.num_steps, config.train.report_best, config.train.pos_weight = 2, False, ""
+  results = train.train_and_evaluate(config, str(tmp_path / method))
+  assert results["task"] == "multi_label" and results["method"] == method
+  with np.load(str(tmp_path / method / report.PREDICTIONS)) as z:
+    m = tasks.of("multi_label").metrics(z["logits"], z["labels"],
+                                        thresholds=results["thresholds"]["values"])
+  assert m["auc_macro"] == pytest.approx(results["test"]["auc_macro"], abs=1e-6)
+  loaded = predict.load_model(str(tmp_path / method))
+  assert loaded.task.name == "multi_label" and len(loaded.thresholds) == FINDINGS
