@@ -227,6 +227,10 @@ NOT_INPUTS = (
     "method_overrides", "pretrain",
 )
 
+# peft fields added after workdirs existed, with their defaults: a stage input only when set to
+# another value.
+NEW_PEFT_FIELDS = {"peft.l2_reduction": "sum_of_squares", "peft.selection_scope": "global"}
+
 # Result paths of each stage, relative to a run's workdir (for --restart_from).
 TRAINER_OUTPUTS = {
     "data": [],
@@ -248,16 +252,19 @@ def trainer_stages(config, workdir: str, *, source_id: str, init_id: str = "") -
   """{stage: Stage} of one trainer run, each stage's inputs holding the previous one's id."""
   flat = flatten(canonical(config))
   data = Stage(workdir, "data", {"source": source_id, **_pick(flat, ["data"])})
-  # The scores do not depend on how many weights are then selected.
-  scoring = {k: v for k, v in _pick(flat, ["peft"]).items()
-             if k not in ("peft.k_percent", "peft.k_count")}
+  # Fields added after workdirs were made are recorded only when not at their default, so that
+  # those workdirs keep their fingerprints.
+  peft = {k: v for k, v in _pick(flat, ["peft"]).items() if NEW_PEFT_FIELDS.get(k, ABSENT) != v}
+  # The scores do not depend on how many weights are then selected, nor where.
+  scoring = {k: v for k, v in peft.items()
+             if k not in ("peft.k_percent", "peft.k_count", "peft.selection_scope")}
   # The loss (multi-label positive weights) changes the scores; recorded only when set, so that
   # workdirs from before the field keep their fingerprints.
   loss = {"train.pos_weight": flat["train.pos_weight"]} if flat.get("train.pos_weight") else {}
   scores = Stage(workdir, "scores", {
       "data": data.fingerprint, "model.init_checkpoint (content)": init_id, "seed": flat.get("seed"),
       "batch_size": flat.get("train.batch_size"), **_pick(flat, ["model"]), **scoring, **loss})
-  mask = Stage(workdir, "mask", {"scores": scores.fingerprint, **_pick(flat, ["peft"])})
+  mask = Stage(workdir, "mask", {"scores": scores.fingerprint, **peft})
   train = Stage(workdir, "train", {
       "mask": mask.fingerprint,
       **_pick(flat, ["optim", "train.batch_size", "train.num_steps", "train.eval_every",

@@ -12,6 +12,8 @@ def default_peft_config():
       estimator="l2",        # 'l1' | 'l2' (the importance's norm)
       mode="hybrid",         # 'hybrid' | 'td' | 'ta' (Table 4's rows)
       lam=1.0,               # hybrid balance lambda
+      l2_reduction="sum_of_squares",  # L2's I_td: sum_b g_b^2 | 'square_of_sum': (sum_b g_b)^2
+      selection_scope="global",       # top-k over: 'global' | 'per_tensor' | 'per_row'
       score_batches=-1,      # -1: one epoch of the training split
       score_chunk=8,         # batches per jitted lax.scan call
       include_head=False,    # the head is not ranked; it is always trained

@@ -4,8 +4,8 @@ The task-dependent part needs per-mini-batch gradients of the *mean* loss, g_b, 
 batches (one epoch by default). Two sums are kept in float32, both in ONE jitted `jax.lax.scan` over a
 chunk of batches so that there is no Python loop and no host round trip per batch:
 
-  sum_grad = sum_b g_b          (L1 estimator: |sum_b g_b|)
-  sum_sq   = sum_b g_b ** 2     (L2 estimator: the squared-gradient sensitivity of SPT)
+  sum_grad = sum_b g_b          (L1 estimator: |sum_b g_b|; L2 'square_of_sum': (sum_b g_b)**2)
+  sum_sq   = sum_b g_b ** 2     (L2 estimator 'sum_of_squares', the default: SPT's sensitivity)
 
 The hybrid score of a weight w is
 
@@ -42,6 +42,9 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 ESTIMATORS = ("l1", "l2")
 MODES = ("hybrid", "td", "ta")
 L1_REDUCTIONS = ("abs_of_sum", "sum_of_abs")
+# The L2 estimator's two readings (docs/SHPEFT.md): sum_b g_b**2 (SPT's; the default) or
+# (sum_b g_b)**2, the square of the scoring epoch's accumulated gradient.
+L2_REDUCTIONS = ("sum_of_squares", "square_of_sum")
 HEAD_PREFIX = param_names.HEAD
 
 _is_none = lambda x: x is None
@@ -413,15 +416,23 @@ def _check_acc(acc: Mapping | None) -> None:
     raise DataError("The accumulator holds zero batches: the importance dataset was empty.")
 
 
-def task_dependent(acc: Mapping, kind: str = "l2", *,
-                   l1_reduction: str = "abs_of_sum") -> PyTree:
-  """I_td: L1 = |sum_b g_b| (default; or sum_b |g_b|), L2 = sum_b g_b**2. None where unscored."""
+def task_dependent(acc: Mapping, kind: str = "l2", *, l1_reduction: str = "abs_of_sum",
+                   l2_reduction: str = "sum_of_squares") -> PyTree:
+  """I_td, None where unscored.
+
+  L1: |sum_b g_b| (default) or sum_b |g_b|. L2: sum_b g_b**2 (default, SPT's reading) or
+  (sum_b g_b)**2 (the square of the gradient of the loss summed over the scoring batches).
+  """
   _check_estimator(kind)
   _check_acc(acc)
-  if kind == "l2":
-    return acc["sum_sq"]
   if l1_reduction not in L1_REDUCTIONS:
     raise ConfigError(f"Unknown l1_reduction {l1_reduction!r}; choose from {L1_REDUCTIONS}.")
+  if l2_reduction not in L2_REDUCTIONS:
+    raise ConfigError(f"Unknown l2_reduction {l2_reduction!r}; choose from {L2_REDUCTIONS}.")
+  if kind == "l2":
+    if l2_reduction == "square_of_sum":
+      return jax.tree.map(jnp.square, acc["sum_grad"])
+    return acc["sum_sq"]
   if l1_reduction == "sum_of_abs":
     if "sum_abs" not in acc:
       raise ConfigError("l1_reduction='sum_of_abs' needs an accumulator built with "
@@ -452,11 +463,13 @@ def _combine(td, ta, lam):
 
 def hybrid_importance(params: PyTree, acc: Mapping | None = None, *, estimator: str = "l2",
                       lam: float = 1.0, mode: str = "hybrid", l1_reduction: str = "abs_of_sum",
-                      scored: PyTree | None = None, return_info: bool = False):
+                      l2_reduction: str = "sum_of_squares", scored: PyTree | None = None,
+                      return_info: bool = False):
   """SH-PEFT's importance, Eq. 1 as estimated in Sec. 2.2.
 
   I = I_td + lam * (sum I_td / sum I_ta) * I_ta (mode 'hybrid'); I_td alone ('td'); I_ta alone
-  ('ta', needs no accumulator). Sums run over every scored parameter. The scored set is the
+  ('ta', needs no accumulator). Sums run over every scored parameter. `l1_reduction` /
+  `l2_reduction` choose the reading of I_td (see `task_dependent`). The scored set is the
   accumulator's non-None leaves (or `scored`, or by default every non-head parameter in 'ta' mode).
 
   Returns:
@@ -478,7 +491,7 @@ def hybrid_importance(params: PyTree, acc: Mapping | None = None, *, estimator: 
     scores = task_agnostic(params, estimator, scored=scored)
     info["sum_ta"] = float(_tree_sum(scores))
   else:
-    td = task_dependent(acc, estimator, l1_reduction=l1_reduction)
+    td = task_dependent(acc, estimator, l1_reduction=l1_reduction, l2_reduction=l2_reduction)
     sum_td = float(_tree_sum(td))
     info["sum_td"] = sum_td
     if not math.isfinite(sum_td):

@@ -121,7 +121,32 @@ def _ranking_settings(peft_cfg) -> dict[str, Any]:
     raise ConfigError(f"peft.estimator must be 'l1' or 'l2', got {estimator!r}.")
   if mode not in ("hybrid", "td", "ta"):
     raise ConfigError(f"peft.mode must be 'hybrid', 'td' or 'ta', got {mode!r}.")
-  return dict(estimator=estimator, mode=mode, lam=float(peft_cfg["lam"]))
+  l2_reduction = _get(peft_cfg, "l2_reduction", "sum_of_squares")
+  if l2_reduction not in ("sum_of_squares", "square_of_sum"):
+    raise ConfigError(f"peft.l2_reduction must be 'sum_of_squares' (sum_b g_b^2) or "
+                      f"'square_of_sum' ((sum_b g_b)^2), got {l2_reduction!r}.")
+  return dict(estimator=estimator, mode=mode, lam=float(peft_cfg["lam"]),
+              l2_reduction=l2_reduction)
+
+
+def _get(peft_cfg, field: str, default):
+  """A peft field added after configs were written (dict configs of tests may lack it)."""
+  try:
+    return peft_cfg[field]
+  except KeyError:
+    return default
+
+
+def _selection_scope(peft_cfg) -> str:
+  """`peft.selection_scope`: where the top-k of shpeft / random is taken (selection.SCOPES)."""
+  from shpeft_jax.peft import selection  # pylint: disable=g-import-not-at-top
+  scope = _get(peft_cfg, "selection_scope", "global")
+  if scope not in selection.SCOPES:
+    raise ConfigError(f"peft.selection_scope must be one of {selection.SCOPES}, got {scope!r}.")
+  if scope != "global" and int(peft_cfg["k_count"] or 0) > 0:
+    raise ConfigError(f"peft.selection_scope={scope!r} takes k_percent of every tensor / row; "
+                      "set peft.k_count=0 (k_count is a global count).")
+  return scope
 
 
 def _sensitivity_settings(peft_cfg) -> dict[str, Any]:
@@ -175,6 +200,8 @@ class PeftMethod:
   peft: PeftConfig
   additive: AdditiveConfig
   importance: dict | None  # hybrid_importance settings when the method scores, else None.
+  # Where shpeft / random take their top-k: 'global' | 'per_tensor' | 'per_row' (selection.py).
+  scope: str = "global"
 
   @property
   def name(self) -> str:
@@ -203,7 +230,8 @@ def resolve(peft_cfg: PeftConfig | PeftMethod) -> PeftMethod:
     return peft_cfg
   spec = get_method(peft_cfg["method"])
   return PeftMethod(spec, peft_cfg, spec.hooks(peft_cfg),
-                    spec.importance(peft_cfg) if spec.scored else None)
+                    spec.importance(peft_cfg) if spec.scored else None,
+                    _selection_scope(peft_cfg))
 
 
 def spt_settings(peft_cfg) -> dict[str, Any]:
@@ -276,11 +304,18 @@ def _full_like(shape, value: bool) -> np.ndarray:
   return np.full(shape, value, dtype=np.bool_)
 
 
-def _select(score_flat: Mapping[str, np.ndarray | None], k_count: int):
-  """Exact global top-k over the non-None scores (selection module): ({name: mask}, SelectionInfo)."""
+def _select(score_flat: Mapping[str, np.ndarray | None], k_count: int | None,
+            method: PeftMethod | None = None):
+  """Exact top-k over the non-None scores (selection module): ({name: mask}, SelectionInfo).
+
+  Global top-k_count; with `method` (k_count None), k_percent within the method's scope."""
   from shpeft_jax.peft import selection  # pylint: disable=g-import-not-at-top
   tree = utils.unflatten_names(score_flat)
-  mask, info = selection.select_top_k(tree, k_count=k_count)
+  if method is None:
+    mask, info = selection.select_top_k(tree, k_count=k_count)
+  else:
+    mask, info = selection.select_top_k(tree, k_percent=float(method.peft["k_percent"]),
+                                        scope=method.scope)
   logging.debug("peft selection: %s", info)
   leaves = jax.tree_util.tree_structure(tree, is_leaf=lambda x: x is None).flatten_up_to(mask)
   return dict(zip(score_flat, leaves)), info
@@ -346,10 +381,10 @@ class Selector:
     del method, scores, rng
     return {n: _full_like(shapes[n], t) for n, (_, t) in matched.items()}, None
 
-  def count(self, method: PeftMethod, sizes: Mapping[str, int], matched: Matched):
+  def count(self, method: PeftMethod, shapes: Shapes, matched: Matched):
     """(trainable weights, exact?) from the shapes alone."""
     del method
-    return sum(s for n, s in sizes.items() if matched[n][1]), True
+    return sum(math.prod(s) for n, s in shapes.items() if matched[n][1]), True
 
 
 RULES = Selector()
@@ -369,20 +404,28 @@ class TopK(Selector):
 
   def mask(self, method, shapes, matched, scores, rng):
     eligible = {n: self.eligible(method, n) for n in shapes}
-    k = method.budget(sum(math.prod(shapes[n]) for n, e in eligible.items() if e))
     if self.random:
       score_flat = _random_scores(shapes, eligible, _rng_seed(rng))
     else:
       score_flat = _scores_by_name(scores, shapes, eligible)
-    selected, info = _select(score_flat, k)
+    if method.scope == "global":
+      k = method.budget(sum(math.prod(shapes[n]) for n, e in eligible.items() if e))
+      selected, info = _select(score_flat, k)
+    else:
+      selected, info = _select(score_flat, None, method)
     return {n: (np.asarray(selected[n], np.bool_) if eligible[n]
                 else _full_like(shapes[n], matched[n][0] == "head")) for n in shapes}, info
 
-  def count(self, method, sizes, matched):
-    eligible = {n: self.eligible(method, n) for n in sizes}
-    n_eligible = sum(sizes[n] for n, e in eligible.items() if e)
-    return method.budget(n_eligible) + sum(
-        s for n, s in sizes.items() if matched[n][0] == "head" and not eligible[n]), True
+  def count(self, method, shapes, matched):
+    from shpeft_jax.peft import selection  # pylint: disable=g-import-not-at-top
+    eligible = {n: self.eligible(method, n) for n in shapes}
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    if method.scope == "global":
+      k = method.budget(sum(sizes[n] for n, e in eligible.items() if e))
+    else:
+      k = selection.scoped_count({n: s for n, s in shapes.items() if eligible[n]},
+                                 k_percent=float(method.peft["k_percent"]), scope=method.scope)
+    return k + sum(s for n, s in sizes.items() if matched[n][0] == "head" and not eligible[n]), True
 
 
 class SptLora(Selector):
@@ -443,7 +486,8 @@ class SptLora(Selector):
                  rank, len(lora_chosen), sum(eligible.values()), lora_chosen)
     return out, info
 
-  def count(self, method, sizes, matched):
+  def count(self, method, shapes, matched):
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
     backbone = sum(s for n, s in sizes.items() if pn.is_backbone(n))
     head = sum(s for n, s in sizes.items() if matched[n][0] == "head")
     return method.budget(backbone) + head, False  # An upper bound: the split depends on the data.
@@ -599,7 +643,8 @@ def count_trainable(method, shapes) -> dict[str, Any]:
   matched = match_rules(method.spec, sizes)
   head = sum(s for n, s in sizes.items() if matched[n][0] == "head")
   backbone = sum(s for n, s in sizes.items() if pn.is_backbone(n))
-  trainable, exact = method.spec.selector.count(method, sizes, matched)
+  trainable, exact = method.spec.selector.count(
+      method, {n: _shape(v) for n, v in flat.items()}, matched)
   additive = sum(s for n, s in sizes.items() if pn.is_additive(n))
   spec = method.spec
   return dict(method=spec.name, label=spec.label, kind=spec.kind, trainable=int(trainable),

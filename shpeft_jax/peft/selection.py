@@ -16,6 +16,21 @@ Algorithm (O(N), no full sort; Floyd-Rivest style sample select, exact by constr
      until exactly k are selected (a second pass only when ties straddle tau).
 The paper's rule "I > tau" is our rule up to how ties at tau are split; with continuous scores there
 are none.
+
+Scopes (`scope=`, `peft.selection_scope`; the paper's is 'global'):
+  * 'global': the one top-k over the whole tree above;
+  * 'per_tensor': within every eligible tensor T separately, k_T = max(1, round(k% * |T|));
+  * 'per_row': within every OUTPUT ROW of every kernel separately, k_r = max(1, round(k% * fan_in)):
+    an output row is the set of weights that feed one output unit (GPS's "per neuron"). Flax
+    layouts put the output axes last: Dense [in, out] and Conv [kh, kw, in, out] -> one row per
+    output feature (a column of the [in, out] matrix: the fan_in = all axes but the last); the
+    attention out projection [heads, head_dim, width] -> one row per output feature (fan_in =
+    heads * head_dim); q/k/v DenseGeneral [width, heads, head_dim] -> one row per (head, head_dim)
+    output (fan_in = width). Every other leaf (1-D biases and LayerNorm scales, the class token, the
+    positional embedding, which are no linear map) falls back to 'per_tensor'.
+Within a tensor or row the order is the global one: a higher score wins, ties go to the lower flat
+index, so every group equals a stable argsort of its own scores. k% rounds per group (halves up) with
+at least one weight per group, so the total differs slightly from the global k (`scoped_count`).
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from shpeft_jax.utils import path_name
 
 PyTree = Any
 SAMPLE_SIZE = 1 << 18
+SCOPES = ("global", "per_tensor", "per_row")
 
 _is_none = lambda x: x is None
 
@@ -48,6 +64,10 @@ class SelectionInfo:
   num_tied: int         # weights with score == tau (num_tied_selected of them selected).
   num_tied_selected: int
   k_percent: float      # 100 * k / N.
+  # 'global', or 'per_tensor' / 'per_row': then tau is the lowest group threshold and the counts
+  # are sums over the groups.
+  scope: str = "global"
+  num_groups: int = 1
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -61,12 +81,7 @@ def resolve_k(n: int, *, k_percent: float | None = None, k_count: int | None = N
   if n <= 0:
     raise ConfigError("There is no eligible weight to select from (N = 0).")
   if k_percent is not None:
-    if isinstance(k_percent, bool) or not isinstance(k_percent, (int, float)) or not math.isfinite(
-        k_percent):
-      raise ConfigError(f"k_percent must be a number in (0, 100], got {k_percent!r}.")
-    if not 0 < k_percent <= 100:
-      raise ConfigError(f"k_percent must be in (0, 100] (a percentage of the {n} eligible "
-                        f"weights), got {k_percent}.")
+    _check_percent(k_percent, n)
     k = int(math.floor(k_percent * n / 100.0 + 0.5))
     if k == 0:
       raise ConfigError(f"k_percent={k_percent}% of N={n} rounds to 0 weights; use a larger "
@@ -79,6 +94,15 @@ def resolve_k(n: int, *, k_percent: float | None = None, k_count: int | None = N
   return int(k_count)
 
 
+def _check_percent(k_percent, n: int) -> None:
+  if isinstance(k_percent, bool) or not isinstance(k_percent, (int, float)) or not math.isfinite(
+      k_percent):
+    raise ConfigError(f"k_percent must be a number in (0, 100], got {k_percent!r}.")
+  if not 0 < k_percent <= 100:
+    raise ConfigError(f"k_percent must be in (0, 100] (a percentage of the {n} eligible "
+                      f"weights), got {k_percent}.")
+
+
 def _leaves(scores_tree):
   """(paths, leaves-or-None, treedef) with None leaves kept in place."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(scores_tree, is_leaf=_is_none)
@@ -86,9 +110,9 @@ def _leaves(scores_tree):
 
 
 def select_top_k(scores_tree: PyTree, *, k_percent: float | None = None,
-                 k_count: int | None = None,
-                 eligible: PyTree | None = None) -> tuple[PyTree, SelectionInfo]:
-  """The boolean mask of the exactly-k highest scores over the whole tree.
+                 k_count: int | None = None, eligible: PyTree | None = None,
+                 scope: str = "global") -> tuple[PyTree, SelectionInfo]:
+  """The boolean mask of the exactly-k highest scores over the whole tree (or per group, `scope`).
 
   Args:
     scores_tree: non-NaN float scores (jax or numpy arrays). `None` leaves (unscored parameters,
@@ -97,10 +121,12 @@ def select_top_k(scores_tree: PyTree, *, k_percent: float | None = None,
     k_count: alternatively an absolute number of weights in [1, N].
     eligible: optional tree of Python bools (one per leaf, same structure): False leaves are never
       selected, do not count in N, and get an all-False mask.
+    scope: 'global' | 'per_tensor' | 'per_row' (module docstring); the last two need k_percent.
 
   Returns:
     (mask tree of numpy bool arrays / None, SelectionInfo).
   """
+  _check_scope(scope, k_percent, k_count)
   names, leaves, treedef = _leaves(scores_tree)
   if eligible is None:
     flags = [x is not None for x in leaves]
@@ -125,6 +151,8 @@ def select_top_k(scores_tree: PyTree, *, k_percent: float | None = None,
     arrays.append(a.reshape(-1))
   live = [a for a in arrays if a is not None and a.size]
   n = int(sum(a.size for a in live))
+  if scope != "global":
+    return _select_grouped(names, leaves, arrays, treedef, n, k_percent, scope)
   k = resolve_k(n, k_percent=k_percent, k_count=k_count)
 
   tau, num_above, tied = _kth_largest(live, n, k)
@@ -159,6 +187,85 @@ def select_top_k(scores_tree: PyTree, *, k_percent: float | None = None,
   info = SelectionInfo(threshold=float(tau), k=k, n=n, selected=selected, num_above=num_above,
                        num_tied=num_tied, num_tied_selected=tied_selected,
                        k_percent=100.0 * k / n)
+  return jax.tree_util.tree_unflatten(treedef, out), info
+
+
+def _check_scope(scope: str, k_percent, k_count) -> None:
+  if scope not in SCOPES:
+    raise ConfigError(f"Unknown selection scope {scope!r}; choose from {SCOPES}.")
+  if scope != "global" and (k_count is not None or k_percent is None):
+    raise ConfigError(f"scope={scope!r} selects k_percent of every tensor / row; give k_percent, "
+                      "not k_count (a global count).")
+
+
+def row_matrix_shape(name: str, shape: tuple[int, ...], scope: str) -> tuple[int, int]:
+  """(group length, number of groups) of a tensor under a non-global scope: the groups are the
+  columns of the tensor reshaped (C order) to this shape, so a lower row is a lower flat index.
+
+  'per_row' on a kernel: (fan_in, output units), see the module docstring; otherwise (and for 1-D
+  tensors or leaves that are not a `kernel`): one group, the whole tensor.
+  """
+  size = math.prod(shape)
+  if scope != "per_row" or len(shape) < 2 or name.split("/")[-1] != "kernel":
+    return size, 1
+  n_in_axes = 1 if param_type_of(name) == "attn_qkv" else len(shape) - 1
+  fan_in = math.prod(shape[:n_in_axes])
+  return fan_in, size // fan_in
+
+
+def _group_k(group_size: int, k_percent: float) -> int:
+  return max(1, int(math.floor(k_percent * group_size / 100.0 + 0.5)))
+
+
+def scoped_count(shapes: dict[str, tuple[int, ...]], *, k_percent: float, scope: str) -> int:
+  """How many weights `select_top_k(..., scope=scope)` selects from tensors of these shapes."""
+  _check_scope(scope, k_percent, None)
+  n = sum(math.prod(s) for s in shapes.values())
+  k = resolve_k(n, k_percent=k_percent) if scope == "global" else 0
+  if scope != "global":
+    resolve_k(n, k_count=max(n, 1))  # Validates N > 0.
+    _check_percent(k_percent, n)
+    for name, shape in shapes.items():
+      if math.prod(shape):
+        length, groups = row_matrix_shape(name, tuple(shape), scope)
+        k += groups * _group_k(length, k_percent)
+  return k
+
+
+def _select_grouped(names, leaves, arrays, treedef, n, k_percent, scope):
+  """`select_top_k` for the 'per_tensor' / 'per_row' scopes: a stable argsort per group."""
+  resolve_k(n, k_count=max(n, 1))  # Validates N > 0.
+  _check_percent(k_percent, n)  # Every group keeps at least one weight: no "rounds to 0".
+  out, k_total, above, tied, tied_sel, groups, taus = [], 0, 0, 0, 0, 0, []
+  for name, x, a in zip(names, leaves, arrays):
+    if x is None:
+      out.append(None)
+      continue
+    shape = tuple(np.shape(x))
+    if a is None or not a.size:
+      out.append(np.zeros(shape, bool))
+      continue
+    length, cols = row_matrix_shape(name, shape, scope)
+    mat = a.reshape(length, cols)
+    k = _group_k(length, k_percent)
+    order = np.argsort(-mat, axis=0, kind="stable")[:k]  # Ties: the lower flat index first.
+    mask = np.zeros(mat.shape, bool)
+    np.put_along_axis(mask, order, True, axis=0)
+    tau = np.take_along_axis(mat, order[-1:], axis=0)  # Each group's k-th largest score.
+    num_above = int(np.count_nonzero(mat > tau))
+    above += num_above
+    tied += int(np.count_nonzero(mat == tau))
+    tied_sel += k * cols - num_above
+    k_total += k * cols
+    groups += cols
+    taus.append(float(tau.min()))
+    out.append(mask.reshape(shape))
+  selected = sum(int(np.count_nonzero(m)) for m in out if m is not None)
+  if selected != k_total:  # Unreachable; never hand out a wrong mask.
+    raise RuntimeError(f"selection picked {selected} weights instead of k={k_total}.")
+  info = SelectionInfo(threshold=min(taus), k=k_total, n=n, selected=selected, num_above=above,
+                       num_tied=tied, num_tied_selected=tied_sel, k_percent=100.0 * k_total / n,
+                       scope=scope, num_groups=groups)
   return jax.tree_util.tree_unflatten(treedef, out), info
 
 
