@@ -207,6 +207,60 @@ def test_sum_of_abs_variant(tiny, full_acc):
     imp.task_dependent(plain, "l1", l1_reduction="sum_of_abs")
 
 
+def test_square_of_sum_by_hand():
+  """l2_reduction='square_of_sum': I_td = (sum_b g_b)^2 from three hand-written batch gradients."""
+  params = {"encoder": {"a": jnp.array([1.0, -2.0]), "b": jnp.array([3.0])},
+            "head": {"kernel": jnp.array([7.0])}}
+  # g_1 = [1, -2 | 0.5], g_2 = [-0.5, 1 | -1.5], g_3 = [1, 0 | 3].
+  grads = [([1.0, -2.0], [0.5]), ([-0.5, 1.0], [-1.5]), ([1.0, 0.0], [3.0])]
+  sum_a = [sum(g[0][i] for g in grads) for i in range(2)]  # [1.5, -1.0]
+  sum_b = [sum(g[1][0] for g in grads)]                     # [2.0]
+  sq_a = [sum(g[0][i] ** 2 for g in grads) for i in range(2)]  # [2.25, 5.0]
+  sq_b = [sum(g[1][0] ** 2 for g in grads)]                     # [11.5]
+  acc = {"sum_grad": {"encoder": {"a": jnp.array(sum_a), "b": jnp.array(sum_b)},
+                      "head": {"kernel": None}},
+         "sum_sq": {"encoder": {"a": jnp.array(sq_a), "b": jnp.array(sq_b)},
+                    "head": {"kernel": None}},
+         "num_batches": jnp.array(3)}
+  td = imp.task_dependent(acc, "l2", l2_reduction="square_of_sum")
+  np.testing.assert_allclose(td["encoder"]["a"], [2.25, 1.0])
+  np.testing.assert_allclose(td["encoder"]["b"], [4.0])
+  assert td["head"]["kernel"] is None
+  np.testing.assert_allclose(imp.task_dependent(acc, "l2")["encoder"]["a"], [2.25, 5.0])
+  # Hybrid: I_td = [2.25, 1, 4] (sum 7.25); I_ta = w^2 = [1, 4, 9] (sum 14).
+  s, info = imp.hybrid_importance(params, acc, estimator="l2", l2_reduction="square_of_sum",
+                                  return_info=True)
+  r = 7.25 / 14.0
+  np.testing.assert_allclose(s["encoder"]["a"], [2.25 + r, 1 + 4 * r], rtol=1e-6)
+  np.testing.assert_allclose(s["encoder"]["b"], [4 + 9 * r], rtol=1e-6)
+  assert info == pytest.approx({"sum_td": 7.25, "sum_ta": 14.0, "ratio": r})
+  # The L1 estimator ignores l2_reduction.
+  l1 = imp.task_dependent(acc, "l1", l2_reduction="square_of_sum")
+  np.testing.assert_allclose(l1["encoder"]["a"], [1.5, 1.0])
+
+
+def test_square_of_sum_matches_brute_force(tiny, full_acc):
+  """(sum_b g_b)^2 of the scan over 5 real batches == the per-batch loop's, and differs from
+  sum_b g_b^2 (Cauchy-Schwarz: (sum g)^2 <= B * sum g^2, equality only for equal g_b)."""
+  _, params, loss_fn, batches = tiny
+  s1, s2, _ = brute_force(loss_fn, params, batches)
+  got = imp.task_dependent(full_acc, "l2", l2_reduction="square_of_sum")
+  assert_close(got, {n: v * v for n, v in s1.items()})
+  flat_sos = np.concatenate([np.ravel(v * v) for n, v in s1.items() if n.startswith("encoder/")])
+  flat_ss = np.concatenate([np.ravel(s2[n]) for n in s1 if n.startswith("encoder/")])
+  assert np.all(flat_sos <= len(batches) * flat_ss * (1 + 1e-9) + 1e-30)
+  assert not np.allclose(flat_sos, flat_ss, rtol=0.1)
+  w = {n: np.asarray(v, np.float64) for n, v in flatten_names(params).items()
+       if n.startswith("encoder/")}
+  ratio = sum((s1[n] ** 2).sum() for n in w) / sum((v * v).sum() for v in w.values())
+  hyb = flatten_names(imp.hybrid_importance(params, full_acc, estimator="l2", lam=2.0,
+                                            l2_reduction="square_of_sum"))
+  for n in w:
+    expect = s1[n] ** 2 + 2.0 * ratio * w[n] ** 2
+    np.testing.assert_allclose(np.asarray(hyb[n]), expect, rtol=1e-4,
+                               atol=1e-6 * np.abs(expect).max(), err_msg=n)
+
+
 def test_invalid_inputs(tiny):
   _, params, loss_fn, batches = tiny
   acc = imp.accumulate_gradients(loss_fn, params, stack(batches[:2]))
@@ -217,6 +271,8 @@ def test_invalid_inputs(tiny):
     imp.hybrid_importance(params, acc, estimator="l3")
   with pytest.raises(ConfigError, match="mode"):
     imp.hybrid_importance(params, acc, mode="both")
+  with pytest.raises(ConfigError, match="l2_reduction.*square_of_sum"):
+    imp.hybrid_importance(params, acc, l2_reduction="sum_of_sum")
   with pytest.raises(ConfigError, match="accumulator"):
     imp.hybrid_importance(params, None, mode="hybrid")
   with pytest.raises(DataError, match="empty"):
