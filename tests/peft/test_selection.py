@@ -175,3 +175,103 @@ def test_mask_statistics_by_hand():
                                     "attn_qkv", "attn_out", "mlp_fc", "mlp_proj"}
   f = stats["per_type"]["attn_qkv"]
   assert f["fraction"] == pytest.approx(f["selected"] / f["size"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Scopes: per_tensor and per_row against a brute-force argsort per group.
+
+# The input (fan-in) axes of each kernel of CLIP_NAMES, written out by hand from the Flax layouts:
+# Conv [kh, kw, in, out], q/k/v DenseGeneral [width, heads, head_dim], out [heads, head_dim, width],
+# Dense [in, out]. Every other leaf is one group (per_tensor fallback).
+FAN_IN_AXES = {"encoder/conv1/kernel": (0, 1, 2), "encoder/resblocks_0/attn/query/kernel": (0,),
+               "encoder/resblocks_0/attn/out/kernel": (0, 1),
+               "encoder/resblocks_0/mlp/c_fc/kernel": (0,), "head/kernel": (0,)}
+
+
+def brute_groups(name, shape, scope):
+  """Lists of C-order flat indices, one per group, enumerated element by element."""
+  if scope == "per_tensor" or name not in FAN_IN_AXES:
+    return [list(range(math.prod(shape)))]
+  in_axes = FAN_IN_AXES[name]
+  out_axes = [a for a in range(len(shape)) if a not in in_axes]
+  groups = {}
+  for idx in np.ndindex(*shape):
+    key = tuple(idx[a] for a in out_axes)
+    groups.setdefault(key, []).append(int(np.ravel_multi_index(idx, shape)))
+  return list(groups.values())
+
+
+def brute_scoped_mask(name, scores, k_percent, scope):
+  flat_s = scores.reshape(-1).astype(np.float64)
+  m = np.zeros(flat_s.size, bool)
+  for group in brute_groups(name, scores.shape, scope):
+    k = max(1, math.floor(k_percent * len(group) / 100 + 0.5))
+    ranked = sorted(group, key=lambda i: (-flat_s[i], i))  # Higher first, lower index on ties.
+    m[ranked[:k]] = True
+  return m.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("scope", ["per_tensor", "per_row"])
+@pytest.mark.parametrize("ties", [False, True])
+def test_scoped_selection_equals_brute_force(scope, ties):
+  from shpeft_jax.utils import unflatten_names
+  rng = np.random.default_rng(7 if ties else 8)
+  scores = {n: (rng.integers(0, 3, size=s).astype(np.float32) if ties
+                else rng.random(s, dtype=np.float32)) for n, s in CLIP_NAMES.items()}
+  scores["encoder/resblocks_0/ln_1/scale"][:] = 0.0  # A group made only of ties.
+  scores["head/kernel"] = None  # Unscored: stays None.
+  shapes = {n: s for n, s in CLIP_NAMES.items() if scores[n] is not None}
+  for k_percent in [1.0, 12.5, 30.0, 50.0, 100.0]:
+    mask, info = sel.select_top_k(unflatten_names(scores), k_percent=k_percent, scope=scope)
+    mask = flatten_names(mask)
+    assert "head/kernel" not in mask  # None leaves vanish from flatten_names.
+    total = 0
+    for n in shapes:
+      np.testing.assert_array_equal(mask[n], brute_scoped_mask(n, scores[n], k_percent, scope),
+                                    err_msg=f"{n} at {k_percent}%")
+      total += int(mask[n].sum())
+    assert total == info.k == info.selected == sel.scoped_count(shapes, k_percent=k_percent,
+                                                                scope=scope)
+    assert info.scope == scope and info.n == sum(math.prod(s) for s in shapes.values())
+    assert info.num_groups == sum(len(brute_groups(n, s, scope)) for n, s in shapes.items())
+    assert info.num_above + info.num_tied_selected == info.selected
+
+
+def test_per_row_layout_by_hand():
+  """A [3, 2] Dense kernel: each output unit (column) keeps its best of 3 incoming weights;
+  q/k/v [2, 1, 2]: per (head, head_dim) over the 2 inputs; a 1-D bias keeps its best of 4."""
+  tree = {"encoder": {
+      "mlp": {"c_fc": {"kernel": np.array([[0.1, 0.9], [0.5, 0.9], [0.3, 0.2]], np.float32),
+                       "bias": np.array([4.0, 1.0, 3.0, 2.0], np.float32)}},
+      "attn": {"query": {"kernel": np.array([[[1.0, 0.0]], [[2.0, 0.0]]], np.float32)}}}}
+  mask, info = sel.select_top_k(tree, k_percent=30.0, scope="per_row")
+  enc = mask["encoder"]
+  np.testing.assert_array_equal(enc["mlp"]["c_fc"]["kernel"],
+                                [[False, True], [True, False], [False, False]])  # 0.9 tie: row 0.
+  np.testing.assert_array_equal(enc["mlp"]["c_fc"]["bias"], [True, False, False, False])
+  np.testing.assert_array_equal(enc["attn"]["query"]["kernel"], [[[False, True]], [[True, False]]])
+  assert info.k == 2 + 1 + 2 and info.num_groups == 2 + 1 + 2
+  # per_tensor: 30% of 6 rounds to 2 (the two tied 0.9s); of 4 -> 1; of 4 -> 1.
+  mask, info = sel.select_top_k(tree, k_percent=30.0, scope="per_tensor")
+  np.testing.assert_array_equal(mask["encoder"]["mlp"]["c_fc"]["kernel"],
+                                [[False, True], [False, True], [False, False]])
+  assert info.k == 4 and info.num_groups == 3
+
+
+def test_scoped_selection_respects_eligible_and_validates():
+  tree = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(5, np.float32)}
+  mask, info = sel.select_top_k(tree, k_percent=10.0, scope="per_tensor",
+                                eligible={"a": True, "b": False})
+  assert not mask["b"].any() and info.n == 12 and mask["a"].sum() == 1 and mask["a"][2, 3]
+  with pytest.raises(ConfigError, match="Unknown selection scope 'per_col'"):
+    sel.select_top_k(tree, k_percent=10.0, scope="per_col")
+  with pytest.raises(ConfigError, match="give k_percent, not k_count"):
+    sel.select_top_k(tree, k_count=3, scope="per_row")
+  for bad in [0, 101, float("nan")]:
+    with pytest.raises(ConfigError, match="k_percent"):
+      sel.select_top_k(tree, k_percent=bad, scope="per_row")
+  with pytest.raises(ConfigError, match="N = 0"):
+    sel.select_top_k({"a": None}, k_percent=1.0, scope="per_tensor")
+  # A percentage too small for the global k is fine per group: at least one weight each.
+  mask, info = sel.select_top_k(tree, k_percent=0.01, scope="per_tensor")
+  assert info.k == 2 and mask["a"][2, 3] and mask["b"][0]
