@@ -374,3 +374,50 @@ def test_one_masked_sgd_step_moves_only_the_trainable_weights():
     assert not (moved & ~m).any(), name
   assert np.asarray(utils.flatten_names(new)["encoder/resblocks_0/mlp/c_fc/bias"] !=
                     utils.flatten_names(params)["encoder/resblocks_0/mlp/c_fc/bias"]).any()
+
+
+@pytest.mark.parametrize("method", ["shpeft", "random"])
+@pytest.mark.parametrize("scope", ["per_tensor", "per_row"])
+def test_selection_scope_mask_and_count(method, scope):
+  """peft.selection_scope: the mask is the scoped selection of the scores (shpeft) or of the
+  random control's scores, every encoder tensor / kernel row gets its share, the head trains, and
+  count_trainable (shapes only) equals the mask's count."""
+  from shpeft_jax.peft import selection
+  cfg = _cfg(method, k_percent=5.0, selection_scope=scope)
+  _, params = _tiny_params(cfg)
+  scores = _random_scores(params) if method == "shpeft" else None
+  mask, info = methods.build_mask(cfg, params, scores=scores, rng=3, log=False)
+  flat = utils.flatten_names(mask)
+  enc = {n: p.shape for n, p in utils.flatten_names(params).items() if n.startswith("encoder/")}
+  if method == "shpeft":
+    ref, _ = selection.select_top_k(
+        utils.unflatten_names({n: utils.flatten_names(scores)[n] for n in enc}), k_percent=5.0,
+        scope=scope)
+    for n, m in utils.flatten_names(ref).items():
+      np.testing.assert_array_equal(flat[n], m, err_msg=n)
+  for n, shape in enc.items():
+    length, groups = selection.row_matrix_shape(n, shape, scope)
+    per_group = flat[n].reshape(length, groups).sum(axis=0)
+    np.testing.assert_array_equal(per_group, max(1, math.floor(5.0 * length / 100 + 0.5)))
+  assert flat["head/kernel"].all() and flat["head/bias"].all()
+  head = flat["head/kernel"].size + flat["head/bias"].size
+  assert info.scope == scope and info.selected == selection.scoped_count(enc, k_percent=5.0,
+                                                                         scope=scope)
+  shapes = jax.eval_shape(lambda: params)
+  assert methods.count_trainable(cfg, shapes)["trainable"] == methods.trainable_count(mask) \
+      == info.selected + head
+
+
+def test_new_ranking_fields_are_validated():
+  for field, bad, match in (("selection_scope", "per_col", "selection_scope must be one of"),
+                            ("l2_reduction", "sum", "l2_reduction must be 'sum_of_squares'")):
+    with pytest.raises(ConfigError, match=match):
+      methods.validate_peft(_cfg("shpeft", **{field: bad}))
+  with pytest.raises(ConfigError, match="set peft.k_count=0"):
+    methods.resolve(_cfg("shpeft", selection_scope="per_row", k_count=100))
+  assert methods.importance_settings(_cfg("shpeft", l2_reduction="square_of_sum")) == dict(
+      estimator="l2", mode="hybrid", lam=1.0, l2_reduction="square_of_sum")
+  assert methods.resolve(_cfg("shpeft")).scope == "global"
+  # SPT's sensitivity keeps its own reading whatever the knob says.
+  assert methods.importance_settings(_cfg("spt_lora", l2_reduction="square_of_sum")) == dict(
+      estimator="l2", mode="td", lam=0.0)
