@@ -30,6 +30,8 @@ Ablation presets (`--ablation`, comma-separated, added after `--methods`):
           (I_ta-L1 = |w| and I_ta-L2 = w^2 rank the weights identically, so one I_ta row)
   table5  the hybrid balance lambda in 1.5, 1.2, 1.0, 0.8, 0.5 (L2 estimator)
   random  the control: SH-PEFT next to a random mask with the same k
+  l2_reading  I_ta + I_td-L2 with I_td = sum_b g_b^2 (default) and with (sum_b g_b)^2
+  scope   SH-PEFT and the random mask with the top-k global, per tensor and per output row
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ _METHODS = flags.DEFINE_list(
     f"Known: {','.join(methods_lib.method_names())}.")
 _DATASETS = flags.DEFINE_list(
     "datasets", [], "config.data.name values, one table column each (default: the config's).")
-_ABLATION = flags.DEFINE_list("ablation", [], "presets: table4, table5, random.")
+_ABLATION = flags.DEFINE_list("ablation", [], "presets: table4, table5, random, l2_reading, scope.")
 _SEEDS = flags.DEFINE_list(
     "seeds", [], "seeds to repeat every run with (config.seed; default: config.sweep.seeds, else "
     "config.seed). A seed changes the head init, data order, scoring batches and random mask.")
@@ -104,6 +106,19 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
     "table5": tuple(_shpeft(f"lam_{lam:g}", f"lambda = {lam:g}", mode="hybrid", estimator="l2",
                             lam=lam) for lam in (1.5, 1.2, 1.0, 0.8, 0.5)),
     "random": (method_variant("shpeft"), method_variant("random")),
+    # The L2 estimator's two readings (issue 26, docs/SHPEFT.md). In 'td' mode (sum_b g_b)^2 ranks
+    # exactly as I_td-L1 = |sum_b g_b| does, so only the hybrid differs from table4's rows.
+    "l2_reading": (
+        _shpeft("hybrid_l2", "I_ta + I_td-L2", mode="hybrid", estimator="l2", lam=1.0),
+        _shpeft("hybrid_l2_sqsum", "I_ta + I_td-L2, (sum g)^2", mode="hybrid", estimator="l2",
+                lam=1.0, l2_reduction="square_of_sum"),
+    ),
+    # Where the top-k is taken (issue 26): SH-PEFT and the random control in each scope.
+    "scope": (method_variant("shpeft"), method_variant("random")) + tuple(
+        v for scope in ("per_tensor", "per_row") for v in (
+            _shpeft(f"shpeft_{scope}", f"SH-PEFT, {scope}", selection_scope=scope),
+            Variant(f"random_{scope}", f"Random mask, {scope}", "S", "random",
+                    (("selection_scope", scope),)))),
 }
 
 
