@@ -250,6 +250,14 @@ def test_square_of_sum_matches_brute_force(tiny, full_acc):
   flat_ss = np.concatenate([np.ravel(s2[n]) for n in s1 if n.startswith("encoder/")])
   assert np.all(flat_sos <= len(batches) * flat_ss * (1 + 1e-9) + 1e-30)
   assert not np.allclose(flat_sos, flat_ss, rtol=0.1)
+  # In 'td' mode (sum g)^2 ranks exactly as I_td-L1 = |sum g|: the same top-k mask.
+  from shpeft_jax.peft import selection  # pylint: disable=g-import-not-at-top
+  td_l1 = imp.hybrid_importance(params, full_acc, estimator="l1", mode="td")
+  td_sq = imp.hybrid_importance(params, full_acc, estimator="l2", mode="td",
+                                l2_reduction="square_of_sum")
+  for k in (1.0, 10.0):
+    jax.tree.map(np.testing.assert_array_equal, selection.select_top_k(td_l1, k_percent=k)[0],
+                 selection.select_top_k(td_sq, k_percent=k)[0])
   w = {n: np.asarray(v, np.float64) for n, v in flatten_names(params).items()
        if n.startswith("encoder/")}
   ratio = sum((s1[n] ** 2).sum() for n in w) / sum((v * v).sum() for v in w.values())
