@@ -35,3 +35,20 @@ def test_non_default_values_change_the_stages_they_feed(tmp_path):
   assert changed(l2_reduction="square_of_sum") == ["scores", "mask", "train", "export"]
   assert changed(selection_scope="per_row") == ["mask", "train", "export"]
   assert changed(selection_scope="per_tensor") == ["mask", "train", "export"]
+
+
+def test_sweep_presets_carry_the_fields_to_the_runs():
+  from shpeft_jax import sweep  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.peft import methods  # pylint: disable=g-import-not-at-top
+  got = sweep.build_variants([], ["scope", "l2_reading"])
+  assert [v.key for v in got] == ["shpeft", "random", "shpeft_per_tensor", "random_per_tensor",
+                                  "shpeft_per_row", "random_per_row", "hybrid_l2",
+                                  "hybrid_l2_sqsum"]
+  base = make_tiny_config()
+  resolved = {v.key: methods.validate_peft(sweep.variant_config(base, v).peft) for v in got}
+  assert {k: (m.name, m.scope) for k, m in resolved.items() if "per_" in k} == {
+      "shpeft_per_tensor": ("shpeft", "per_tensor"), "random_per_tensor": ("random", "per_tensor"),
+      "shpeft_per_row": ("shpeft", "per_row"), "random_per_row": ("random", "per_row")}
+  assert resolved["hybrid_l2_sqsum"].importance["l2_reduction"] == "square_of_sum"
+  # The default reading's row is the same run as SH-PEFT's default.
+  assert resolved["hybrid_l2"].importance == resolved["shpeft"].importance
