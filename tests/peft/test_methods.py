@@ -315,7 +315,7 @@ def test_additive_config_mapping_and_scoring_flags():
   assert [m for m in methods.method_names() if methods.needs_scoring(_cfg(m))] == [
       "spt_lora", "shpeft"]
   assert methods.importance_settings(_cfg("shpeft", estimator="l1", mode="ta", lam=0.5)) == dict(
-      estimator="l1", mode="ta", lam=0.5)
+      estimator="l1", mode="ta", lam=0.5, l2_reduction="sum_of_squares")
   with pytest.raises(ConfigError, match="estimator"):
     methods.importance_settings(_cfg("shpeft", estimator="l3"))
 
