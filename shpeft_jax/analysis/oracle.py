@@ -81,3 +81,72 @@ def oracle_table(selections: Mapping[str, PyTree], pretrained_encoder: PyTree,
       row[name] = compare_to_oracle(mask, oracle, delta)
     out[k] = row
   return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python -m shpeft_jax.analysis.oracle --pretrained DIR --finetuned DIR \
+#     [--scores NAME=WORKDIR/scores ...] [--mask NAME=mask.npz ...] [--k 1,5,10] --out FILE.json
+# Built-in selections at every k: I_ta (|w_0|) and a random mask (uniform scores, --seed).
+
+
+def _encoder_of(tree: Mapping, what: str) -> dict:
+  if not isinstance(tree, Mapping) or sparsity.ENCODER not in tree:
+    raise ConfigError(f"The {what} has no '{sparsity.ENCODER}' subtree; pass a run's scores/ "
+                      "folder or mask.npz.")
+  return tree[sparsity.ENCODER]
+
+
+def _selections(args, w0: dict) -> dict:
+  from shpeft_jax import params_io  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.analysis import __main__ as cli  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.peft import mask_io  # pylint: disable=g-import-not-at-top
+  gen = np.random.default_rng(args.seed)
+  out: dict[str, Any] = {
+      "I_ta (|w_0|)": {k: np.abs(np.asarray(v)) for k, v in flatten_names(w0).items()},
+      "random": {k: gen.random(np.shape(v)) for k, v in flatten_names(w0).items()}}
+  for name, path in cli.parse_named(args.scores, "--scores").items():
+    out[name] = flatten_names(_encoder_of(params_io.restore_tree(path), f"scores {path}"))
+  masks = cli.parse_named(args.mask, "--mask")
+  from shpeft_jax.utils import unflatten_names  # pylint: disable=g-import-not-at-top
+  out = {n: unflatten_names(v) for n, v in out.items()}
+  for name, path in masks.items():
+    out[name] = {k: _encoder_of(mask_io.load_mask(cli.find_mask_file(path)), f"mask {path}")
+                 for k in cli.parse_k_list(args.k)}
+  return out
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.analysis import __main__ as cli  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.errors import cli_main  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(prog="python -m shpeft_jax.analysis.oracle", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--pretrained", required=True, help="params checkpoint the full run started from")
+  p.add_argument("--finetuned", required=True, help="params checkpoint of the full fine-tune")
+  p.add_argument("--scores", action="append", metavar="NAME=DIR", help="a run's scores/ folder")
+  p.add_argument("--mask", action="append", metavar="NAME=FILE",
+                 help="a mask.npz, compared at its own k (reported under every --k)")
+  p.add_argument("--k", default="1,5,10", help="percentages")
+  p.add_argument("--seed", type=int, default=0, help="seed of the random selection")
+  p.add_argument("--out", required=True, help="JSON file")
+  args = p.parse_args(argv)
+
+  def run():
+    w0 = sparsity.load_checkpoint(args.pretrained, "pretrained checkpoint")
+    wft = sparsity.load_checkpoint(args.finetuned, "fine-tuned checkpoint")
+    sparsity.check_same_encoder(w0, wft)
+    table = oracle_table(_selections(args, w0.encoder), w0.encoder, wft.encoder,
+                         cli.parse_k_list(args.k))
+    with open(args.out, "w") as f:
+      json.dump({str(k): v for k, v in table.items()}, f, indent=1)
+    for k, row in table.items():
+      for name, r in row.items():
+        t = r["total"]
+        print(f"k={k:g}%  {name:28s} recall {t['recall']:.3f}  |dw| share {t['delta_share']:.3f}"
+              f"  (oracle {t['oracle_delta_share']:.3f})")
+  return cli_main(run, prog="oracle")
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
