@@ -1,5 +1,6 @@
 """The oracle mask from a known delta-w by hand, and recall / delta share against hand counts."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,3 +58,32 @@ def test_oracle_table_scores_and_masks():
   assert table[10.0]["same"]["total"]["recall"] == 1.0
   assert table[30.0]["same"]["total"]["recall"] == 1.0
   assert table[30.0]["worst"]["total"]["hits"] == 0
+
+
+def test_command_line_on_checkpoints(tmp_path, capsys):
+  """The command on two written checkpoints: the oracle against a mask file equal to it (recall 1),
+  and the built-in random selection's recall near k (uniform scores), numbers read back from JSON."""
+  import json
+  from analysis_fixtures import perturb, random_like_model, write_ckpt
+  from shpeft_jax.analysis import sparsity
+  from shpeft_jax.peft import mask_io
+  pre = random_like_model("test_tiny", seed=0)
+  ft = perturb(pre, seed=1)
+  write_ckpt(tmp_path / "pre", pre)
+  write_ckpt(tmp_path / "ft", ft)
+  orc, _ = oracle.oracle_mask(pre["encoder"], ft["encoder"], k_percent=10.0)
+  mask_io.save_mask(str(tmp_path / "mask.npz"), {"encoder": orc})
+  out = tmp_path / "oracle.json"
+  assert oracle.main(["--pretrained", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "ft"),
+                      "--mask", f"copy={tmp_path / 'mask.npz'}", "--k", "10",
+                      "--out", str(out)]) == 0
+  got = json.loads(out.read_text())["10.0"]
+  assert got["copy"]["total"]["recall"] == 1.0
+  n = sum(np.size(x) for x in jax.tree_util.tree_leaves(pre["encoder"]))
+  assert abs(got["random"]["total"]["recall"] - 0.10) < 4 * np.sqrt(0.1 * 0.9 / (0.1 * n)) + 0.01
+  delta = sparsity.weight_changes(pre["encoder"], ft["encoder"])
+  want = oracle.compare_to_oracle(orc, orc, delta)["total"]
+  assert got["copy"]["total"]["delta_share"] == pytest.approx(want["oracle_delta_share"])
+  assert "k=10%  copy" in capsys.readouterr().out
+  assert oracle.main(["--pretrained", str(tmp_path / "nope"), "--finetuned", str(tmp_path / "ft"),
+                      "--out", str(out)]) == 2
