@@ -117,7 +117,7 @@ def _vocabularies():
   from shpeft_jax.data import DATASET_NAMES  # pylint: disable=g-import-not-at-top
   from shpeft_jax.peft import methods  # pylint: disable=g-import-not-at-top
   return {"datasets": set(DATASET_NAMES), "name": set(DATASET_NAMES) - {"digits"},
-          "methods": set(methods.method_names()), "ablation": {"table4", "table5", "random"}}
+          "methods": set(methods.method_names()), "ablation": {"table4", "table5", "random", "l2_reading", "scope"}}
 
 
 def test_commands_were_found():
