@@ -128,3 +128,30 @@ def test_image_folder_of_dicom_files_prepares_png_records_and_lists_the_undecoda
   # predict finds DICOM files in a folder like any image.
   files, missing = predict.list_inputs([str(root / "pneumonia")])
   assert len(files) == 4 and not missing and all(f.endswith(".dcm") for f in files)
+
+
+def test_real_scanner_files_shipped_with_pydicom():
+  """pydicom's wheel ships real files (pydicom/data/test_files): every lossless encoding of the
+  same MR slice decodes to the same 8-bit image; CT, JPEG 2000 and colour files decode; truncated
+  and multi-frame files are refused by name."""
+  from pydicom.data import get_testdata_file  # pylint: disable=g-import-not-at-top
+
+  def read(name):
+    path = get_testdata_file(name)
+    return dicom.decode(open(path, "rb").read(), path)
+
+  mr = read("MR_small.dcm")
+  assert mr.shape == (64, 64) and mr.dtype == np.uint8 and mr.max() == 255
+  for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
+               "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+    np.testing.assert_array_equal(read(name), mr, err_msg=name)
+  ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+  assert read("CT_small.dcm").shape == (ct.Rows, ct.Columns)
+  assert read("JPEG2000.dcm").shape == (1024, 256)
+  rgb = read("SC_rgb_rle.dcm")
+  # 8-bit RGB is kept as it is.
+  np.testing.assert_array_equal(rgb, pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm")).pixel_array)
+  with pytest.raises(DataError, match="corrupt DICOM pixel data .*MR_truncated.dcm"):
+    read("MR_truncated.dcm")
+  with pytest.raises(DataError, match=r"SC_rgb_rle_2frame.dcm is a multi-frame DICOM \(2 frames\)"):
+    read("SC_rgb_rle_2frame.dcm")
