@@ -155,6 +155,26 @@ def select_top_k(scores_tree: PyTree, *, k_percent: float | None = None,
     return _select_grouped(names, leaves, arrays, treedef, n, k_percent, scope)
   k = resolve_k(n, k_percent=k_percent, k_count=k_count)
 
+  masks, tau, num_above, num_tied, tied_selected = _top_k_masks(arrays, live, n, k)
+  selected = num_above + tied_selected
+
+  out = []
+  for x, m, f in zip(leaves, masks, flags):
+    if x is None:
+      out.append(None)
+    elif m is None or not f:
+      out.append(np.zeros(np.shape(x), bool))
+    else:
+      out.append(m.reshape(np.shape(x)))
+  info = SelectionInfo(threshold=float(tau), k=k, n=n, selected=selected, num_above=num_above,
+                       num_tied=num_tied, num_tied_selected=tied_selected,
+                       k_percent=100.0 * k / n)
+  return jax.tree_util.tree_unflatten(treedef, out), info
+
+
+def _top_k_masks(arrays, live, n: int, k: int):
+  """(flat masks, tau, #above, #tied, #tied selected): the exact top-k over `live` (the non-empty
+  arrays of `arrays`, None entries kept as None), ties at tau taken in flat order."""
   tau, num_above, tied = _kth_largest(live, n, k)
   num_tied = sum(tied)
   need = k - num_above
@@ -172,22 +192,9 @@ def select_top_k(scores_tree: PyTree, *, k_percent: float | None = None,
       eq = np.flatnonzero(arrays[i] == tau)[:need - tied_selected]
       masks[i][eq] = True
       tied_selected += eq.size
-  selected = num_above + tied_selected
-  if selected != k:  # Unreachable unless the inputs changed under us; never hand out a wrong mask.
-    raise RuntimeError(f"selection picked {selected} weights instead of k={k}.")
-
-  out = []
-  for x, m, f in zip(leaves, masks, flags):
-    if x is None:
-      out.append(None)
-    elif m is None or not f:
-      out.append(np.zeros(np.shape(x), bool))
-    else:
-      out.append(m.reshape(np.shape(x)))
-  info = SelectionInfo(threshold=float(tau), k=k, n=n, selected=selected, num_above=num_above,
-                       num_tied=num_tied, num_tied_selected=tied_selected,
-                       k_percent=100.0 * k / n)
-  return jax.tree_util.tree_unflatten(treedef, out), info
+  if num_above + tied_selected != k:  # Unreachable; never hand out a wrong mask.
+    raise RuntimeError(f"selection picked {num_above + tied_selected} weights instead of k={k}.")
+  return masks, tau, num_above, num_tied, tied_selected
 
 
 def _check_scope(scope: str, k_percent, k_count) -> None:
@@ -233,7 +240,7 @@ def scoped_count(shapes: dict[str, tuple[int, ...]], *, k_percent: float, scope:
 
 
 def _select_grouped(names, leaves, arrays, treedef, n, k_percent, scope):
-  """`select_top_k` for the 'per_tensor' / 'per_row' scopes: a stable argsort per group."""
+  """`select_top_k` for the 'per_tensor' / 'per_row' scopes, group by group."""
   resolve_k(n, k_count=max(n, 1))  # Validates N > 0.
   _check_percent(k_percent, n)  # Every group keeps at least one weight: no "rounds to 0".
   out, k_total, above, tied, tied_sel, groups, taus = [], 0, 0, 0, 0, 0, []
@@ -246,15 +253,20 @@ def _select_grouped(names, leaves, arrays, treedef, n, k_percent, scope):
       out.append(np.zeros(shape, bool))
       continue
     length, cols = row_matrix_shape(name, shape, scope)
-    mat = a.reshape(length, cols)
     k = _group_k(length, k_percent)
-    order = np.argsort(-mat, axis=0, kind="stable")[:k]  # Ties: the lower flat index first.
-    mask = np.zeros(mat.shape, bool)
-    np.put_along_axis(mask, order, True, axis=0)
-    tau = np.take_along_axis(mat, order[-1:], axis=0)  # Each group's k-th largest score.
-    num_above = int(np.count_nonzero(mat > tau))
+    if cols == 1:  # One group: the global path's O(N) select on this tensor alone.
+      (mask,), tau, num_above, num_tied, _ = _top_k_masks([a], [a], a.size, k)
+      tau = np.asarray([tau])
+    else:  # Rows: a stable sort of each column (ties: the lower flat index first).
+      mat = a.reshape(length, cols)
+      order = np.argsort(-mat, axis=0, kind="stable")[:k]
+      mask = np.zeros(mat.shape, bool)
+      np.put_along_axis(mask, order, True, axis=0)
+      tau = np.take_along_axis(mat, order[-1:], axis=0)  # Each row's k-th largest score.
+      num_above = int(np.count_nonzero(mat > tau))
+      num_tied = int(np.count_nonzero(mat == tau))
     above += num_above
-    tied += int(np.count_nonzero(mat == tau))
+    tied += num_tied
     tied_sel += k * cols - num_above
     k_total += k * cols
     groups += cols
