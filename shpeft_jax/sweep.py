@@ -25,6 +25,14 @@ Outputs in WORKDIR:
                              sd over seeds, the chosen lr in each label
   sweep.json                 the runs and the summary rows as JSON
 
+Label efficiency (`--train_fractions 0.01,0.1,1.0`): every run at each training-label fraction
+(data.train_fraction: one stratified, patient-grouped subset per fraction, the same for every
+method and seed) in WORKDIR/<dataset>_fraction_<f>/<variant>/...; each (dataset, fraction) is a
+column of its own (lr chosen on validation per fraction and method, paired to SH-PEFT at the same
+fraction), and the sweep adds
+  fractions.csv / fractions.md  per dataset, method x fraction: mean ± sd, lr, Δ vs SH-PEFT, W-T-L
+  score_vs_fraction.png         the headline test metric against the fraction, one line a method
+
 Ablation presets (`--ablation`, comma-separated, added after `--methods`):
   table4  the importance estimators: I_ta | I_td-L1 | I_ta + I_td-L1 | I_td-L2 | I_ta + I_td-L2
           (I_ta-L1 = |w| and I_ta-L2 = w^2 rank the weights identically, so one I_ta row)
