@@ -284,3 +284,41 @@ def test_bad_train_fractions_are_refused_before_any_run(tmp_path, fractions, mes
     sweep.run_sweep(_demo_config(), str(tmp_path), sweep.build_variants(["shpeft"], []),
                     run_fn=lambda c, w: seen.append(w), train_fractions=fractions)
   assert not seen and not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_tiny_fraction_sweep_end_to_end_same_subset_for_every_method_and_resumed(tmp_path):
+  """The real trainer at fractions 0.2 and 1.0: the subset's size by hand, one subset for every
+  method, a second call reuses every run, the comparison page groups runs by data and subset."""
+  import json  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import report  # pylint: disable=g-import-not-at-top
+  base = _demo_config()
+  with base.unlocked():
+    base.model.name = "test_tiny"
+    base.pretrain.enabled = False
+    base.train.num_steps = 2
+    base.train.eval_every = 0
+    base.train.checkpoint_every = 2
+    base.train.batch_size = 16
+    base.peft.score_batches = 1
+    base.peft.k_percent = 5.0
+    base.sweep.seeds = ()
+  variants = sweep.build_variants(["shpeft", "linear"], [])
+  records = sweep.run_sweep(base, str(tmp_path), variants, train_fractions=[0.2, 1.0])
+  subsets = {}
+  for r in records:
+    with open(os.path.join(str(tmp_path), r["run_dir"], "results.json")) as f:
+      subsets[(r["variant"], r["train_fraction"])] = json.load(f).get("train_subset")
+  # Digits target train: 109, 109, 108, 104, 108 images per class; round(0.2 n) halves up =
+  # 22, 22, 22, 21, 22 = 109 images.
+  assert subsets[("shpeft", 0.2)]["num_images"] == 109
+  assert sorted(subsets[("shpeft", 0.2)]["positives_per_class"].values()) == [21, 22, 22, 22, 22]
+  assert subsets[("shpeft", 0.2)]["subset_id"] == subsets[("linear", 0.2)]["subset_id"]
+  assert subsets[("shpeft", 1.0)] is None and subsets[("linear", 1.0)] is None
+  paths = sweep.write_outputs(records, str(tmp_path))
+  assert "| Method | 20% | lr |" in open(paths["fractions_md"]).read()
+  again = sweep.run_sweep(base, str(tmp_path), variants, train_fractions=[0.2, 1.0])
+  assert [r["f1"] for r in again] == [r["f1"] for r in records]
+  out = report.write_report(str(tmp_path), log=lambda *_: None)
+  page = open(out["html"]).read()
+  assert "digits_target (0.2 of the training labels (subset_seed 0))" in page
