@@ -197,7 +197,16 @@ class _SubsetSource(_Source):
     if split != self._split:
       return ds
     keep = tf.constant(self._keep)
-    return ds.enumerate().filter(lambda i, ex: tf.gather(keep, i)).map(lambda i, ex: ex)
+
+    def kept(i, ex):  # Named functions: AutoGraph cannot parse two lambdas on one line.
+      del ex
+      return tf.gather(keep, i)
+
+    def record(i, ex):
+      del i
+      return ex
+
+    return ds.enumerate().filter(kept).map(record)
 
   def metadata(self, split):
     meta = self._base.metadata(split)
