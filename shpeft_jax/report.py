@@ -372,13 +372,6 @@ _TABLES = {"single_label": (_per_class_table, "Per class", (
         "labels (-1) count nowhere.</p>"))}
 
 
-def subset_line(subset: dict) -> str:
-  """One line of a run's training subset (results.json 'train_subset', data/subsets.py)."""
-  patients = f", {subset['num_patients']} patients" if subset.get("num_patients") else ""
-  return (f"{subset['description']}: {subset['num_images']} of {subset['of_images']} "
-          f"{subset['split']!r} images{patients} (subset id {subset['subset_id']})")
-
-
 def _data_of(results: dict) -> str:
   """A run's data as the comparison page groups it: the dataset, with its training subset."""
   subset = results.get("train_subset")
@@ -398,7 +391,8 @@ def _run_page(run_dir: str, results: dict, rep: dict, text: str, pngs: dict) -> 
                               f"(test {task.headline_title} {_pct(test.get(task.headline))} %)"),
            ("run directory", run_dir)]
   if results.get("train_subset"):
-    facts.insert(2, ("training subset", subset_line(results["train_subset"])))
+    from shpeft_jax.data import subsets  # pylint: disable=g-import-not-at-top
+    facts.insert(2, ("training subset", subsets.line(results["train_subset"])))
   body = ["<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>"
                               for k, v in facts) + "</table>"]
   body.append(f"<h2>{heading} ({html.escape(rep['split'])} split, {rep['num_examples']} images)"

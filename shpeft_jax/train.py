@@ -431,6 +431,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   n_params = utils.count_params(params)
   logging.info("%s on %s: %s with %d classes, %d steps, in %s", method.name, facts["dataset"],
                config.model.name, num_classes, int(config.train.num_steps), workdir)
+  if facts["subset"]:
+    from shpeft_jax.data import subsets  # pylint: disable=g-import-not-at-top
+    logging.info("Training subset: %s", subsets.line(facts["subset"]))
   task = facts["task"]
   loss_fn = make_loss_fn(model, task, facts["pos_weight"])
   host_mask = select(config, method, workdir, loss_fn, params, mesh, rng_mask)

@@ -182,3 +182,10 @@ def facts(spec: Spec, indices: np.ndarray, metadata: dict, *, task: str,
           "positives_per_class": dict(zip(class_names, pos.sum(0).astype(int).tolist())),
           "subset_id": subset_id(np.asarray(metadata["file_name"])[indices]),
           "description": spec.describe()}
+
+
+def line(facts_: dict) -> str:
+  """One line of a run's training subset (`facts`, results.json 'train_subset')."""
+  patients = f", {facts_['num_patients']} patients" if facts_.get("num_patients") else ""
+  return (f"{facts_['description']}: {facts_['num_images']} of {facts_['of_images']} "
+          f"{facts_['split']!r} images{patients} (subset id {facts_['subset_id']})")

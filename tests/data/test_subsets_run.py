@@ -62,6 +62,8 @@ def test_trainer_runs_on_the_subset_and_records_it(run, caplog):
   assert np.bincount(meta["label"]).tolist() == [4] * 5
   # The scoring epoch is the subset's: floor(20 / 16) = 1 batch of 16 images.
   assert any("over 1 batches (16 images)" in r.getMessage() for r in caplog.records)
+  assert any(r.getMessage().startswith("Training subset: 4 per class (subset_seed 0): 20 of 538 "
+                                       "'train' images (subset id ") for r in caplog.records)
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["train_subset"]["subset_id"] == sub["subset_id"]
   # The run page states the subset.
