@@ -106,9 +106,11 @@ def positives(labels: np.ndarray, task: str, num_classes: int) -> np.ndarray:
 
 def units(patients: Sequence, n: int) -> np.ndarray:
   """int [N]: the unit of each record; records of one non-empty patient share a unit."""
-  keys = [(_text(p) or f"\0record {i}") for i, p in enumerate(patients)] if len(patients) else [
-      f"\0record {i}" for i in range(n)]
-  _, unit = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
+  if len(patients) != n:
+    raise ValueError(f"{len(patients)} patients for {n} records")
+  # A leading NUL keeps a record's own key apart from every patient id.
+  keys = [_text(p) or f"\0record {i}" for i, p in enumerate(patients)]
+  _, unit = np.unique(np.asarray(keys, dtype=str), return_inverse=True)
   return unit.reshape(-1)
 
 
