@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--format", default="auto", choices=convert_lib.FORMATS)
   parser.add_argument("--model", default=None,
                       help="preset the checkpoint must match, e.g. ViT-B/16 (default: inferred)")
+  parser.add_argument("--heads", type=int, default=None,
+                      help="attention heads of a tower that is no preset, where no config beside "
+                      "the weights says")
   parser.add_argument("--act", default=None, choices=clip_vit.ACTS,
                       help="activation of the tower, where the checkpoint's config does not say")
   parser.add_argument("--ln_eps", type=float, default=None,
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
   params, info = convert_lib.convert_file(args.src, fmt=args.format, model=args.model,
                                           image_size=args.image_size,
                                           antialias=not args.no_antialias, act=args.act,
-                                          ln_eps=args.ln_eps)
+                                          ln_eps=args.ln_eps, heads=args.heads)
   meta = {"model": info.model, "image_size": info.image_size, "num_classes": info.num_classes,
           "source": os.path.abspath(args.src), "source_format": info.source_format,
           "source_image_size": info.source_image_size, **info.tower,

@@ -4,7 +4,7 @@
 
 MODEL_DIR is a trainer workdir (its export/model is used, else best/), a params checkpoint such as
 WORKDIR/export/model or WORKDIR/best, or a task adapter (then --base names the base checkpoint).
-IMAGES are files, folders (every PNG / JPEG / BMP / TIFF below them) or glob patterns. Each image
+IMAGES are files, folders (every PNG / JPEG / BMP / TIFF / DICOM below them) or glob patterns. Each image
 goes through the evaluation transform of the trainer (`input_pipeline.eval_transform`: grayscale
 to RGB, shorter side to the model's size with antialiased bicubic, centre crop, CLIP
 normalisation), so the probabilities are those the trainer's evaluation computes for the same file.
@@ -32,7 +32,7 @@ import numpy as np
 
 from shpeft_jax.errors import CheckpointError, ConfigError, DataError, ShpeftError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from tensorflow_datasets.core import utils as tfds_utils
 
 from shpeft_jax.data import chest_xray
 from shpeft_jax.data import content_hash
+from shpeft_jax.data import dicom
 from shpeft_jax.data import medmnist
 from shpeft_jax.data import parsed as parsed_lib
 from shpeft_jax.data import splits as splits_lib
@@ -84,6 +85,8 @@ class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     self._parsed = parsed
     self.class_names = tuple(parsed.class_names if parsed else class_names or self.CLASS_NAMES)
     self.task = parsed.task if parsed else task or self.TASK
+    self.undecodable: list[tuple[str, str]] = []  # (file, transfer syntax) left out
+    self.on_example = None  # called after each example written (the preparation's bar)
     super().__init__(**kwargs)
 
   @tfds_utils.classproperty
@@ -140,11 +143,20 @@ class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   def _generate_examples(self, parsed: parsed_lib.ParsedSource, split: str) -> Iterator:
     records = parsed.splits[split]
     multi = parsed.task == parsed_lib.MULTI_LABEL
-    for (key, label), data in zip(records, parsed.images(split, records)):
+    images = parsed.images(split, records)
+    for i, (key, label) in enumerate(records):
       name = splits_lib.relative_name(key, parsed.root)
+      try:
+        data = next(images)
+      except dicom.UndecodableImage as e:
+        # Left out and listed after preparation; the reader (a generator, ended by the raise)
+        # starts again after this record.
+        self.undecodable.append((name, e.syntax))
+        images = parsed.images(split, records[i + 1:])
+        continue
       yield name, {"image": data, "file_name": name, "patient": parsed.patient(key),
                    "label": np.asarray(label, np.float32) if multi else label}
-      if getattr(self, "on_example", None) is not None:
+      if self.on_example is not None:
         self.on_example()
 
 
@@ -528,9 +540,17 @@ def _prepare(builder: _ManualImageBuilder, parsed: parsed_lib.ParsedSource, sid:
       tfds.display_progress_bar(True)
       builder.on_example = None
       bar.close()
-  logging.info("%s: prepared %d images (%s) in %.1f s into %s", parsed.name,
-               parsed.num_examples, ", ".join(f"{k} {v}" for k, v in parsed.split_sizes.items()),
-               time.time() - t0, os.fspath(builder.data_dir))
+  sizes = {s: builder.info.splits[s].num_examples for s in builder.info.splits.keys()}
+  logging.info("%s: prepared %d images (%s) in %.1f s into %s", parsed.name, sum(sizes.values()),
+               ", ".join(f"{k} {v}" for k, v in sizes.items()), time.time() - t0,
+               os.fspath(builder.data_dir))
+  if builder.undecodable:
+    syntaxes = sorted({s for _, s in builder.undecodable})
+    logging.warning("%s: %d DICOM file(s) left out: no installed decoder handles their transfer "
+                    "syntax (%s). To include them, install a decoder for it (pydicom's docs "
+                    "list them) and delete %s so that the data is prepared again. First ones: %s",
+                    parsed.name, len(builder.undecodable), ", ".join(syntaxes),
+                    os.fspath(builder.data_dir), ", ".join(n for n, _ in builder.undecodable[:10]))
   record = {"name": parsed.name, "source_id": sid, "manual_dir": os.path.abspath(manual),
             "class_names": list(parsed.class_names), "task": parsed.task,
             "num_examples": parsed.num_examples, "split_sizes": parsed.split_sizes,

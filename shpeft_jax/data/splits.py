@@ -25,7 +25,9 @@ from shpeft_jax.errors import DataError
 Example = tuple[str, int]
 Splits = dict[str, list[Example]]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+# DICOM (.dcm, .dicom) is decoded to PNG once, at preparation (`dicom.py`).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm",
+                    ".dicom")
 # Files that are never images of a dataset (a skipped one of any other kind is reported).
 _NOT_DATA = (".txt", ".json", ".csv", ".md", ".xml", ".db", ".ini", ".zip", ".tar", ".gz")
 
@@ -590,8 +592,11 @@ def read_image(path: str) -> tuple[bytes, str]:
   built, with its name, instead of deep inside a training run.
   """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.data import dicom  # pylint: disable=g-import-not-at-top
   with open(path, "rb") as f:
     data = f.read()
+  if dicom.is_dicom(path, data):
+    return dicom.to_png(data, path), "png"
   try:
     with Image.open(io.BytesIO(data)) as img:
       fmt = img.format

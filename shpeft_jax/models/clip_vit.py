@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -105,8 +106,33 @@ _PRESETS = {
 }
 
 
+# Any other tower is named by its shape: 'vit:p14-w1280-l32-h16-m5120' (patch, width, depth,
+# heads, MLP width), what `convert` writes into meta.json for a tower that is no preset (a ViT-S/16,
+# ViT-H/14, ViT-g/14, a 4-layer ViT-L/14 ...). The name is the whole shape, so every entry point
+# that builds a model from a name (train, predict, export, analysis, benchmarks) builds that tower.
+SPEC_PREFIX = "vit:"
+_SPEC = re.compile(r"vit:p(\d+)-w(\d+)-l(\d+)-h(\d+)-m(\d+)")
+
+
+def spec_name(patch_size: int, width: int, layers: int, heads: int, mlp_dim: int) -> str:
+  """The model name of a tower shape ('vit:p16-w384-l12-h6-m1536')."""
+  return f"{SPEC_PREFIX}p{patch_size}-w{width}-l{layers}-h{heads}-m{mlp_dim}"
+
+
 def model_names() -> list[str]:
   return sorted(_PRESETS)
+
+
+def _shape_of(name: str) -> dict[str, int]:
+  if name in _PRESETS:
+    return dict(_PRESETS[name])
+  m = _SPEC.fullmatch(str(name))
+  if m is None or min(int(g) for g in m.groups()) <= 0:
+    raise ConfigError(f"Unknown model {name!r}; choose one of {model_names()} or name a tower by "
+                      "its shape, e.g. 'vit:p16-w384-l12-h6-m1536' (patch, width, layers, heads, "
+                      "MLP width).")
+  p, w, l, h, mlp = (int(g) for g in m.groups())
+  return dict(patch_size=p, width=w, layers=l, heads=h, mlp_dim=mlp, image_size=224)
 
 
 def tower_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,14 +146,13 @@ def tower_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def get_model_config(name: str, image_size: int | None = None, **tower) -> ViTConfig:
-  """Preset by name ('ViT-B/16', 'ViT-B/32', 'ViT-L/14', 'test_tiny', 'demo_small'); `tower`
-  sets TOWER_FIELDS (act, ln_eps, ln_pre, patch_bias), e.g. from `tower_from_meta(meta)`."""
-  if name not in _PRESETS:
-    raise ConfigError(f"Unknown model {name!r}; choose one of {model_names()}.")
+  """Preset by name ('ViT-B/16', 'ViT-B/32', 'ViT-L/14', 'test_tiny', 'demo_small') or a shape
+  name ('vit:p14-w1280-l32-h16-m5120', `spec_name`); `tower` sets TOWER_FIELDS (act, ln_eps,
+  ln_pre, patch_bias), e.g. from `tower_from_meta(meta)`."""
+  kw = _shape_of(name)
   unknown = set(tower) - set(TOWER_FIELDS)
   if unknown:
     raise ConfigError(f"Unknown tower option(s) {sorted(unknown)}; choose from {TOWER_FIELDS}.")
-  kw = dict(_PRESETS[name])
   if image_size is not None:
     kw["image_size"] = int(image_size)
   cfg = ViTConfig(name=name, **kw, **tower)

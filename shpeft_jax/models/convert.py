@@ -374,13 +374,32 @@ def _detect(keys: set[str], fmt: str) -> tuple[str, str]:
   return layout, prefix
 
 
-def _preset_for(patch: int, width: int, layers: int, mlp_dim: int | None) -> str | None:
-  matches = []
+def _preset_for(patch: int, width: int, layers: int, mlp_dim: int | None,
+                heads: int | None = None) -> str | None:
+  """The preset of exactly this shape (heads too when known), else None."""
   for name in clip_vit.model_names():
     c = clip_vit.get_model_config(name)
-    if (c.patch_size, c.width, c.layers) == (patch, width, layers):
-      matches.append((c.mlp_dim != mlp_dim, name))
-  return min(matches)[1] if matches else None
+    if ((c.patch_size, c.width, c.layers) == (patch, width, layers)
+        and mlp_dim in (None, c.mlp_dim) and heads in (None, c.heads)):
+      return name
+  return None
+
+
+def _model_of_shape(shape: Mapping[str, Any], heads: int | None, found: str, where: str) -> str:
+  """The preset of the tower's shape, or its shape name (`clip_vit.spec_name`): any size."""
+  guess = _preset_for(shape["patch"], shape["width"], shape["layers"], shape["mlp_dim"], heads)
+  if guess is not None:
+    return guess
+  if heads is None:
+    raise CheckpointError(
+        f"The checkpoint's vision tower ({found}; from {where}) is no preset "
+        f"{clip_vit.model_names()} and its number of attention heads is in no config beside it "
+        f"(the weights do not say): pass --heads N (width / 64 = {shape['width'] / 64:g} for "
+        f"OpenAI-style CLIP, 16 for ViT-H/14 and ViT-g/14).")
+  if shape["width"] % heads:
+    raise CheckpointError(f"--heads {heads} does not divide the tower's width {shape['width']}.")
+  return clip_vit.spec_name(shape["patch"], shape["width"], shape["layers"], heads,
+                            shape["mlp_dim"] or 4 * shape["width"])
 
 
 def _describe(patch, width, layers, mlp_dim) -> str:
@@ -604,11 +623,13 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
     sd: name -> torch tensor or numpy array. Text-tower keys, `proj` and buffers are ignored.
     fmt: 'auto' | 'openai' | 'open_clip' | 'hf' | 'timm'; anything but 'auto' is checked against
       the keys.
-    model: preset the checkpoint must be (e.g. 'ViT-B/16'); None infers it from the shapes.
+    model: preset the checkpoint must be (e.g. 'ViT-B/16'); None infers it from the shapes: the
+      preset of exactly that shape, else the shape's name ('vit:p14-w1280-l32-h16-m5120').
     image_size: target image size; None keeps the checkpoint's. The positional embedding is
       resampled (bicubic, see `resize_positional_embedding`) when the grid changes.
-    heads: number of attention heads if known from a config.json; weights do not determine it,
-      so it is only checked against the preset (CLIP uses width // 64).
+    heads: number of attention heads, from the config beside the weights or the user (--heads);
+      the weights do not determine it. Needed for a tower that is no preset; checked against a
+      preset.
     antialias: passed to `resize_positional_embedding` (open_clip's choice is True).
     act, ln_eps: the tower's activation ('quick_gelu' | 'gelu') and LayerNorm epsilon where the
       checkpoint does not say (a state dict alone never says which activation it was trained with).
@@ -628,12 +649,8 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   found = _describe(shape["patch"], shape["width"], shape["layers"], shape["mlp_dim"])
   guess = _preset_for(shape["patch"], shape["width"], shape["layers"], shape["mlp_dim"])
   if model is None:
-    if guess is None:
-      raise CheckpointError(
-          f"The checkpoint's vision tower ({found}; from {prefix}{lay.conv} shape "
-          f"{_fmt(tower[lay.conv].shape)} and {shape['layers']} blocks) matches no model preset "
-          f"{clip_vit.model_names()}.")
-    model = guess
+    model = _model_of_shape(shape, heads, found, f"{prefix}{lay.conv} shape "
+                            f"{_fmt(tower[lay.conv].shape)} and {shape['layers']} blocks")
   ln_pre, patch_bias = _tower_switches(tower, lay, layout, prefix)
   variant, tower_source = _resolve_tower(layout, ln_pre, evidence or {}, act, ln_eps)
   variant.update(ln_pre=ln_pre, patch_bias=patch_bias)
@@ -1052,16 +1069,31 @@ def tower_evidence(extras: Mapping[str, Any], keys) -> dict[str, Evidence]:
   return {}
 
 
+def _config_heads(extras: Mapping[str, Any], sd: Mapping[str, Any]) -> int | None:
+  """The attention heads the config beside the weights gives: HF num_attention_heads, or open_clip's
+  vision_cfg width / head_width (default 64); None when no config says."""
+  hf_cfg = extras.get("hf_config")
+  if hf_cfg is not None and any(k.startswith(("vision_model.", "embeddings.")) for k in sd):
+    return int(hf_cfg["num_attention_heads"])
+  oc = extras.get("open_clip_config")
+  if oc is not None:
+    vision = (oc.get("model_cfg", oc).get("vision_cfg") or {})
+    if not vision.get("timm_model_name") and isinstance(vision.get("width"), int):
+      return vision["width"] // int(vision.get("head_width", 64))
+  return None
+
+
 def convert_file(path: str, *, fmt: str = "auto", model: str | None = None,
                  image_size: int | None = None, antialias: bool = True, act: str | None = None,
-                 ln_eps: float | None = None) -> tuple[dict, ConversionInfo]:
+                 ln_eps: float | None = None, heads: int | None = None
+                 ) -> tuple[dict, ConversionInfo]:
   """load_torch_checkpoint + torch_state_dict_to_flax, with the activation / eps / head count
-  that the configs beside the weights give (see `tower_evidence`)."""
+  that the configs beside the weights give (see `tower_evidence`); `heads` where none does."""
   sd, extras = load_torch_checkpoint(path)
-  heads = None
-  hf_cfg = extras["hf_config"]
-  if hf_cfg is not None and any(k.startswith(("vision_model.", "embeddings.")) for k in sd):
-    heads = int(hf_cfg["num_attention_heads"])
+  said = _config_heads(extras, sd)
+  if heads is not None and said is not None and heads != said:
+    raise ConfigError(f"--heads {heads}, but the checkpoint's config says {said}; drop --heads.")
+  heads = said if said is not None else heads
   _refuse_siglip(set(sd))  # before the config checks, whose messages would be less direct
   evidence = tower_evidence(extras, sd)
   params, info = torch_state_dict_to_flax(sd, fmt=fmt, model=model, image_size=image_size,

@@ -21,20 +21,22 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from shpeft_jax.errors import CheckpointError
+from shpeft_jax.errors import CheckpointError, ConfigError
 from shpeft_jax.models import clip_vit
 
 
 def vit_config(meta: Mapping[str, Any], where: str = "the checkpoint") -> clip_vit.ViTConfig:
-  """The tower meta.json describes: its preset shape at its image size, with its tower fields."""
+  """The tower meta.json describes: its shape (a preset, or a shape name 'vit:p..-w..-l..-h..-m..')
+  at its image size, with its tower fields."""
   name = meta.get("model")
   if not name:
     raise CheckpointError(f"{where}: meta.json does not name its model ('model' key); convert or "
                           "export it again.")
-  if name not in clip_vit.model_names():
-    raise CheckpointError(f"{where}: meta.json names model {name!r}, which is not a preset "
-                          f"{clip_vit.model_names()}.")
-  return clip_vit.get_model_config(name, meta.get("image_size"), **clip_vit.tower_from_meta(meta))
+  try:
+    return clip_vit.get_model_config(name, meta.get("image_size"),
+                                     **clip_vit.tower_from_meta(meta))
+  except ConfigError as e:
+    raise CheckpointError(f"{where}: meta.json: {e}") from e
 
 
 def num_classes_of(params: Mapping[str, Any], meta: Mapping[str, Any],

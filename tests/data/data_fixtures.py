@@ -284,3 +284,33 @@ def make_medmnist(manual_dir: str, flag: str, size: int, counts=(12, 3, 4), num_
   path = os.path.join(manual_dir, f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
   np.savez_compressed(path, **arrays)
   return path
+
+
+def make_dicom(path: str, pixels: np.ndarray, *, bits_stored: int = 12, photometric="MONOCHROME2",
+               syntax=None, **attrs) -> str:
+  """A DICOM file (pydicom, Explicit VR Little Endian unless `syntax`) holding `pixels` [H, W]
+  (or [F, H, W] with NumberOfFrames) with the given attributes (WindowCenter, RescaleSlope, ...)."""
+  from pydicom.dataset import Dataset, FileMetaDataset  # pylint: disable=g-import-not-at-top
+  from pydicom import uid  # pylint: disable=g-import-not-at-top
+  ds = Dataset()
+  ds.file_meta = FileMetaDataset()
+  ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+  ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray
+  ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+  ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+  ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+  ds.Modality = "DX"
+  ds.Rows, ds.Columns = pixels.shape[-2:]
+  if pixels.ndim == 3:
+    ds.NumberOfFrames = pixels.shape[0]
+  ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+  ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+  ds.PixelRepresentation = 0
+  ds.PixelData = pixels.astype(np.uint16).tobytes()
+  for k, v in attrs.items():
+    setattr(ds, k, v)
+  if syntax is not None:
+    ds.compress(syntax)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  ds.save_as(path, enforce_file_format=True)
+  return path

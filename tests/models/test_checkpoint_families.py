@@ -172,6 +172,69 @@ def test_biomedclip_timm_trunk_vit_b16(tmp_path, features):
   _reload_strictly(trunk, _torch_sd(sd))  # BiomedCLIP's model.visual.trunk
 
 
+def test_open_clip_vit_h14_at_reduced_depth_is_no_preset_and_converts_exactly(tmp_path, features):
+  """LAION's ViT-H/14 (width 1280, head width 80: 16 heads, not width / 64) at 2 of its 32 layers:
+  no preset has that shape; the heads come from open_clip_config.json, the tower is named by its
+  shape, and its pooled features match open_clip's at 224 px and, with resampled positions, 168."""
+  open_clip, _ = reference_libs.require()
+  from open_clip.model import _build_vision_tower  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(3)
+  model_cfg = open_clip.get_model_config("ViT-H-14")
+  model_cfg["vision_cfg"] = dict(model_cfg["vision_cfg"], layers=2)
+  visual = _perturb(_build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"]), 3)
+  src = _save_open_clip(tmp_path, visual, model_cfg)
+  params, info = convert.convert_file(str(src))
+  assert info.model == "vit:p14-w1280-l2-h16-m5120" and info.tower["act"] == "gelu"
+  x = _images(1, 224, seed=3)
+  visual.proj = None
+  with torch.no_grad():
+    ref = visual(_nchw(x)).numpy()
+  err = np.abs(features(params, info, x) - ref).max()
+  assert err <= TOL and np.abs(ref).max() > 0.1, err
+  sd = convert.flax_to_torch_state_dict(params, "open_clip", tower=info.tower)
+  _reload_strictly(visual, _torch_sd(sd))
+  # Another image size: the position grid resampled as open_clip's resize_pos_embed does.
+  from open_clip.model import resize_pos_embed  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  visual168 = _build_vision_tower(model_cfg["embed_dim"], dict(model_cfg["vision_cfg"],
+                                                               image_size=168))
+  sd168 = {"visual." + k: v for k, v in visual.state_dict().items()}
+  resize_pos_embed(sd168, types.SimpleNamespace(visual=visual168), "bicubic", antialias=True)
+  visual168.proj = None  # as `visual` now: the pooled feature
+  visual168.load_state_dict({k[len("visual."):]: v for k, v in sd168.items()}, strict=True)
+  small, small_info = convert.convert_file(str(src), image_size=168)
+  assert small_info.image_size == 168 and small_info.model == info.model
+  x = _images(1, 168, seed=4)
+  with torch.no_grad():
+    ref = visual168(_nchw(x)).numpy()
+  err = np.abs(features(small, small_info, x) - ref).max()
+  assert err <= TOL, err
+
+
+def test_timm_vit_small_needs_heads_and_converts_with_them(tmp_path, features):
+  """timm's vit_small_patch16_224 (width 384, 6 heads) at 3 of its 12 layers, as a bare timm state
+  dict: the weights do not say the heads, so --heads is asked for; with it, the features match."""
+  reference_libs.require()
+  import timm  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(5)
+  trunk = _perturb(timm.create_model("vit_small_patch16_224", pretrained=False, depth=3,
+                                     num_classes=0), 5)
+  path = tmp_path / "vit_small.safetensors"
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, str(path))
+  with pytest.raises(convert.CheckpointError, match="pass --heads N"):
+    convert.convert_file(str(path), act="gelu", ln_eps=1e-6)
+  params, info = convert.convert_file(str(path), act="gelu", ln_eps=1e-6, heads=6)
+  assert info.model == "vit:p16-w384-l3-h6-m1536"
+  x = _images(1, 224, seed=5)
+  with torch.no_grad():
+    ref = trunk(_nchw(x)).numpy()
+  err = np.abs(features(params, info, x) - ref).max()
+  assert err <= TOL and np.abs(ref).max() > 0.1, err
+  _reload_strictly(trunk, _torch_sd(convert.flax_to_torch_state_dict(params, "timm",
+                                                                      tower=info.tower)))
+
+
 @pytest.mark.parametrize("layout, tower", [
     ("open_clip", {"act": "gelu"}),
     ("hf", {"act": "gelu", "ln_eps": 1e-6}),

@@ -195,11 +195,20 @@ def test_vit_l_file_when_vit_b_requested():
     convert.torch_state_dict_to_flax(sd, model="ViT-B/16", **QUICK)
 
 
-def test_unknown_tower_shape_matches_no_preset():
+def test_a_tower_of_no_preset_shape_is_named_by_its_shape_given_its_heads():
+  """Any depth / width: a 1-layer test_tiny is no preset; the weights do not say its heads, so the
+  converter asks for them, then names the tower by its shape (what every entry point builds)."""
   sd = _openai_sd()
   sd = {k: v for k, v in sd.items() if ".resblocks.1." not in k or not k.startswith("visual.")}
-  with pytest.raises(CheckpointError, match=r"patch 4, width 32, 1 layers.*matches no model preset"):
+  with pytest.raises(CheckpointError, match=r"patch 4, width 32, 1 layers.*is no preset.*--heads N"):
     convert.torch_state_dict_to_flax(sd, **QUICK)
+  with pytest.raises(CheckpointError, match="--heads 5 does not divide the tower's width 32"):
+    convert.torch_state_dict_to_flax(sd, heads=5, **QUICK)
+  params, info = convert.torch_state_dict_to_flax(sd, heads=2, **QUICK)
+  assert info.model == "vit:p4-w32-l1-h2-m64"
+  cfg = clip_vit.get_model_config(info.model, info.image_size)
+  assert (cfg.layers, cfg.heads, cfg.mlp_dim) == (1, 2, 64)
+  assert np.shape(params["encoder"]["resblocks_0"]["attn"]["query"]["kernel"])[1] == 2
 
 
 @pytest.mark.parametrize("keys, pattern", [
