@@ -344,6 +344,11 @@ def write_fraction_table(records: Sequence[dict], workdir: str, reference: str =
   return paths
 
 
+# Line colours of the methods other than SH-PEFT (red).
+_OTHERS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+           "tab:gray", "tab:olive", "tab:cyan")
+
+
 def plot_score_vs_fraction(records: Sequence[dict], path: str, reference: str = REFERENCE) -> str:
   """The headline test score (%) against the training-label fraction (log x), one line per method
   (SH-PEFT red), error bars = sd over seeds; one panel per dataset."""
@@ -363,7 +368,7 @@ def plot_score_vs_fraction(records: Sequence[dict], path: str, reference: str = 
       ours = cells[fs[0]]["method"] == reference
       shift = 1.04 ** (i - (len(variants) - 1) / 2)  # Side by side: error bars stay readable.
       ax.errorbar([f * shift for f in fs], ys, yerr=sds, marker="*" if ours else "o", ms=10 if ours else 5,
-                  capsize=3, lw=2 if ours else 1.2, color="tab:red" if ours else f"C{i % 10}",
+                  capsize=3, lw=2 if ours else 1.2, color="tab:red" if ours else _OTHERS[i % len(_OTHERS)],
                   label=cells[fs[0]]["label"], zorder=3 if ours else 2)
     rows = [c for cells in variants.values() for c in cells.values()]
     ax.set_xscale("log")
@@ -375,8 +380,11 @@ def plot_score_vs_fraction(records: Sequence[dict], path: str, reference: str = 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
   seeds = "/".join(str(n) for n in sorted(n_seeds))
-  fig.suptitle(f"Label efficiency: mean ± sd over {seeds} seeds, lr chosen on validation per "
-               "fraction and method", fontsize=9)
+  grid = any(len(c["grid"]) > 1 for v in table.values() for cells in v.values()
+             for c in cells.values())
+  fig.suptitle(f"Label efficiency: mean ± sd over {seeds} seeds, "
+               + ("lr chosen on validation per fraction and method" if grid else
+                  "each method at its one configured lr"), fontsize=9)
   fig.tight_layout()
   from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
   with utils.atomic_path(path) as tmp:
