@@ -152,3 +152,23 @@ def test_absent_class_is_refused():
   with pytest.raises(DataError, match="finding 'g' has no positive image"):
     subsets.select(subsets.Spec(1.0, 1, 0), np.array([[1, -1], [0, 0]], np.float32), [""] * 2,
                    task="multi_label", class_names=["f", "g"])
+
+
+def test_chestmnist_fraction_meets_every_findings_target_through_the_pipeline(tmp_path):
+  """Multi-label MedMNIST (float labels [14]) through the pipeline: every finding reaches
+  max(1, round(f x its positives)) positives (hand formula on the whole split's labels), the
+  split size and the recorded positives are the subset's."""
+  fx.make_medmnist(str(tmp_path / "manual"), "chestmnist", 28, counts=(40, 4, 4), num_labels=14,
+                   rgb=False, multi_label=True)
+  c = default_data_config()
+  c.name, c.medmnist_flag, c.medmnist_size = "medmnist", "chestmnist", 28
+  c.manual_dir, c.data_dir = str(tmp_path / "manual"), str(tmp_path / "tfds")
+  whole = ip.record_metadata(c, "train")["label"]
+  c.train_fraction = 0.25
+  sub = ip.record_metadata(c, "train")["label"]
+  assert sub.dtype == np.float32 and sub.shape[1] == 14
+  target = np.maximum(1, np.floor(0.25 * (whole == 1).sum(0) + 0.5))
+  assert ((sub == 1).sum(0) >= target).all()
+  assert ip.dataset_info(c).split_sizes == {"train": len(sub), "validation": 4, "test": 4}
+  assert ip.dataset_info(c).subset["positives_per_class"] == dict(
+      zip(ip.dataset_info(c).class_names, (sub == 1).sum(0).astype(int).tolist()))
