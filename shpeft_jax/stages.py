@@ -246,8 +246,13 @@ def _pick(flat: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, Any]:
 
 def trainer_stages(config, workdir: str, *, source_id: str, init_id: str = "") -> dict[str, Stage]:
   """{stage: Stage} of one trainer run, each stage's inputs holding the previous one's id."""
+  from shpeft_jax.data import subsets  # pylint: disable=g-import-not-at-top
   flat = flatten(canonical(config))
-  data = Stage(workdir, "data", {"source": source_id, **_pick(flat, ["data"])})
+  # The training subset's fields only when set: workdirs from before them keep their fingerprints.
+  data_fields = {k: v for k, v in _pick(flat, ["data"]).items()
+                 if k.removeprefix("data.") not in subsets.FIELDS}
+  data = Stage(workdir, "data", {"source": source_id, **data_fields,
+                                 **subsets.recorded_fields(config.data)})
   # The scores do not depend on how many weights are then selected.
   scoring = {k: v for k, v in _pick(flat, ["peft"]).items()
              if k not in ("peft.k_percent", "peft.k_count")}
