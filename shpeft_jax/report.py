@@ -372,6 +372,12 @@ _TABLES = {"single_label": (_per_class_table, "Per class", (
         "labels (-1) count nowhere.</p>"))}
 
 
+def _data_of(results: dict) -> str:
+  """A run's data as the comparison page groups it: the dataset, with its training subset."""
+  subset = results.get("train_subset")
+  return str(results.get("dataset")) + (f" ({subset['description']})" if subset else "")
+
+
 def _run_page(run_dir: str, results: dict, rep: dict, text: str, pngs: dict) -> str:
   from shpeft_jax import tasks  # pylint: disable=g-import-not-at-top
   task = tasks.of(results.get("task"))
@@ -384,6 +390,9 @@ def _run_page(run_dir: str, results: dict, rep: dict, text: str, pngs: dict) -> 
            ("reported model", f"{results.get('reported', 'final')} "
                               f"(test {task.headline_title} {_pct(test.get(task.headline))} %)"),
            ("run directory", run_dir)]
+  if results.get("train_subset"):
+    from shpeft_jax.data import subsets  # pylint: disable=g-import-not-at-top
+    facts.insert(2, ("training subset", subsets.line(results["train_subset"])))
   body = ["<table>" + "".join(f"<tr><td>{k}</td><td>{html.escape(str(v))}</td></tr>"
                               for k, v in facts) + "</table>"]
   body.append(f"<h2>{heading} ({html.escape(rep['split'])} split, {rep['num_examples']} images)"
@@ -433,8 +442,8 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
   curves: dict[str, list] = {}
   for label, (run, rep, res) in per_run.items():
     group, seed = _seed_group(label)
-    task_of[res.get("dataset")] = tasks.of(res.get("task"))
-    by_dataset.setdefault(res.get("dataset"), {}).setdefault(group, []).append(rep["per_class"])
+    task_of[_data_of(res)] = tasks.of(res.get("task"))
+    by_dataset.setdefault(_data_of(res), {}).setdefault(group, []).append(rep["per_class"])
     records = read_metrics(run)
     if records:  # every seed: one colour per method, a line per seed
       curves.setdefault(group, []).append(records)
@@ -454,13 +463,13 @@ def comparison_report(path: str, runs: Sequence[str], *, split: str = "test", lo
           "<th>page</th></tr>"]
   for label, (run, rep, res) in per_run.items():
     pc = rep["per_class"]
-    metric = task_of[res.get("dataset")].class_metric
+    metric = task_of[_data_of(res)].class_metric
     worst = min(pc["classes"], key=lambda c: (c[metric] if c["support"] and c[metric] == c[metric]
                                               else math.inf))
     link = os.path.relpath(rep["html"], out)
     rows.append(
         f"<tr><td>{html.escape(label)}</td><td>{html.escape(str(res.get('method')))}</td>"
-        f"<td>{html.escape(str(res.get('dataset')))}</td>"
+        f"<td>{html.escape(_data_of(res))}</td>"
         f"<td>{res.get('trainable_percent', float('nan')):.3f}</td>"
         f"<td>{_pct(pc['macro']['f1'])}</td><td>{_pct(pc['accuracy'])}</td>"
         f"<td>{_pct(pc['auc_macro'])}</td>"

@@ -250,10 +250,15 @@ def _pick(flat: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, Any]:
 
 def trainer_stages(config, workdir: str, *, source_id: str, init_id: str = "") -> dict[str, Stage]:
   """{stage: Stage} of one trainer run, each stage's inputs holding the previous one's id."""
+  from shpeft_jax.data import subsets  # pylint: disable=g-import-not-at-top
   flat = flatten(canonical(config))
-  data = Stage(workdir, "data", {"source": source_id, **_pick(flat, ["data"])})
-  # Fields added after workdirs were made are recorded only when not at their default, so that
-  # those workdirs keep their fingerprints.
+  # The training subset's fields only when set: workdirs from before them keep their fingerprints.
+  data_fields = {k: v for k, v in _pick(flat, ["data"]).items()
+                 if k.removeprefix("data.") not in subsets.FIELDS}
+  data = Stage(workdir, "data", {"source": source_id, **data_fields,
+                                 **subsets.recorded_fields(config.data)})
+  # peft fields added after workdirs were made are recorded only when not at their default, so
+  # that those workdirs keep their fingerprints.
   peft = {k: v for k, v in _pick(flat, ["peft"]).items() if NEW_PEFT_FIELDS.get(k, ABSENT) != v}
   # The scores do not depend on how many weights are then selected, nor where.
   scoring = {k: v for k, v in peft.items()

@@ -25,6 +25,14 @@ Outputs in WORKDIR:
                              sd over seeds, the chosen lr in each label
   sweep.json                 the runs and the summary rows as JSON
 
+Label efficiency (`--train_fractions 0.01,0.1,1.0`): every run at each training-label fraction
+(data.train_fraction: one stratified, patient-grouped subset per fraction, the same for every
+method and seed) in WORKDIR/<dataset>_fraction_<f>/<variant>/...; each (dataset, fraction) is a
+column of its own (lr chosen on validation per fraction and method, paired to SH-PEFT at the same
+fraction), and the sweep adds
+  fractions.csv / fractions.md  per dataset, method x fraction: mean ± sd, lr, Δ vs SH-PEFT, W-T-L
+  score_vs_fraction.png         the headline test metric against the fraction, one line a method
+
 Ablation presets (`--ablation`, comma-separated, added after `--methods`):
   table4  the importance estimators: I_ta | I_td-L1 | I_ta + I_td-L1 | I_td-L2 | I_ta + I_td-L2
           (I_ta-L1 = |w| and I_ta-L2 = w^2 rank the weights identically, so one I_ta row)
@@ -68,6 +76,11 @@ _SEEDS = flags.DEFINE_list(
 _LR_GRID = flags.DEFINE_list(
     "lr_grid", [], "learning rates to choose from on the validation split, per method (default: "
     "config.sweep.lr_grid, else each method's optim.lr; a method's own sweep.lr_grid wins).")
+_TRAIN_FRACTIONS = flags.DEFINE_list(
+    "train_fractions", [], "the label-efficiency sweep: training-label fractions in (0, 1] "
+    "(data.train_fraction, one stratified subset per fraction from data.subset_seed, the same for "
+    "every method and seed); every method and lr per fraction, the lr chosen on validation per "
+    "fraction and method; adds fractions.csv / fractions.md / score_vs_fraction.png.")
 _RESTART_FROM = flags.DEFINE_enum(
     "restart_from", None, list(stages_lib.STAGES),
     "Redo this stage and every later one in every run of the sweep ('pretrain': the demo's "
@@ -142,22 +155,53 @@ def variant_config(base: ml_collections.ConfigDict, variant: Variant,
   return runs.method_config(base, variant.method, variant.overrides, dataset)
 
 
-def _validate_all(config, variants: Sequence[Variant], datasets: Sequence[str]) -> None:
-  """Every (dataset, variant) config is checked before the first run: a typo in the last dataset
-  must not wait for hours of earlier runs."""
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """One column of the results table: a dataset, or with --train_fractions a dataset at a
+  training-label fraction (its own column, lr choice and pairing to SH-PEFT)."""
+  dataset: str
+  fraction: float | None = None  # None: the config's data (no --train_fractions).
+
+  @property
+  def key(self) -> str:  # Records' `dataset` and the runs' folder under WORKDIR.
+    return self.dataset if self.fraction is None else f"{self.dataset}_fraction_{self.fraction:g}"
+
+  def config(self, cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    if self.fraction is not None:
+      with cfg.unlocked():
+        cfg.data.train_fraction = float(self.fraction)
+    return cfg
+
+
+def columns(datasets: Sequence[str], fractions: Sequence[float] | None) -> list[Column]:
+  """The table's columns; ConfigError for a fraction outside (0, 1] or a repeated one."""
+  from shpeft_jax.data import subsets  # pylint: disable=g-import-not-at-top
+  if not fractions:
+    return [Column(d) for d in datasets]
+  fractions = [float(f) for f in fractions]
+  for f in fractions:
+    subsets.spec_of({"train_fraction": f})
+  if len(set(fractions)) != len(fractions):
+    raise ConfigError(f"--train_fractions {fractions} repeats a fraction.")
+  return [Column(d, f) for d in datasets for f in fractions]
+
+
+def _validate_all(config, variants: Sequence[Variant], cols: Sequence[Column]) -> None:
+  """Every (column, variant) config is checked before the first run: a typo in the last dataset
+  (or a fraction too small for a class) must not wait for hours of earlier runs."""
   from shpeft_jax import runs  # pylint: disable=g-import-not-at-top
   from shpeft_jax import train  # pylint: disable=g-import-not-at-top
   if config.pretrain.enabled:
     train.validate_config(runs.pretrain_config(config))
-  for dataset in datasets:
+  for col in cols:
     for v in variants:
-      cfg = variant_config(config, v, dataset)
+      cfg = col.config(variant_config(config, v, col.dataset))
       if config.pretrain.enabled:
         cfg.model.init_checkpoint = ""  # Made by the pretrain stage.
       try:
         train.validate_config(cfg)
       except ShpeftError as e:
-        raise type(e)(f"{dataset} / {v.key}: {e}") from e
+        raise type(e)(f"{col.key} / {v.key}: {e}") from e
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequence[Variant],
@@ -165,11 +209,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
               run_fn: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
               seeds: Sequence[int] | None = None,
               lr_grid: Sequence[float] | None = None,
-              restart_from: str | None = None) -> list[dict]:
+              restart_from: str | None = None,
+              train_fractions: Sequence[float] | None = None) -> list[dict]:
   """Runs every (dataset, variant, lr, seed); returns one record per run (see `_record`).
 
   restart_from: a stage (`stages.STAGES`) to redo, with every later one, in every run; 'pretrain'
   also redoes the demo's pre-training (and so everything).
+  train_fractions: the label-efficiency sweep: every run per fraction, in
+  WORKDIR/<dataset>_fraction_<f>/<variant>/..., records carrying `train_fraction`.
   """
   from shpeft_jax import runs  # pylint: disable=g-import-not-at-top  (imports jax)
   from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
@@ -180,26 +227,30 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
   if restart_from:
     run_fn = functools.partial(run_fn, restart_from=restart_from)
   datasets = list(datasets or [config.data.name])
+  cols = columns(datasets, train_fractions)
   config = _with_sweep_flags(config, seeds, lr_grid)
   if validate:
-    _validate_all(config, variants, datasets)
+    _validate_all(config, variants, cols)
   base = runs.prepare(config, workdir, restart_pretrain=restart_pretrain)
   from shpeft_jax import console  # pylint: disable=g-import-not-at-top
   seeds = compare.seeds_of(base)
   records = []
-  plan = [(dataset, v, variant_config(base, v, dataset)) for dataset in datasets for v in variants]
+  plan = [(col, v, col.config(variant_config(base, v, col.dataset))) for col in cols
+          for v in variants]
   progress = console.RunsProgress(sum(compare.runs_in_grid(c, seeds) for _, _, c in plan),
                                   desc="sweep")
-  for dataset, v, cfg in plan:
+  for col, v, cfg in plan:
     grid = compare.lr_grid_of(cfg)
-    run_dir = os.path.join(workdir, dataset, v.key)
-    logging.debug("sweep: %s / %s -> %s (lr %s, seeds %s)", dataset, v.label, run_dir, grid,
+    run_dir = os.path.join(workdir, col.key, v.key)
+    logging.debug("sweep: %s / %s -> %s (lr %s, seeds %s)", col.key, v.label, run_dir, grid,
                   seeds)
-    label = v.key if len(datasets) == 1 else f"{dataset}/{v.key}"
+    label = v.key if len(cols) == 1 else f"{col.key}/{v.key}"
     for r in compare.run_grid(cfg, run_dir, run_fn, seeds=seeds, lr_grid=grid,
                               by_lr=bool(cfg.sweep.lr_grid), by_seed=bool(base.sweep.seeds),
                               progress=progress, label=label):
-      records.append({**_record(dataset, v, r["results"], r["lr"], r["seed"]),
+      fraction = {} if col.fraction is None else {"data_name": col.dataset,
+                                                  "train_fraction": col.fraction}
+      records.append({**_record(col.key, v, r["results"], r["lr"], r["seed"]), **fraction,
                       "run_dir": os.path.relpath(r["run_dir"], workdir)})
   progress.close()
   return records
@@ -235,6 +286,10 @@ def write_outputs(records: Sequence[dict], workdir: str) -> dict[str, str]:
   paths = compare.write_tables(records, workdir)
   paths["png"] = compare.plot_f1_vs_trainable(records,
                                               os.path.join(workdir, "f1_vs_trainable.png"))
+  if any("train_fraction" in r for r in records):
+    paths.update(compare.write_fraction_table(records, workdir))
+    paths["fraction_png"] = compare.plot_score_vs_fraction(
+        records, os.path.join(workdir, "score_vs_fraction.png"))
   paths["json"] = os.path.join(workdir, "sweep.json")
   with utils.atomic_path(paths["json"]) as tmp, open(tmp, "w") as f:
     json.dump({"records": list(records), "summary": compare.summary_json(records)}, f, indent=2,
@@ -265,19 +320,23 @@ def main(argv):
     variants = build_variants(_METHODS.value, _ABLATION.value)
     seeds = _numbers("--seeds", _SEEDS.value, int)
     lr_grid = _numbers("--lr_grid", _LR_GRID.value, float)
+    fractions = _numbers("--train_fractions", _TRAIN_FRACTIONS.value, float)
     lock = (workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0
             else contextlib.nullcontext())
     with lock:
       records.extend(run_sweep(_CONFIG.value, workdir, variants, _DATASETS.value,
-                               seeds=seeds, lr_grid=lr_grid, restart_from=_RESTART_FROM.value))
+                               seeds=seeds, lr_grid=lr_grid, restart_from=_RESTART_FROM.value,
+                               train_fractions=fractions))
   code = errors.cli_main(run, verbosity=flags.FLAGS.verbosity, hint_path=workdir,
                          log_file=os.path.join(workdir, "log.txt"))
   if code:
     errors.exit_process(code)
   if jax.process_index() == 0:
     paths = write_outputs(records, _WORKDIR.value)
-    with open(paths["md"]) as f:
-      print(f.read(), flush=True)
+    for key in ("md", "fractions_md"):
+      if key in paths:
+        with open(paths[key]) as f:
+          print(f.read(), flush=True)
     print("wrote " + ", ".join(paths.values()), flush=True)
     from shpeft_jax import report  # pylint: disable=g-import-not-at-top
     for line in report.after_run(_WORKDIR.value):  # one page comparing every run

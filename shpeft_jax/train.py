@@ -64,10 +64,12 @@ def split_names(config) -> tuple[str, str | None, str]:
 def validate_config(config: ml_collections.ConfigDict) -> dict:
   """Raises ConfigError / DataError / CheckpointError for bad input; returns derived facts."""
   from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.data import subsets  # pylint: disable=g-import-not-at-top
   vit = clip_vit.get_model_config(config.model.name, config.model.image_size)
   clip_vit.compute_dtype(config.model.dtype)
   method = methods_lib.validate_peft(config.peft)
   run_checks.check_run_settings(config)  # Numbers first: no data, model or compile work yet.
+  subsets.spec_of(config.data)
   sharding.validate_batch_sizes(config.train)
   if config.train.num_steps <= 0:
     raise ConfigError(f"train.num_steps must be positive, got {config.train.num_steps}.")
@@ -94,7 +96,8 @@ def validate_config(config: ml_collections.ConfigDict) -> dict:
       lambda: input_pipeline.record_metadata(config.data, split_names(config)[0])["label"])
   return {"vit": vit, "num_classes": info.num_classes, "class_names": info.class_names,
           "dataset": info.name, "split_sizes": dict(info.split_sizes), "method": method,
-          "source_id": info.source_id, "task": task, "pos_weight": pos_weight}
+          "source_id": info.source_id, "task": task, "pos_weight": pos_weight,
+          "subset": info.subset}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +322,8 @@ def evaluate_and_export(config, workdir, method, params, param_sh, eval_step, me
              "trainable": meta["trainable"], "total": meta["total"],
              "trainable_percent": 100.0 * meta["trainable"] / meta["total"],
              "test_final": test_final}
+  if meta.get("train_subset"):  # data.train_fraction / train_per_class (data/subsets.py).
+    results["train_subset"] = meta["train_subset"]
   report, report_params, val_report, thresholds = test_final, params, val_final, thr_final
   best_dir = os.path.join(workdir, "best")
   use_best = bool(config.train.report_best) and os.path.isdir(best_dir)
@@ -426,6 +431,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   n_params = utils.count_params(params)
   logging.info("%s on %s: %s with %d classes, %d steps, in %s", method.name, facts["dataset"],
                config.model.name, num_classes, int(config.train.num_steps), workdir)
+  if facts["subset"]:
+    from shpeft_jax.data import subsets  # pylint: disable=g-import-not-at-top
+    logging.info("Training subset: %s", subsets.line(facts["subset"]))
   task = facts["task"]
   loss_fn = make_loss_fn(model, task, facts["pos_weight"])
   host_mask = select(config, method, workdir, loss_fn, params, mesh, rng_mask)
@@ -453,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   meta = {"model": config.model.name, "image_size": int(config.model.image_size),
           "num_classes": num_classes, "method": method.name,
           "class_names": list(facts["class_names"]), "dataset": facts["dataset"],
-          "task": task.name,
+          "task": task.name, **({"train_subset": facts["subset"]} if facts["subset"] else {}),
           "trainable": n_trainable, "total": n_params, **model.config.tower()}
   writer = writers.MetricWriter(workdir, resume_step=start_step)
   validation = evaluator.Validation(config, workdir, eval_step, mesh, num_classes, meta, writer,

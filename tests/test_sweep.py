@@ -215,3 +215,110 @@ def test_restart_from_reaches_every_run_and_a_bad_stage_is_refused(tmp_path, mon
   assert prepared == [True, False]
   with pytest.raises(ConfigError, match="is not a stage"):
     sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, restart_from="nope")
+
+
+def test_train_fractions_sweep_chooses_lr_per_fraction_and_pairs_to_shpeft(tmp_path):
+  """--train_fractions: one column per fraction (its runs in <data>_fraction_<f>/), the lr chosen
+  on validation per fraction and method, the fraction table's numbers against numpy / scipy."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from scipy import stats as sps  # pylint: disable=g-import-not-at-top
+  base = _demo_config()
+  with base.unlocked():
+    base.pretrain.enabled = False
+    base.method_overrides = base.method_overrides.to_dict()
+  seen = []
+
+  def test_score(method, fraction, lr, seed):
+    return 0.4 + 0.5 * fraction + (0.05 if method == "shpeft" else 0.01 * seed) + (
+        0.02 * seed if lr == 1.0 else 0.03 * seed * seed)
+
+  def fake_run(cfg, workdir):
+    f, lr, m = cfg.data.train_fraction, cfg.optim.lr, cfg.peft.method
+    seen.append((m, f, lr, cfg.seed, workdir))
+    # Validation prefers lr 0.1 at the small fraction, lr 1.0 at the whole split.
+    val = 0.9 if (lr == 0.1) == (f < 1.0) else 0.5
+    return {"trainable": 7, "total": 70, "trainable_percent": 10.0, "validation": {"f1_macro": val},
+            "test": {"f1_macro": test_score(m, f, lr, cfg.seed), "accuracy": 0.5,
+                     "auc_macro": 0.5}}
+
+  variants = sweep.build_variants(["shpeft", "random"], [])
+  records = sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, seeds=[0, 1, 2],
+                            lr_grid=[0.1, 1.0], train_fractions=[0.1, 1.0])
+  assert len(seen) == 2 * 2 * 2 * 3
+  assert seen[0][4] == os.path.join(str(tmp_path), "digits_fraction_0.1", "shpeft", "lr_0.1",
+                                    "seed_0")
+  assert {r["train_fraction"] for r in records} == {0.1, 1.0}
+  paths = sweep.write_outputs(records, str(tmp_path))
+  with open(paths["fractions_csv"]) as f:
+    rows = {(r["variant"], r["train_fraction"]): r for r in csv.DictReader(f)}
+  assert {k: rows[k]["lr"] for k in rows} == {("shpeft", "0.1"): "0.1", ("random", "0.1"): "0.1",
+                                               ("shpeft", "1"): "1", ("random", "1"): "1"}
+  for (variant, fraction), row in rows.items():
+    f, lr = float(fraction), float(row["lr"])
+    scores = np.array([test_score(variant, f, lr, s) for s in (0, 1, 2)])
+    assert float(row["score_mean"]) == pytest.approx(100 * scores.mean(), abs=0.006)
+    assert float(row["score_sd"]) == pytest.approx(100 * scores.std(ddof=1), abs=0.006)
+    if variant == "random":
+      ref = np.array([test_score("shpeft", f, lr, s) for s in (0, 1, 2)])
+      d = scores - ref
+      lo, _ = sps.t.interval(0.95, 2, loc=d.mean(), scale=d.std(ddof=1) / np.sqrt(3))
+      assert float(row["diff_vs_shpeft"]) == pytest.approx(100 * d.mean(), abs=0.006)
+      assert (row["wins"], row["ties"], row["losses"]) == ("0", "0", "3")
+      assert float(row["ci_low"]) == pytest.approx(100 * lo, abs=0.006)
+  md = open(paths["fractions_md"]).read()
+  assert "| Method | 10% | lr | Δ vs SH-PEFT | W-T-L | 100% | lr |" in md
+  assert md.count("| Random") == 1 and md.count("| SH-PEFT") == 1
+  import matplotlib.image as mpimg  # pylint: disable=g-import-not-at-top
+  img = mpimg.imread(paths["fraction_png"])
+  assert img.ndim == 3 and img.shape[1] > 300 and img.std() > 0
+
+
+@pytest.mark.parametrize("fractions, message", [
+    ([0.0, 1.0], r"data.train_fraction=0.0 must be in \(0, 1\]"),
+    ([1.5], r"data.train_fraction=1.5 must be in \(0, 1\]"),
+    ([0.1, 0.1], "repeats a fraction"),
+])
+def test_bad_train_fractions_are_refused_before_any_run(tmp_path, fractions, message):
+  seen = []
+  with pytest.raises(ConfigError, match=message):
+    sweep.run_sweep(_demo_config(), str(tmp_path), sweep.build_variants(["shpeft"], []),
+                    run_fn=lambda c, w: seen.append(w), train_fractions=fractions)
+  assert not seen and not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_tiny_fraction_sweep_end_to_end_same_subset_for_every_method_and_resumed(tmp_path):
+  """The real trainer at fractions 0.2 and 1.0: the subset's size by hand, one subset for every
+  method, a second call reuses every run, the comparison page groups runs by data and subset."""
+  import json  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import report  # pylint: disable=g-import-not-at-top
+  base = _demo_config()
+  with base.unlocked():
+    base.model.name = "test_tiny"
+    base.pretrain.enabled = False
+    base.train.num_steps = 2
+    base.train.eval_every = 0
+    base.train.checkpoint_every = 2
+    base.train.batch_size = 16
+    base.peft.score_batches = 1
+    base.peft.k_percent = 5.0
+    base.sweep.seeds = ()
+  variants = sweep.build_variants(["shpeft", "linear"], [])
+  records = sweep.run_sweep(base, str(tmp_path), variants, train_fractions=[0.2, 1.0])
+  subsets = {}
+  for r in records:
+    with open(os.path.join(str(tmp_path), r["run_dir"], "results.json")) as f:
+      subsets[(r["variant"], r["train_fraction"])] = json.load(f).get("train_subset")
+  # Digits target train: 109, 109, 108, 104, 108 images per class; round(0.2 n) halves up =
+  # 22, 22, 22, 21, 22 = 109 images.
+  assert subsets[("shpeft", 0.2)]["num_images"] == 109
+  assert sorted(subsets[("shpeft", 0.2)]["positives_per_class"].values()) == [21, 22, 22, 22, 22]
+  assert subsets[("shpeft", 0.2)]["subset_id"] == subsets[("linear", 0.2)]["subset_id"]
+  assert subsets[("shpeft", 1.0)] is None and subsets[("linear", 1.0)] is None
+  paths = sweep.write_outputs(records, str(tmp_path))
+  assert "| Method | 20% | lr |" in open(paths["fractions_md"]).read()
+  again = sweep.run_sweep(base, str(tmp_path), variants, train_fractions=[0.2, 1.0])
+  assert [r["f1"] for r in again] == [r["f1"] for r in records]
+  out = report.write_report(str(tmp_path), log=lambda *_: None)
+  page = open(out["html"]).read()
+  assert "digits_target (0.2 of the training labels (subset_seed 0))" in page

@@ -40,6 +40,14 @@ Data config fields (`config.data`, an ml_collections.ConfigDict; `default_data_c
   cache                     keep the encoded split in memory after the first pass.
   num_parallel_calls        decode/augment parallelism; -1: tf.data AUTOTUNE.
 
+  Training subset (data/subsets.py; validation and test stay whole):
+  train_fraction            fraction of the training split's labels, in (0, 1]; 1.0 (default):
+                            all. Stratified per class / finding, patient-grouped.
+  train_per_class           N images per class (multi-label: >= N positives per finding); 0
+                            (default): off. Set one of train_fraction / train_per_class.
+  subset_seed               seed of the subset (not the training seed: every method and
+                            training seed of a comparison reads the same subset). Default 0.
+
   Source options (they change the records, hence the source id):
   max_missing_fraction      csv / chestxray14 / chexpert: the largest fraction of a split whose
                             image files may be missing (they are then left out with a warning
@@ -89,6 +97,8 @@ DATASET_NAMES = ("chaoyang", "covid_ct", "busi", "cxr", "oct", "limuc", "image_f
 PIPELINE_FIELDS = ("train_split", "val_split", "test_split", "augment",
                    "random_resized_crop_scale", "hflip", "shuffle_buffer", "cache",
                    "num_parallel_calls")
+# Fields that choose which training records a run reads (data/subsets.py), not the source's.
+SUBSET_FIELDS = ("train_fraction", "train_per_class", "subset_seed")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -107,6 +117,10 @@ def default_data_config() -> ml_collections.ConfigDict:
       "shuffle_buffer": 20_000,
       "cache": False,
       "num_parallel_calls": -1,
+      # The training subset (data/subsets.py).
+      "train_fraction": 1.0,
+      "train_per_class": 0,
+      "subset_seed": 0,
       # Source options.
       "max_missing_fraction": 0.0,
       "val_fraction": 0.1,
@@ -135,7 +149,8 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 
 def source_options(data_config=None) -> ml_collections.ConfigDict:
-  """The fields that decide a source's records: `data_config` without PIPELINE_FIELDS.
+  """The fields that decide a source's records: `data_config` without PIPELINE_FIELDS and
+  SUBSET_FIELDS.
 
   A config.json written before a field existed (a run's, read back by report / predict) lacks it;
   its default is what that run used, so the defaults fill the gaps here, in this one place.
@@ -145,4 +160,4 @@ def source_options(data_config=None) -> ml_collections.ConfigDict:
     given = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
     options.update(given)
   return ml_collections.ConfigDict(
-      {k: v for k, v in options.items() if k not in PIPELINE_FIELDS})
+      {k: v for k, v in options.items() if k not in PIPELINE_FIELDS + SUBSET_FIELDS})

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from shpeft_jax.data import demo
 from shpeft_jax.data import parsed as parsed_lib
+from shpeft_jax.data import subsets
 from shpeft_jax.errors import ConfigError, DataError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -56,6 +57,8 @@ class DatasetInfo:
   # Identity of the records (the prepared source's id): part of every stage's fingerprint.
   source_id: str = ""
   task: str = parsed_lib.SINGLE_LABEL
+  # The training subset (data.train_fraction / train_per_class; `subsets.facts`), None: whole.
+  subset: dict | None = None
 
 
 # The batches' label dtype per task kind (records: ClassLabel int64 / float32 vectors).
@@ -168,6 +171,55 @@ class _TfdsSource(_Source):
     return {k: np.asarray([r[k] for r in rows]) for k in ("file_name", "patient", "label")}
 
 
+class _SubsetSource(_Source):
+  """`base` with its split `split` filtered to the record indices of a training subset
+  (`subsets.select`); every other split is base's. Sizes, metadata and the records agree."""
+
+  def __init__(self, base: _Source, split: str, spec: subsets.Spec):
+    self._base, self._split = base, split
+    meta = base.metadata(split)
+    info = base.info
+    self._indices = subsets.select(spec, meta["label"], meta["patient"], task=info.task,
+                                   class_names=info.class_names, split=split)
+    keep = np.zeros(len(meta["label"]), bool)
+    keep[self._indices] = True
+    self._keep = keep
+    facts = subsets.facts(spec, self._indices, meta, task=info.task,
+                          class_names=info.class_names, split=split)
+    self.info = dataclasses.replace(
+        info, split_sizes={**info.split_sizes, split: len(self._indices)}, subset=facts)
+
+  def split_size(self, split):
+    return len(self._indices) if split == self._split else self._base.split_size(split)
+
+  def dataset(self, split):
+    ds = self._base.dataset(split)
+    if split != self._split:
+      return ds
+    keep = tf.constant(self._keep)
+
+    def kept(i, ex):  # Named functions: AutoGraph cannot parse two lambdas on one line.
+      del ex
+      return tf.gather(keep, i)
+
+    def record(i, ex):
+      del i
+      return ex
+
+    return ds.enumerate().filter(kept).map(record)
+
+  def metadata(self, split):
+    meta = self._base.metadata(split)
+    if split != self._split:
+      return meta
+    return {k: np.asarray(v)[self._indices] for k, v in meta.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_subset(options_json: str, split: str, spec: subsets.Spec) -> _Source:
+  return _SubsetSource(_cached_source(options_json), split, spec)
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_source(options_json: str) -> _Source:
   options = ml_collections.ConfigDict(json.loads(options_json))
@@ -181,9 +233,14 @@ def _cached_source(options_json: str) -> _Source:
 
 
 def get_source(data_config: ml_collections.ConfigDict) -> _Source:
-  """The (cached) source for a data config; prepares a tfds dataset on first use."""
+  """The (cached) source for a data config; prepares a tfds dataset on first use. With a
+  training subset (data.train_fraction / train_per_class), its train split is the subset."""
   from shpeft_jax.data import source_options  # pylint: disable=g-import-not-at-top
-  return _cached_source(json.dumps(source_options(data_config).to_dict(), sort_keys=True))
+  options_json = json.dumps(source_options(data_config).to_dict(), sort_keys=True)
+  spec = subsets.spec_of(data_config)
+  if spec.active:
+    return _cached_subset(options_json, data_config.train_split, spec)
+  return _cached_source(options_json)
 
 
 def dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:

@@ -14,6 +14,9 @@ label, type, method, trainable % and the other test metrics (`f1`, `accuracy`, `
    on the same seeds (`stats.paired_difference`), with wins-ties-losses.
 3. `write_tables` / `plot_f1_vs_trainable`: results.csv / results.md / runs.csv, and Fig. 4 with
    the spread over seeds as error bars.
+4. The label-efficiency sweep (records with `train_fraction` and `data_name`; each fraction is a
+   column of its own, so 1. and 2. hold per fraction and method): `write_fraction_table`
+   (fractions.csv / fractions.md: method x fraction) and `plot_score_vs_fraction`.
 """
 
 from __future__ import annotations
@@ -130,6 +133,9 @@ def summarize(records: Sequence[dict], reference: str = REFERENCE, *,
         "vs_reference": diff,
         "trainable_percent": (float(np.mean([r.get("trainable_percent", NAN) for r in at]))
                               if at else NAN),
+        # The label-efficiency sweep: the data of the column and its training-label fraction.
+        "data_name": first.get("data_name", dataset),
+        "train_fraction": first.get("train_fraction"),
     })
   return rows
 
@@ -272,6 +278,113 @@ def plot_f1_vs_trainable(records: Sequence[dict], path: str, reference: str = RE
   ax.set_title(f"{title_of(rows, short=True)} vs trainable parameters (mean ± sd over {seeds} seeds, lr chosen on "
                "validation)", fontsize=9)
   ax.grid(True, which="both", alpha=0.3)
+  fig.tight_layout()
+  from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
+  with utils.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=120, format="png")
+  plt.close(fig)
+  return path
+
+
+def _fraction_rows(records: Sequence[dict], reference: str
+                   ) -> dict[str, dict[str, dict[float, dict]]]:
+  """{data_name: {variant: {fraction: summary row}}} of the records that carry a fraction."""
+  out: dict[str, dict[str, dict[float, dict]]] = {}
+  for r in summarize(records, reference):
+    if r["train_fraction"] is not None:
+      out.setdefault(r["data_name"], {}).setdefault(r["variant"], {})[r["train_fraction"]] = r
+  return out
+
+
+def write_fraction_table(records: Sequence[dict], workdir: str, reference: str = REFERENCE
+                         ) -> dict[str, str]:
+  """fractions.csv (one line per data, method and fraction) and fractions.md (per data: methods x
+  fractions; mean ± sd over seeds, the lr chosen on validation at that fraction, the paired
+  difference to SH-PEFT at the same fraction with its 95% t interval and W-T-L)."""
+  table = _fraction_rows(records, reference)
+  paths = {"fractions_csv": os.path.join(workdir, "fractions.csv"),
+           "fractions_md": os.path.join(workdir, "fractions.md")}
+  lines = []
+  with open(paths["fractions_csv"], "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["dataset", "method", "variant", "metric", "train_fraction", "lr", "n_seeds",
+                "score_mean", "score_sd", f"diff_vs_{reference}", "ci_low", "ci_high", "wins",
+                "ties", "losses"])
+    for data_name, variants in table.items():
+      fractions = sorted({f for cells in variants.values() for f in cells})
+      rows = [c for cells in variants.values() for c in cells.values()]
+      seeds = sorted({s for c in rows for s in c["seeds"]})
+      lines += [f"{data_name}: test {title_of(rows)} (%) against the fraction of training labels "
+                f"(one stratified subset per fraction, the same for every method and seed): mean "
+                f"± sd over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), lr chosen on "
+                "validation per fraction and method; Δ: paired difference to SH-PEFT at the same "
+                "fraction, 95% t interval, W-T-L.", "",
+                "| Method | " + " | ".join(f"{100 * f:g}% | lr | Δ vs SH-PEFT | W-T-L"
+                                           for f in fractions) + " |",
+                "|---|" + "---:|---:|---:|---:|" * len(fractions)]
+      for variant, cells in variants.items():
+        parts = []
+        for fr in fractions:
+          c = cells.get(fr)
+          d = None if c is None else c["vs_reference"]
+          if c is not None:
+            w.writerow([data_name, c["label"], variant, c["headline"], f"{fr:g}", f"{c['lr']:g}",
+                        c["score"].n, _f(100 * c["score"].mean, 2), _f(100 * c["score"].sd, 2),
+                        *(("",) * 6 if d is None else (
+                            _f(100 * d.mean, 2), _f(100 * d.ci_low, 2), _f(100 * d.ci_high, 2),
+                            d.wins, d.ties, d.losses))])
+          parts.append(" |  |  | " if c is None else
+                       f"{c['score'].format(100)} (n={c['score'].n}) | {c['lr']:g} | "
+                       f"{'' if d is None else d.format(100)} | {'' if d is None else d.record}")
+        label = next(iter(cells.values()))["label"]
+        lines.append(f"| {label} | {' | '.join(parts)} |")
+      lines.append("")
+  with open(paths["fractions_md"], "w") as f:
+    f.write("\n".join(lines))
+  return paths
+
+
+# Line colours of the methods other than SH-PEFT (red).
+_OTHERS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+           "tab:gray", "tab:olive", "tab:cyan")
+
+
+def plot_score_vs_fraction(records: Sequence[dict], path: str, reference: str = REFERENCE) -> str:
+  """The headline test score (%) against the training-label fraction (log x), one line per method
+  (SH-PEFT red), error bars = sd over seeds; one panel per dataset."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  table = _fraction_rows(records, reference)
+  fig, axes = plt.subplots(1, len(table), figsize=(6.4 * len(table), 4.6), squeeze=False)
+  n_seeds = set()
+  for ax, (data_name, variants) in zip(axes[0], table.items()):
+    fractions = sorted({f for cells in variants.values() for f in cells})
+    for i, (variant, cells) in enumerate(variants.items()):
+      fs = sorted(cells)
+      ys = [100 * cells[f]["score"].mean for f in fs]
+      sds = [100 * (cells[f]["score"].sd if _finite(cells[f]["score"].sd) else 0.0) for f in fs]
+      n_seeds.update(cells[f]["score"].n for f in fs)
+      ours = cells[fs[0]]["method"] == reference
+      shift = 1.04 ** (i - (len(variants) - 1) / 2)  # Side by side: error bars stay readable.
+      ax.errorbar([f * shift for f in fs], ys, yerr=sds, marker="*" if ours else "o", ms=10 if ours else 5,
+                  capsize=3, lw=2 if ours else 1.2, color="tab:red" if ours else _OTHERS[i % len(_OTHERS)],
+                  label=cells[fs[0]]["label"], zorder=3 if ours else 2)
+    rows = [c for cells in variants.values() for c in cells.values()]
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [f"{100 * f:g}%" for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("fraction of the training labels")
+    ax.set_ylabel(f"test {title_of(rows)} (%)")
+    ax.set_title(data_name, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+  seeds = "/".join(str(n) for n in sorted(n_seeds))
+  grid = any(len(c["grid"]) > 1 for v in table.values() for cells in v.values()
+             for c in cells.values())
+  fig.suptitle(f"Label efficiency: mean ± sd over {seeds} seeds, "
+               + ("lr chosen on validation per fraction and method" if grid else
+                  "each method at its one configured lr"), fontsize=9)
   fig.tight_layout()
   from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
   with utils.atomic_path(path) as tmp:

@@ -129,9 +129,9 @@ def test_single_label_csv_trains_end_to_end(tmp_path):
   assert losses and all(np.isfinite(losses))
 
 
-def test_trainer_refuses_a_multi_label_dataset_in_one_line(tmp_path):
-  # Until the task kind reaches the loss and the metrics, a multi-label run would train a softmax
-  # on float vectors: refused in the config check instead.
+def test_trainer_takes_a_multi_label_table_as_a_multi_label_task(tmp_path):
+  """The config check resolves the task kind from the table (two finding columns) and the BCE's
+  positive weights from its train labels; weights of the wrong length are one line."""
   from shpeft_jax import train
   from shpeft_jax.errors import ConfigError
   from train_fixtures import make_tiny_config
@@ -143,6 +143,14 @@ def test_trainer_refuses_a_multi_label_dataset_in_one_line(tmp_path):
                           csv_label_columns=("Effusion", "Mass"), csv_split_column="split",
                           val_fraction=0.0))
   config.data.val_split = ""
-  with pytest.raises(ConfigError, match=r"^csv is a multi_label dataset \(2 findings\); the "
-                                        r"trainer trains single-label datasets only so far"):
+  config.train.batch_size = 2
+  config.train.pos_weight = "balanced"
+  facts = train.validate_config(config)
+  assert facts["task"].name == "multi_label" and facts["num_classes"] == 2
+  labels = ip.record_metadata(config.data, "train")["label"]
+  pos, neg = (labels == 1).sum(0), (labels == 0).sum(0)
+  np.testing.assert_allclose(facts["pos_weight"], neg / pos)
+  config.train.pos_weight = "1,2,3"
+  with pytest.raises(ConfigError, match=r"^train.pos_weight='1,2,3': give '' \(none\), "
+                                        r"'balanced', or 2 positive numbers"):
     train.validate_config(config)
