@@ -155,12 +155,25 @@ def test_hf_clip_model_bin_with_text_tower(tmp_path):
   assert err <= TOL, err
 
 
-def test_hf_config_heads_are_checked(tmp_path):
-  hf = transformers.CLIPVisionModel(tr.hf_vision_config(clip_vit.get_model_config("test_tiny")))
-  hf.config.num_attention_heads = 4  # weights are identical; only the config tells heads apart
+def test_hf_config_heads_decide_the_tower(tmp_path):
+  """test_tiny's weights with 4 heads in config.json: the weights are identical, only the config
+  tells heads apart. Not the preset (2 heads) but the tower of that shape, and it computes what
+  HF's model with 4 heads computes; asking for the preset by name is refused."""
+  torch.manual_seed(0)
+  cfg = tr.hf_vision_config(clip_vit.get_model_config("test_tiny"))
+  cfg.num_attention_heads = 4
+  hf = _perturb(transformers.CLIPVisionModel(cfg), 2).eval()
   hf.save_pretrained(tmp_path)
+  params, info = convert.convert_file(str(tmp_path))
+  assert info.model == "vit:p4-w32-l2-h4-m64"
+  x = _images(2, 16, seed=1)
+  with torch.no_grad():
+    ref = hf(pixel_values=_nchw(x)).pooler_output.numpy()
+  tower = clip_vit.VisionTransformer(clip_vit.get_model_config(info.model, 16, **info.tower))
+  got = np.asarray(tower.apply({"params": params["encoder"]}, x))
+  assert np.abs(got - ref).max() <= 1e-5 and np.abs(ref).max() > 0.1
   with pytest.raises(convert.CheckpointError, match="4 attention heads, but test_tiny has 2"):
-    convert.convert_file(str(tmp_path))
+    convert.convert_file(str(tmp_path), model="test_tiny")
 
 
 @pytest.mark.parametrize("antialias", [True, False])
