@@ -34,7 +34,6 @@ from shpeft_jax.evaluation import metrics as metrics_lib
 
 SINGLE_LABEL = "single_label"
 MULTI_LABEL = "multi_label"
-UNKNOWN = -1.0
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -222,7 +221,9 @@ class MultiLabel(Task):
     return p, labels, cols
 
   def metrics(self, logits, labels, valid=None, thresholds=None):
-    p, labels, cols = self._columns(logits, labels, valid, thresholds)
+    return self._metrics(*self._columns(logits, labels, valid, thresholds))
+
+  def _metrics(self, p, labels, cols):
     nan = float("nan")
     auc = [metrics_lib.binary_auc(c["y"], c["score"]) if c["defined"] else nan for c in cols]
     ap = [average_precision(c["y"], c["score"]) if c["defined"] else nan for c in cols]
@@ -242,7 +243,7 @@ class MultiLabel(Task):
     p, labels, cols = self._columns(logits, labels, None, thresholds)
     if len(names) != len(cols):
       raise ValueError(f"{len(names)} finding names for {len(cols)} score columns.")
-    m = self.metrics(logits, labels, thresholds=[c["threshold"] for c in cols])
+    m = self._metrics(p, labels, cols)
     classes, roc = [], {}
     for j, (name, c) in enumerate(zip(names, cols)):
       tp = float(np.sum(c["y"] & c["pred"]))

@@ -24,12 +24,6 @@ def scalars(m: dict) -> dict[str, float]:
   return {k: float(v) for k, v in m.items() if np.ndim(v) == 0 and not isinstance(v, str)}
 
 
-def scalar_metrics(logits, labels, num_classes: int, valid=None, task=None) -> dict[str, float]:
-  """The task's scalar metrics ({f1_macro, accuracy, auc_macro, ...}) as floats."""
-  del num_classes  # The logits' width.
-  return scalars((task or tasks.of(None)).metrics(logits, labels, valid))
-
-
 def evaluate(eval_step: Callable, params: Any, config, split: str, mesh,
              num_classes: int, *, task=None, thresholds=None, with_predictions: bool = False):
   """The task's metrics of `params` on `split`, every example exactly once (padding carries
