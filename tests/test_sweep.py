@@ -151,20 +151,26 @@ def test_seeds_and_lr_grid_layout_and_choice_on_validation(tmp_path):
   assert len(runs) == 12 and sum(r["chosen_lr"] == "True" for r in runs) == 6
 
 
-@pytest.mark.slow
-def test_tiny_sweep_end_to_end_on_the_demo_digits(tmp_path):
-  """The real trainer on the bundled digits with test_tiny and a few steps (CPU)."""
+def _tiny_demo_base(num_steps: int):
+  """The demo config with test_tiny, no pre-training, `num_steps` steps, one seed (CPU seconds)."""
   base = _demo_config()
   with base.unlocked():
     base.model.name = "test_tiny"
     base.pretrain.enabled = False
-    base.train.num_steps = 3
+    base.train.num_steps = num_steps
     base.train.eval_every = 0
-    base.train.checkpoint_every = 3
+    base.train.checkpoint_every = num_steps
     base.train.batch_size = 16
     base.peft.score_batches = 1
     base.peft.k_percent = 5.0
-    base.sweep.seeds = ()  # One seed: the plain layout (seeds: tests/test_seeds.py).
+    base.sweep.seeds = ()
+  return base
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_on_the_demo_digits(tmp_path):
+  """The real trainer on the bundled digits with test_tiny and a few steps (CPU)."""
+  base = _tiny_demo_base(num_steps=3)  # One seed: the plain layout (seeds: test_seeds.py).
   variants = sweep.build_variants(["linear", "shpeft", "random"], [])
   records = sweep.run_sweep(base, str(tmp_path), variants)
   paths = sweep.write_outputs(records, str(tmp_path))
@@ -292,17 +298,7 @@ def test_tiny_fraction_sweep_end_to_end_same_subset_for_every_method_and_resumed
   method, a second call reuses every run, the comparison page groups runs by data and subset."""
   import json  # pylint: disable=g-import-not-at-top
   from shpeft_jax import report  # pylint: disable=g-import-not-at-top
-  base = _demo_config()
-  with base.unlocked():
-    base.model.name = "test_tiny"
-    base.pretrain.enabled = False
-    base.train.num_steps = 2
-    base.train.eval_every = 0
-    base.train.checkpoint_every = 2
-    base.train.batch_size = 16
-    base.peft.score_batches = 1
-    base.peft.k_percent = 5.0
-    base.sweep.seeds = ()
+  base = _tiny_demo_base(num_steps=2)
   variants = sweep.build_variants(["shpeft", "linear"], [])
   records = sweep.run_sweep(base, str(tmp_path), variants, train_fractions=[0.2, 1.0])
   subsets = {}
