@@ -1,4 +1,4 @@
-"""tf.data input pipeline: encoded images in, CLIP-normalised numpy batches out.
+"""tf.data input pipeline: encoded images in, uint8 numpy batches out.
 
 Design (why it looks like this):
 - Exact resume. The training stream is a concatenation of epochs; epoch e is the split shuffled with
@@ -13,6 +13,10 @@ Design (why it looks like this):
   `jax.make_array_from_process_local_data` (see `to_global_array`).
 - Evaluation visits each example exactly once: the split is padded up to a multiple of the global
   batch with dummy examples whose `valid` is False, which metrics must mask out.
+- Batches leave the host as uint8 pixels (the resized image rounded, as PIL's resize in CLIP's own
+  preprocessing gives): the model normalises them with its tower's pixel statistics and casts to
+  the compute dtype on the device, inside the jitted step (`clip_vit.normalise_pixels`): no float
+  pass on the host, and a quarter of the host-to-device bytes of float32 batches.
 """
 
 from __future__ import annotations
@@ -32,9 +36,6 @@ from shpeft_jax.data import demo
 from shpeft_jax.data import parsed as parsed_lib
 from shpeft_jax.data import subsets
 from shpeft_jax.errors import ConfigError, DataError
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Batch = dict[str, np.ndarray]
 
@@ -264,9 +265,9 @@ def num_batches_per_epoch(data_config: ml_collections.ConfigDict, *, split: str,
 # Preprocessing.
 
 
-def _normalise(image: tf.Tensor) -> tf.Tensor:
-  image = tf.cast(image, tf.float32) / 255.0
-  return (image - tf.constant(CLIP_MEAN)) / tf.constant(CLIP_STD)
+def _to_pixels(image: tf.Tensor) -> tf.Tensor:
+  """A resized float image (0-255 scale) -> uint8, rounded to nearest."""
+  return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
 def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
@@ -285,12 +286,10 @@ def _resize_centre_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   new_w = tf.maximum(size, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
 
   def resize():
-    out = tf.image.resize(image, [new_h, new_w], method="bicubic", antialias=True)
-    return tf.clip_by_value(out, 0.0, 255.0)
+    return _to_pixels(tf.image.resize(image, [new_h, new_w], method="bicubic", antialias=True))
 
   # An image already at the target size is passed through bit-exactly.
-  image = tf.cond(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)),
-                  lambda: tf.cast(image, tf.float32), resize)
+  image = tf.cond(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)), lambda: image, resize)
   top = (new_h - size) // 2
   left = (new_w - size) // 2
   image = image[top:top + size, left:left + size]
@@ -328,7 +327,7 @@ def _random_resized_crop(image_bytes: tf.Tensor, key: tf.Tensor, size: int,
 
   crop = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
   crop.set_shape([None, None, 3])
-  return tf.image.resize(crop, [size, size], method="bilinear")
+  return _to_pixels(tf.image.resize(crop, [size, size], method="bilinear"))
 
 
 def _example_key(seed: int, epoch: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
@@ -352,15 +351,16 @@ def _train_preprocess_fn(data_config, image_size: int, seed: int, label_dtype: t
       image = _resize_centre_crop(_decode(ex["image"]), image_size)
     if use_flip:
       image = tf.image.stateless_random_flip_left_right(image, flip_key)
-    return {"image": _normalise(image), "label": tf.cast(ex["label"], label_dtype),
+    return {"image": image, "label": tf.cast(ex["label"], label_dtype),
             "valid": ex["valid"]}
 
   return fn
 
 
 def eval_transform(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Encoded image -> CLIP-normalised float32 [size, size, 3]: what evaluation and predict see."""
-  return _normalise(_resize_centre_crop(_decode(image_bytes), image_size))
+  """Encoded image -> uint8 [size, size, 3]: what evaluation, the score pass and predict feed the
+  model (which normalises it on the device)."""
+  return _resize_centre_crop(_decode(image_bytes), image_size)
 
 
 def _eval_preprocess_fn(image_size: int, label_dtype: tf.DType):
@@ -483,15 +483,19 @@ def to_global_array(batch: Batch, sharding) -> dict[str, Any]:
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
-def preprocess_for_eval(image: np.ndarray, image_size: int) -> np.ndarray:
-  """The evaluation transform on one uint8 image [H, W] or [H, W, C] (for inference scripts)."""
+def preprocess_for_eval(image: np.ndarray, image_size: int, mean=None, std=None) -> np.ndarray:
+  """The evaluation transform on one uint8 image [H, W] or [H, W, C] and the model's normalisation
+  (`clip_vit.normalise_pixels`; CLIP's statistics unless given): float32 [size, size, 3], what the
+  tower sees (for inference scripts that feed normalised floats)."""
+  from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
-  image = tf.constant(image[..., :3], tf.uint8)
-  return _normalise(_resize_centre_crop(image, image_size)).numpy()
+  pixels = _resize_centre_crop(tf.constant(image[..., :3], tf.uint8), image_size).numpy()
+  return np.asarray(clip_vit.normalise_pixels(
+      pixels, mean or clip_vit.CLIP_MEAN, std or clip_vit.CLIP_STD, np.float32))
 
 
 if os.environ.get("SHPEFT_TF_HIDE_GPU", "1") == "1":

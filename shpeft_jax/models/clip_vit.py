@@ -34,7 +34,10 @@ from shpeft_jax.errors import ConfigError
 LN_EPS = 1e-5  # CLIP's LayerNorm epsilon (Flax defaults to 1e-6).
 ACTS = ("quick_gelu", "gelu")  # gelu: exact erf form (torch nn.GELU(), approximate='none').
 # The fields of ViTConfig that a checkpoint decides (not the preset), as stored in meta.json.
-TOWER_FIELDS = ("act", "ln_eps", "ln_pre", "patch_bias")
+TOWER_FIELDS = ("act", "ln_eps", "ln_pre", "patch_bias", "pixel_mean", "pixel_std")
+# CLIP's pixel statistics (OpenAI, open_clip, BiomedCLIP): the default of a tower's normalisation.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 LORA_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -75,8 +78,16 @@ class ViTConfig:
   ln_eps: float = LN_EPS
   ln_pre: bool = True         # CLIP's LayerNorm before the blocks (timm's ViTs have none).
   patch_bias: bool = False    # bias of the patch projection (timm's non-CLIP ViTs have one).
+  # RGB statistics of uint8 input on the [0, 1] scale (`normalise_pixels`); CLIP's by default.
+  pixel_mean: tuple[float, float, float] = CLIP_MEAN
+  pixel_std: tuple[float, float, float] = CLIP_STD
 
   def __post_init__(self):
+    for f in ("pixel_mean", "pixel_std"):  # JSON lists -> hashable tuples of floats.
+      object.__setattr__(self, f, tuple(float(v) for v in getattr(self, f)))
+    if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+      raise ConfigError(f"pixel_mean / pixel_std must be 3 numbers (RGB) with std > 0, got "
+                        f"{self.pixel_mean!r} / {self.pixel_std!r}.")
     if self.act not in ACTS:
       raise ConfigError(f"Unknown activation {self.act!r}; choose from {ACTS} (gelu is the exact "
                         f"erf form; the tanh approximation is not supported).")
@@ -137,11 +148,15 @@ def _shape_of(name: str) -> dict[str, int]:
 
 def tower_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
   """The TOWER_FIELDS of a params checkpoint's meta.json. Checkpoints written before these fields
-  existed were all OpenAI-style towers (QuickGELU, eps 1e-5, ln_pre, no patch bias)."""
-  defaults = {"act": "quick_gelu", "ln_eps": LN_EPS, "ln_pre": True, "patch_bias": False}
+  existed were all OpenAI-style towers (QuickGELU, eps 1e-5, ln_pre, no patch bias, CLIP's pixel
+  statistics)."""
+  defaults = {"act": "quick_gelu", "ln_eps": LN_EPS, "ln_pre": True, "patch_bias": False,
+              "pixel_mean": CLIP_MEAN, "pixel_std": CLIP_STD}
   out = {f: meta.get(f, defaults[f]) for f in TOWER_FIELDS}
   out["ln_eps"] = float(out["ln_eps"])
   out["ln_pre"], out["patch_bias"] = bool(out["ln_pre"]), bool(out["patch_bias"])
+  for f in ("pixel_mean", "pixel_std"):
+    out[f] = tuple(float(v) for v in out[f])
   return out
 
 
@@ -163,6 +178,16 @@ def get_model_config(name: str, image_size: int | None = None, **tower) -> ViTCo
   if cfg.width % cfg.heads:
     raise ConfigError(f"width {cfg.width} is not divisible by heads {cfg.heads}.")
   return cfg
+
+
+def normalise_pixels(images, mean: Sequence[float], std: Sequence[float], dtype):
+  """The input of the tower in `dtype`: uint8 pixels become (x / 255 - mean) / std (computed in
+  float32, on the device, inside the caller's jit); float input is taken as normalised already
+  (the convention of exported PyTorch models, reference tests and synthetic benchmarks)."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    x = images.astype(jnp.float32) / 255.0
+    images = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return images.astype(dtype)
 
 
 def quick_gelu(x):
@@ -321,7 +346,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """CLIP's image tower up to ln_post of the class token (the pooled feature before `proj`)."""
+  """CLIP's image tower up to ln_post of the class token (the pooled feature before `proj`).
+  Input: uint8 pixels (normalised here, `normalise_pixels`) or already normalised floats."""
   config: ViTConfig
   additive: AdditiveConfig = AdditiveConfig()
   dtype: Any = jnp.float32
@@ -338,7 +364,8 @@ class VisionTransformer(nn.Module):
     p, d = cfg.patch_size, cfg.width
     scale = d ** -0.5
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias,
-                dtype=self.dtype, param_dtype=jnp.float32, name="conv1")(images.astype(self.dtype))
+                dtype=self.dtype, param_dtype=jnp.float32, name="conv1")(
+                    normalise_pixels(images, cfg.pixel_mean, cfg.pixel_std, self.dtype))
     if add.ssf:
       x = SSF((d,), add.ssf_init_std, name="ssf_conv1")(x)
     x = x.reshape(x.shape[0], -1, d)

@@ -9,6 +9,7 @@ from shpeft_jax.data import default_data_config, demo
 from shpeft_jax.data import input_pipeline as ip
 from shpeft_jax.errors import ConfigError
 
+# CLIP's statistics, written out: the reference must not come from the code under test.
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
@@ -21,10 +22,9 @@ def _config(**kw):
 
 
 def _reference(split, task="target"):
-  """Hand-computed eval images at 8x8 (no resize): gray -> RGB, /255, CLIP mean/std."""
+  """The eval images at 8x8 (no resize): gray -> RGB uint8, as the batches carry them."""
   images, labels = demo.digits_splits(task)[split]
-  x = images.astype(np.float32)[..., None].repeat(3, -1) / 255.0
-  return (x - MEAN) / STD, labels
+  return images[..., None].repeat(3, -1), labels
 
 
 def _take(it, n):
@@ -49,13 +49,13 @@ def test_eval_covers_every_example_once_with_padding():
                                        image_size=8))
   assert n % 50 != 0 and len(batches) == -(-n // 50)
   for b in batches:
-    assert b["image"].shape == (50, 8, 8, 3) and b["image"].dtype == np.float32
+    assert b["image"].shape == (50, 8, 8, 3) and b["image"].dtype == np.uint8
     assert b["label"].dtype == np.int32 and b["valid"].dtype == bool
   valid = np.concatenate([b["valid"] for b in batches])
   assert valid.sum() == n and not valid[n:].any() and valid[:n].all()
   x = np.concatenate([b["image"] for b in batches])[valid]
   y = np.concatenate([b["label"] for b in batches])[valid]
-  np.testing.assert_allclose(x, ref_x, atol=1e-6)
+  np.testing.assert_array_equal(x, ref_x)
   np.testing.assert_array_equal(y, ref_y)
 
 
@@ -117,7 +117,7 @@ def _match_rows(images, ref):
   flat_ref = ref.reshape(len(ref), -1)
   out = []
   for im in images.reshape(len(images), -1):
-    hits = np.flatnonzero(np.all(np.abs(flat_ref - im) < 1e-5, axis=1))
+    hits = np.flatnonzero(np.all(flat_ref == im, axis=1))
     out.append(hits[0] if len(hits) else -1)
   return np.array(out)
 
@@ -149,12 +149,12 @@ def test_augmentation_full_crop_and_flip_values():
   assert ((plain >= 0) | (mirrored >= 0)).all()
   n_flipped = int(((plain < 0) & (mirrored >= 0)).sum())
   assert 30 < n_flipped < 98  # about half of 128
-  # Default scale: real crops, upsampled to 32x32, still normalised RGB with equal channels.
+  # Default scale: real crops, upsampled to 32x32, uint8 RGB with equal channels.
   b = next(ip.make_train_iterator(_config(), split="train", global_batch_size=16, image_size=32,
                                   seed=2))
-  assert b["image"].shape == (16, 32, 32, 3) and np.isfinite(b["image"]).all()
-  gray = b["image"] * STD + MEAN
-  np.testing.assert_allclose(gray[..., 0], gray[..., 1], atol=1e-5)
+  assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.uint8
+  np.testing.assert_array_equal(b["image"][..., 0], b["image"][..., 1])
+  assert b["image"].std() > 10  # real pixels, not a constant
 
 
 def test_source_and_target_tasks_differ():
@@ -211,8 +211,8 @@ def test_jpeg_fast_crop_equals_decode_then_crop():
   png = demo.encode_png(decoded)
   for i in range(5):
     key = tf.constant([i, 7], tf.int64)
-    a = ip._random_resized_crop(tf.constant(jpeg), key, 16, (0.1, 1.0)).numpy()
-    b = ip._random_resized_crop(tf.constant(png), key, 16, (0.1, 1.0)).numpy()
+    a = ip._random_resized_crop(tf.constant(jpeg), key, 16, (0.1, 1.0)).numpy().astype(int)
+    b = ip._random_resized_crop(tf.constant(png), key, 16, (0.1, 1.0)).numpy().astype(int)
     # Same window: nearly all pixels agree (libjpeg's chroma upsampling differs at crop edges);
     # another window of these random pixels is off by ~40 on average.
     assert a.shape == b.shape == (16, 16, 3)
@@ -228,3 +228,60 @@ def test_to_global_array_keeps_the_batch():
   for k in batch:
     assert isinstance(out[k], jax.Array)
     np.testing.assert_array_equal(np.asarray(out[k]), batch[k])
+
+
+def _host_float32_normalise(images):
+  """The pipeline's former host normalisation (tf, float32): cast, / 255, CLIP mean / std."""
+  import tensorflow as tf
+  x = tf.cast(images, tf.float32) / 255.0
+  return ((x - tf.constant(MEAN)) / tf.constant(STD)).numpy()
+
+
+def test_device_normalisation_equals_host_float32_normalisation():
+  import jax
+  import jax.numpy as jnp
+  from shpeft_jax.models import clip_vit
+  # Every pixel value, both through the jitted model normalisation and the old host path.
+  images = np.arange(256 * 3, dtype=np.int64).reshape(1, 16, 16, 3).astype(np.uint8)
+  batches = list(ip.make_eval_iterator(_config(), split="test", global_batch_size=50,
+                                       image_size=8))
+  for x in [images, np.concatenate([b["image"] for b in batches])]:
+    dev = jax.jit(lambda u: clip_vit.normalise_pixels(u, clip_vit.CLIP_MEAN, clip_vit.CLIP_STD,
+                                                      jnp.float32))(x)
+    np.testing.assert_allclose(np.asarray(dev), _host_float32_normalise(x), rtol=0, atol=2e-6)
+  # Float input is taken as normalised: passed through, only cast.
+  f = _host_float32_normalise(images)
+  np.testing.assert_array_equal(np.asarray(clip_vit.normalise_pixels(
+      f, clip_vit.CLIP_MEAN, clip_vit.CLIP_STD, jnp.float32)), f)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_on_uint8_batches_equals_model_on_host_normalised_floats(dtype):
+  import jax
+  from shpeft_jax.models import clip_vit
+  model = clip_vit.build_model("test_tiny", 5, image_size=8, dtype=dtype)
+  params = clip_vit.init_params(model, jax.random.PRNGKey(0))
+  b = next(ip.make_eval_iterator(_config(), split="test", global_batch_size=64, image_size=8))
+  apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+  got = np.asarray(apply(params, b["image"]), np.float32)
+  want = np.asarray(apply(params, _host_float32_normalise(b["image"])), np.float32)
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  np.testing.assert_allclose(got, want, atol=tol, rtol=tol)
+
+
+def test_tower_pixel_statistics_are_the_models():
+  import jax
+  from shpeft_jax.models import clip_vit
+  mean, std = (0.5, 0.25, 0.125), (0.5, 0.25, 2.0)
+  tower = clip_vit.tower_from_meta({"pixel_mean": list(mean), "pixel_std": list(std)})
+  assert tower["pixel_mean"] == mean and tower["pixel_std"] == std
+  np.testing.assert_allclose(clip_vit.tower_from_meta({})["pixel_std"], STD)  # old meta.json
+  model = clip_vit.build_model("test_tiny", 5, image_size=8, tower=tower)
+  params = clip_vit.init_params(model, jax.random.PRNGKey(1))
+  x = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+  hand = (x.astype(np.float64) / 255.0 - np.array(mean)) / np.array(std)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x)),
+                             np.asarray(model.apply({"params": params}, hand.astype(np.float32))),
+                             atol=1e-5)
+  with pytest.raises(ConfigError, match="pixel_mean / pixel_std"):
+    clip_vit.get_model_config("test_tiny", pixel_std=(0.5, 0.0, 0.5))
