@@ -6,8 +6,9 @@ MODEL_DIR is a trainer workdir (its export/model is used, else best/), a params 
 WORKDIR/export/model or WORKDIR/best, or a task adapter (then --base names the base checkpoint).
 IMAGES are files, folders (every PNG / JPEG / BMP / TIFF / DICOM below them) or glob patterns. Each image
 goes through the evaluation transform of the trainer (`input_pipeline.eval_transform`: grayscale
-to RGB, shorter side to the model's size with antialiased bicubic, centre crop, CLIP
-normalisation), so the probabilities are those the trainer's evaluation computes for the same file.
+to RGB, shorter side to the model's size with antialiased bicubic, centre crop, uint8; the model
+normalises with its tower's pixel statistics on the device), so the probabilities are those the
+trainer's evaluation computes for the same file.
 
 The CSV has one row per readable image: its path, the prediction and the probability of every
 class (columns `p_<class name>`). Single-label: the predicted class, softmax probabilities.
@@ -199,7 +200,8 @@ def _why_unreadable(path: str, error: Exception) -> str:
 
 def _batches(files: Sequence[str], image_size: int, batch_size: int,
              unreadable: list[tuple[str, str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """(indices into files, images [B, S, S, 3]) per batch; unreadable files are skipped and noted.
+  """(indices into files, uint8 images [B, S, S, 3]) per batch; unreadable files are skipped and
+  noted.
 
   Files are read and checked by the builders' own reader (`splits.read_image`, which re-encodes
   BMP / TIFF / 16-bit PNG as the datasets store them), then transformed by tf.data with the

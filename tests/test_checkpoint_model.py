@@ -26,8 +26,9 @@ from shpeft_jax.models import clip_vit, of_checkpoint
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-HF_GELU = {"act": "gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False}
-TIMM_TRUNK = {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}
+CLIP_PIXELS = {"pixel_mean": clip_vit.CLIP_MEAN, "pixel_std": clip_vit.CLIP_STD}
+HF_GELU = {"act": "gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False, **CLIP_PIXELS}
+TIMM_TRUNK = {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True, **CLIP_PIXELS}
 
 
 def _hf_gelu_init(tmp):
@@ -154,8 +155,8 @@ def test_exports_compute_the_trainers_logits_in_torch(tower_run, layout, tmp_pat
     reference_libs.import_reference("timm")
   module = tr.load_exported(out).eval()
   files = [f for f in sorted(by_name) if f.endswith((".png", ".jpg", ".bmp"))][:6]
-  x = np.stack([input_pipeline.eval_transform(open(os.path.join(root, f), "rb").read(), 16).numpy()
-                for f in files])
+  x = _normalised(np.stack([input_pipeline.eval_transform(
+      open(os.path.join(root, f), "rb").read(), 16).numpy() for f in files]))
   with torch.no_grad():
     got = module(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
   np.testing.assert_allclose(got, np.stack([by_name[f] for f in files]), atol=1e-5, rtol=0)
@@ -194,10 +195,17 @@ def test_every_file_written_follows_the_umask(tower_run, tmp_path):
   assert not bad, bad[:10]
 
 
+def _normalised(pixels):
+  """The uint8 eval batch as the exported PyTorch models take it: normalised floats (the towers
+  here have CLIP's pixel statistics)."""
+  return np.asarray(clip_vit.normalise_pixels(pixels, clip_vit.CLIP_MEAN, clip_vit.CLIP_STD,
+                                              np.float32))
+
+
 def _eval_images(root, names):
   from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  x = np.stack([input_pipeline.eval_transform(open(os.path.join(root, f), "rb").read(), 16).numpy()
-                for f in names])
+  x = _normalised(np.stack([input_pipeline.eval_transform(
+      open(os.path.join(root, f), "rb").read(), 16).numpy() for f in names]))
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
