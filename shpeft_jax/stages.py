@@ -223,6 +223,7 @@ NOT_INPUTS = (
     "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.async_checkpoints", "train.stop_after_steps", "train.progress_bar",
     "data.data_dir", "data.manual_dir", "data.cache", "data.num_parallel_calls",
+    "data.eval_cache", "data.prepare_max_side",
     "model.init_checkpoint", "mesh", "distributed", "compilation_cache_dir", "methods",
     "method_overrides", "pretrain",
 )

@@ -96,7 +96,7 @@ DATASET_NAMES = ("chaoyang", "covid_ct", "busi", "cxr", "oct", "limuc", "image_f
 # Fields that change how records are read, never which records a source has.
 PIPELINE_FIELDS = ("train_split", "val_split", "test_split", "augment",
                    "random_resized_crop_scale", "hflip", "shuffle_buffer", "cache",
-                   "num_parallel_calls")
+                   "num_parallel_calls", "eval_cache")
 # Fields that choose which training records a run reads (data/subsets.py), not the source's.
 SUBSET_FIELDS = ("train_fraction", "train_per_class", "subset_seed")
 
@@ -117,6 +117,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       "shuffle_buffer": 20_000,
       "cache": False,
       "num_parallel_calls": -1,
+      # Evaluations after a split's first replay its decoded uint8 batches (data/decoded_cache.py).
+      "eval_cache": True,
       # The training subset (data/subsets.py).
       "train_fraction": 1.0,
       "train_per_class": 0,
@@ -145,6 +147,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       "chexpert_frontal_only": False,
       "medmnist_flag": "",
       "medmnist_size": 224,
+      # Preparation: images whose shorter side exceeds this are stored shrunk to it (0: as they
+      # are); part of the source id.
+      "prepare_max_side": 0,
   })
 
 

@@ -18,6 +18,7 @@ of random resized crop).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import inspect
@@ -44,7 +45,7 @@ from shpeft_jax.data import medmnist
 from shpeft_jax.data import parsed as parsed_lib
 from shpeft_jax.data import splits as splits_lib
 from shpeft_jax.data import tables
-from shpeft_jax.errors import DataError
+from shpeft_jax.errors import ConfigError, DataError
 
 # 2.0.0: every record has `patient`, multi-label records a float32 label vector. Records of an
 # older version are never read (prepared_sources lists the current version only).
@@ -147,7 +148,7 @@ class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     for i, (key, label) in enumerate(records):
       name = splits_lib.relative_name(key, parsed.root)
       try:
-        data = next(images)
+        data = shrink(next(images), parsed.max_side)
       except dicom.UndecodableImage as e:
         # Left out and listed after preparation; the reader (a generator, ended by the raise)
         # starts again after this record.
@@ -414,8 +415,10 @@ def source_id(parsed: parsed_lib.ParsedSource, cache_path: str | None) -> str:
   """12 hex digits identifying the records `parsed` gives (content digests: content_hash)."""
   files = parsed.files()
   digest = dict(zip(files, content_hash.digests(files, cache_path, f"{parsed.name}: hashing")))
-  h = hashlib.sha256(json.dumps([_ID_FORMAT, parsed.name, list(parsed.class_names),
-                                 parsed.task]).encode())
+  # The size cap only when set: sources prepared before it existed keep their ids.
+  h = hashlib.sha256(json.dumps([_ID_FORMAT, parsed.name, list(parsed.class_names), parsed.task]
+                                + ([f"max_side={parsed.max_side}"] if parsed.max_side else [])
+                                ).encode())
   for split in sorted(parsed.splits):
     for key, label in parsed.splits[split]:
       rel = splits_lib.relative_name(key, parsed.root)
@@ -447,6 +450,36 @@ def prepared_sources(name: str, data_dir: str | None) -> dict[str, dict]:
 
 def _config(cfg_name: str, description: str = "") -> tfds.core.BuilderConfig:
   return tfds.core.BuilderConfig(name=cfg_name, description=description or cfg_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The size cap (data.prepare_max_side).
+
+
+def max_side_of(options) -> int:
+  """data.prepare_max_side, checked: 0 (off) or a side of at least 16 pixels."""
+  value = options.prepare_max_side
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0 or 0 < value < 16:
+    raise ConfigError(f"data.prepare_max_side={value!r}: give 0 (store images as they are) or a "
+                      "side in pixels >= 16, e.g. 2 x model.image_size = 448.")
+  return value
+
+
+def shrink(data: bytes, max_side: int) -> bytes:
+  """Encoded JPEG / PNG bytes with the shorter side shrunk to `max_side` by the eval transform's
+  resampling (`input_pipeline.resize_shorter_side`: bicubic, antialiased), in the same format
+  (JPEG quality 95) and channels; smaller images (and max_side 0) are returned as they are."""
+  if not max_side:
+    return data
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  image = tf.io.decode_image(data, channels=0, expand_animations=False)
+  if min(int(image.shape[0]), int(image.shape[1])) <= max_side:
+    return data
+  small = input_pipeline.resize_shorter_side(image, max_side)
+  if tf.io.is_jpeg(data):
+    return tf.io.encode_jpeg(small, quality=95).numpy()
+  return tf.io.encode_png(small).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,7 +610,9 @@ def open_builder(name: str, data_dir: str | None, manual_dir: str | None, data_c
   prepared = prepared_sources(name, data_dir)
   if not os.path.isdir(manual) and prepared:
     return _read_back(name, data_dir, manual, manual_dir, prepared)
-  parsed = cls.parse(manual, source_options(data_config))  # DataError: missing / misplaced / empty
+  options = source_options(data_config)
+  parsed = cls.parse(manual, options)  # DataError: missing / misplaced / empty
+  parsed = dataclasses.replace(parsed, max_side=max_side_of(options))
   sid = source_id(parsed, os.path.join(dataset_dir, content_hash.CACHE_FILE))
   cfg = _config(f"src_{sid}", f"prepared from {manual}")
   builder = cls(data_dir=data_dir, config=cfg, parsed=parsed)

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from shpeft_jax.data import decoded_cache
 from shpeft_jax.data import demo
 from shpeft_jax.data import parsed as parsed_lib
 from shpeft_jax.data import subsets
@@ -80,6 +81,8 @@ def _padding_label(info: DatasetInfo) -> tf.Tensor:
 class _Source:
   """A fixed-order tf.data.Dataset of {'image': encoded bytes, 'label'} per split."""
   info: DatasetInfo
+  # Where the decoded eval cache lives (`decoded_cache`); None: in memory.
+  cache_dir: str | None = None
 
   def split_size(self, split: str) -> int:
     raise NotImplementedError
@@ -144,6 +147,7 @@ class _TfdsSource(_Source):
     self.info = DatasetInfo(name, len(names), names,
                             {s: info.splits[s].num_examples for s in info.splits.keys()},
                             source_id=f"{name}:{sid}", task=self._builder.task)
+    self.cache_dir = os.path.join(os.fspath(self._builder.data_dir), "decoded")
 
   def split_size(self, split):
     self._check_split(split)
@@ -189,6 +193,7 @@ class _SubsetSource(_Source):
                           class_names=info.class_names, split=split)
     self.info = dataclasses.replace(
         info, split_sizes={**info.split_sizes, split: len(self._indices)}, subset=facts)
+    self.cache_dir = base.cache_dir
 
   def split_size(self, split):
     return len(self._indices) if split == self._split else self._base.split_size(split)
@@ -271,14 +276,32 @@ def _to_pixels(image: tf.Tensor) -> tf.Tensor:
 
 
 def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
-  """uint8 [H, W, 3] from JPEG / PNG / BMP / GIF bytes; grayscale and alpha become RGB."""
-  image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+  """uint8 [H, W, C] from JPEG / PNG / BMP / GIF bytes, C = 1 (grayscale) or 3 (colour), alpha
+  dropped. Grayscale stays one channel through the resize (a third of its work) and becomes RGB
+  at the end (`_rgb`): the same pixels as decoding to 3 channels first (tested)."""
+  image = tf.io.decode_image(image_bytes, channels=0, expand_animations=False)
+  return _colour_or_gray(image)
+
+
+def _colour_or_gray(image: tf.Tensor) -> tf.Tensor:
+  """[H, W, 1..4] -> [H, W, 1] (gray, gray + alpha) or [H, W, 3] (RGB, RGBA)."""
+  image = tf.cond(tf.shape(image)[-1] < 3, lambda: image[..., :1], lambda: image[..., :3])
+  image.set_shape([None, None, None])
+  return image
+
+
+def _rgb(image: tf.Tensor) -> tf.Tensor:
+  """[H, W, 1 or 3] -> [H, W, 3]: a grayscale image's channel repeated."""
+  image = tf.cond(tf.equal(tf.shape(image)[-1], 1), lambda: tf.tile(image, [1, 1, 3]),
+                  lambda: image)
   image.set_shape([None, None, 3])
   return image
 
 
-def _resize_centre_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """CLIP's eval transform: shorter side to `size` (bicubic, antialiased), centre crop."""
+def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
+  """uint8 image with its shorter side scaled to `size` (bicubic, antialiased, rounded), aspect
+  kept; an image already that size is passed through bit-exactly. The resampling of the eval
+  transform and of the preparation's size cap (`data.prepare_max_side`)."""
   shape = tf.shape(image)
   h, w = shape[0], shape[1]
   scale = tf.cast(size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
@@ -288,11 +311,16 @@ def _resize_centre_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   def resize():
     return _to_pixels(tf.image.resize(image, [new_h, new_w], method="bicubic", antialias=True))
 
-  # An image already at the target size is passed through bit-exactly.
-  image = tf.cond(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)), lambda: image, resize)
-  top = (new_h - size) // 2
-  left = (new_w - size) // 2
-  image = image[top:top + size, left:left + size]
+  return tf.cond(tf.logical_and(tf.equal(new_h, h), tf.equal(new_w, w)), lambda: image, resize)
+
+
+def _resize_centre_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """CLIP's eval transform: shorter side to `size` (bicubic, antialiased), centre crop, RGB."""
+  image = resize_shorter_side(image, size)
+  shape = tf.shape(image)
+  top = (shape[0] - size) // 2
+  left = (shape[1] - size) // 2
+  image = _rgb(image[top:top + size, left:left + size])
   image.set_shape([size, size, 3])
   return image
 
@@ -318,7 +346,7 @@ def _random_resized_crop(image_bytes: tf.Tensor, key: tf.Tensor, size: int,
   def jpeg():
     shape = tf.image.extract_jpeg_shape(image_bytes)
     window = _crop_window(shape, key, scale)
-    return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+    return _colour_or_gray(tf.image.decode_and_crop_jpeg(image_bytes, window, channels=0))
 
   def other():
     image = _decode(image_bytes)
@@ -326,8 +354,7 @@ def _random_resized_crop(image_bytes: tf.Tensor, key: tf.Tensor, size: int,
     return image[w[0]:w[0] + w[2], w[1]:w[1] + w[3]]
 
   crop = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
-  crop.set_shape([None, None, 3])
-  return _to_pixels(tf.image.resize(crop, [size, size], method="bilinear"))
+  return _rgb(_to_pixels(tf.image.resize(crop, [size, size], method="bilinear")))
 
 
 def _example_key(seed: int, epoch: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
@@ -457,14 +484,27 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, *, split: str,
 
   The last global batch is completed with padding (`valid` False, label 0 or, multi-label, a
   vector of -1; image of a black pixel); every process yields ceil(N / global_batch_size) batches.
+  With `data.eval_cache` the first pass records its batches and later passes replay them without
+  decoding (`decoded_cache`): the same arrays.
   """
   local_b = _local_batch_size(global_batch_size, process_index, process_count)
   source = get_source(data_config)
   n = source.split_size(split)
   if n == 0:
     raise DataError(f"{source.info.name}: split {split!r} is empty.")
+  num_batches = math.ceil(n / global_batch_size)
+  cache_key = None
+  if data_config.eval_cache:
+    info = source.info
+    cache_key = decoded_cache.key(
+        source=info.source_id, split=split, n=n, image_size=int(image_size),
+        global_batch_size=int(global_batch_size), process=[process_index, process_count],
+        task=info.task, subset=info.subset if info.subset else None)
+    recorded = decoded_cache.load(source.cache_dir, cache_key)
+    if recorded is not None:
+      return decoded_cache.replay(recorded, local_b)
   ds = _indexed(source, split, bool(data_config.cache))
-  n_pad = math.ceil(n / global_batch_size) * global_batch_size - n
+  n_pad = num_batches * global_batch_size - n
   if n_pad:
     pad = tf.data.Dataset.from_tensors({
         "index": tf.constant(-1, tf.int64), "image": tf.constant(_PAD_PNG),
@@ -474,7 +514,10 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, *, split: str,
   ds = ds.map(_eval_preprocess_fn(image_size, _LABEL_DTYPES[source.info.task]),
               num_parallel_calls=_parallel_calls(data_config), deterministic=True)
   ds = ds.batch(local_b, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _as_numpy(_options(ds))
+  batches = _as_numpy(_options(ds))
+  if cache_key is None:
+    return batches
+  return decoded_cache.record(batches, source.cache_dir, cache_key, num_batches)
 
 
 def to_global_array(batch: Batch, sharding) -> dict[str, Any]:

@@ -47,6 +47,8 @@ class ParsedSource:
   patients: {key: patient id}; keys without one get ''.
   content_files: the files whose bytes identify the source (None: every record key is a file).
   images: (split, records) -> encoded image bytes of each record, in order.
+  max_side: images whose shorter side is longer are stored shrunk to it (`data.prepare_max_side`;
+    0: as they are).
   """
   name: str
   root: str
@@ -56,10 +58,13 @@ class ParsedSource:
   patients: Mapping[str, str] = dataclasses.field(default_factory=dict)
   content_files: tuple[str, ...] | None = None
   images: Callable[[str, Sequence[Record]], Iterator[bytes]] = read_files
+  max_side: int = 0
 
   def __post_init__(self):
     if self.task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+    if self.max_side < 0:
+      raise ValueError(f"max_side must be >= 0, got {self.max_side!r}")
 
   @property
   def split_sizes(self) -> dict[str, int]:
