@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -94,11 +95,20 @@ def bench_source(args, source: str, overrides: dict) -> list[dict]:
   for key, value in overrides.items():
     if key in c:  # a field the checkout under test does not have is left out (before numbers)
       c[key] = value
-  c.data_dir = os.path.join(base, "tfds" + "".join(f"_{k}{v}" for k, v in overrides.items()))
+  c.data_dir = tempfile.mkdtemp(prefix="tfds_", dir=base)  # a fresh preparation every run
   c.cache = True  # records in memory: measure decoding and transforms, not the disk
+  try:
+    info, cpu, wall = _timed(lambda: ip.dataset_info(c))
+    rows = [_row(source, "prepare (decode check, records)", args.num_images, cpu, wall)]
+    rows += _transforms(args, c, info, source, files)
+  finally:
+    shutil.rmtree(c.data_dir, ignore_errors=True)
+  return rows
+
+
+def _transforms(args, c, info, source, files) -> list[dict]:
+  from shpeft_jax.data import input_pipeline as ip  # pylint: disable=g-import-not-at-top
   rows = []
-  info, cpu, wall = _timed(lambda: ip.dataset_info(c))
-  rows.append(_row(source, "prepare (first use)", args.num_images, cpu, wall))
   size, bs = args.image_size, args.batch_size
   if "train" in args.transforms:
     it = ip.make_train_iterator(c, split="train", global_batch_size=bs, image_size=size, seed=0)

@@ -195,3 +195,4 @@ def test_prepare_max_side_is_part_of_the_source(tmp_path):
     assert min(ex["image"].shape[:2]) == 24
   with pytest.raises(ConfigError, match="prepare_max_side"):
     ip.dataset_info(_config(tmp_path, prepare_max_side=8))
+
