@@ -31,6 +31,8 @@ if [ "${QUICK:-0}" = 1 ]; then
   run selection "$PY" benchmarks/selection.py --n 1000000 --repeats 1 --skip_sort
   run score_pass "$PY" benchmarks/score_pass.py --model test_tiny --batch 4 --num_batches 2
   run content_hash "$PY" benchmarks/content_hash.py --root "$OUT/oct_synth" --scale 0.01
+  run input_pipeline "$PY" benchmarks/input_pipeline.py --num_images 16 --batch_size 4 --steps 2 \
+    --workdir "$OUT/input_pipeline"
   exit 0
 fi
 
@@ -45,5 +47,8 @@ run profile_step "$PY" benchmarks/profile_step.py --model test_tiny --trace_dir 
 run selection "$PY" benchmarks/selection.py
 run score_pass "$PY" benchmarks/score_pass.py
 run content_hash "$PY" benchmarks/content_hash.py --root "${TMPDIR:-/tmp}/shpeft_oct_synth"
+run input_pipeline "$PY" benchmarks/input_pipeline.py --num_images 320
+run input_pipeline_max_side "$PY" benchmarks/input_pipeline.py --num_images 320 \
+  --set data.prepare_max_side=448
 run end_to_end_demo "$PY" benchmarks/end_to_end.py --config configs/demo.py
 run end_to_end_demo_sparse "$PY" benchmarks/end_to_end.py --config configs/demo.py -- --config.optim.sparse_state=True
