@@ -196,3 +196,23 @@ def test_prepare_max_side_is_part_of_the_source(tmp_path):
   with pytest.raises(ConfigError, match="prepare_max_side"):
     ip.dataset_info(_config(tmp_path, prepare_max_side=8))
 
+
+
+def test_parallel_reader_keeps_order_and_raises_at_the_bad_record(tmp_path):
+  from shpeft_jax.data import parsed, splits
+  from shpeft_jax.errors import DataError
+  paths = []
+  for i in range(40):
+    p = str(tmp_path / f"{i:02d}.png")
+    Image.fromarray(_scan(20, 20 + i, seed=i)).save(p)
+    paths.append(p)
+  records = [(p, 0) for p in paths]
+  want = [splits.read_image(p)[0] for p in paths]
+  assert list(parsed.read_files("train", records)) == want
+  with open(paths[23], "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n broken")
+  got = []
+  with pytest.raises(DataError, match="23.png"):
+    for data in parsed.read_files("train", records):
+      got.append(data)
+  assert got == want[:23]
