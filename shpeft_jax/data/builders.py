@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import inspect
 import io
@@ -471,15 +472,28 @@ def shrink(data: bytes, max_side: int) -> bytes:
   (JPEG quality 95) and channels; smaller images (and max_side 0) are returned as they are."""
   if not max_side:
     return data
+  return _shrink_graph()(data, max_side).numpy()
+
+
+@functools.lru_cache(maxsize=1)
+def _shrink_graph():
+  """`shrink` as one traced TensorFlow function (eager op by op costs more than the resize)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  image = tf.io.decode_image(data, channels=0, expand_animations=False)
-  if min(int(image.shape[0]), int(image.shape[1])) <= max_side:
-    return data
-  small = input_pipeline.resize_shorter_side(image, max_side)
-  if tf.io.is_jpeg(data):
-    return tf.io.encode_jpeg(small, quality=95).numpy()
-  return tf.io.encode_png(small).numpy()
+
+  @tf.function(input_signature=[tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32)])
+  def fn(data, max_side):
+    image = tf.io.decode_image(data, channels=0, expand_animations=False)
+
+    def small():
+      out = input_pipeline.resize_shorter_side(image, max_side)
+      return tf.cond(tf.io.is_jpeg(data), lambda: tf.io.encode_jpeg(out, quality=95),
+                     lambda: tf.io.encode_png(out))
+
+    return tf.cond(tf.minimum(tf.shape(image)[0], tf.shape(image)[1]) <= max_side,
+                   lambda: data, small)
+
+  return fn
 
 
 # ---------------------------------------------------------------------------------------------
