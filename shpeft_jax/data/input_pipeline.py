@@ -501,7 +501,9 @@ def make_eval_iterator(data_config: ml_collections.ConfigDict, *, split: str,
     raise DataError(f"{source.info.name}: split {split!r} is empty.")
   num_batches = math.ceil(n / global_batch_size)
   cache_key = None
-  if data_config.eval_cache:
+  # A run's config.json from before the field (report's re-evaluation) lacks it: the default,
+  # which gives the same batches either way.
+  if data_config.eval_cache if "eval_cache" in data_config else True:
     info = source.info
     cache_key = decoded_cache.key(
         source=info.source_id, split=split, n=n, image_size=int(image_size),

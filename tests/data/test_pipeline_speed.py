@@ -216,3 +216,15 @@ def test_parallel_reader_keeps_order_and_raises_at_the_bad_record(tmp_path):
     for data in parsed.read_files("train", records):
       got.append(data)
   assert got == want[:23]
+
+
+def test_config_json_from_before_eval_cache_still_evaluates():
+  c = default_data_config()
+  c.name, c.task = "digits", "target"
+  old = {k: v for k, v in c.to_dict().items() if k != "eval_cache"}
+  import ml_collections
+  got = list(ip.make_eval_iterator(ml_collections.ConfigDict(old), split="test",
+                                   global_batch_size=64, image_size=8))
+  want = list(ip.make_eval_iterator(c, split="test", global_batch_size=64, image_size=8))
+  for x, y in zip(got, want):
+    np.testing.assert_array_equal(x["image"], y["image"])
