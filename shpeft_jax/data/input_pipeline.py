@@ -283,11 +283,9 @@ def _decode(image_bytes: tf.Tensor) -> tf.Tensor:
   return _colour_or_gray(image)
 
 
-# Channel choices are plain ops (a slice, a tile), not tf.cond.
-
-
 def _colour_or_gray(image: tf.Tensor) -> tf.Tensor:
-  """[H, W, 1..4] -> [H, W, 1] (gray, gray + alpha) or [H, W, 3] (RGB, RGBA)."""
+  """[H, W, 1..4] -> [H, W, 1] (gray, gray + alpha) or [H, W, 3] (RGB, RGBA); a slice, not a
+  tf.cond (as is `_rgb`'s tile)."""
   return image[..., :tf.where(tf.shape(image)[-1] < 3, 1, 3)]
 
 
@@ -296,7 +294,6 @@ def _rgb(image: tf.Tensor) -> tf.Tensor:
   image = tf.tile(image, [1, 1, 3 // tf.shape(image)[-1]])
   image.set_shape([None, None, 3])
   return image
-
 
 
 def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -386,8 +383,8 @@ def _train_preprocess_fn(data_config, image_size: int, seed: int, label_dtype: t
 
 
 def eval_transform(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
-  """Encoded image -> uint8 [size, size, 3]: what evaluation, the score pass and predict feed the
-  model (which normalises it on the device)."""
+  """Encoded image -> uint8 [size, size, 3]: what evaluation and predict feed the model (which
+  normalises it on the device)."""
   return _resize_centre_crop(_decode(image_bytes), image_size)
 
 
