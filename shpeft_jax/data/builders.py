@@ -145,16 +145,22 @@ class _ManualImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   def _generate_examples(self, parsed: parsed_lib.ParsedSource, split: str) -> Iterator:
     records = parsed.splits[split]
     multi = parsed.task == parsed_lib.MULTI_LABEL
-    images = parsed.images(split, records)
+
+    def shrunk(rs):  # the size cap on every core, in order
+      if not parsed.max_side:
+        return parsed.images(split, rs)
+      return parsed_lib.ordered_map(lambda d: shrink(d, parsed.max_side), parsed.images(split, rs))
+
+    images = shrunk(records)
     for i, (key, label) in enumerate(records):
       name = splits_lib.relative_name(key, parsed.root)
       try:
-        data = shrink(next(images), parsed.max_side)
+        data = next(images)
       except dicom.UndecodableImage as e:
         # Left out and listed after preparation; the reader (a generator, ended by the raise)
         # starts again after this record.
         self.undecodable.append((name, e.syntax))
-        images = parsed.images(split, records[i + 1:])
+        images = shrunk(records[i + 1:])
         continue
       yield name, {"image": data, "file_name": name, "patient": parsed.patient(key),
                    "label": np.asarray(label, np.float32) if multi else label}

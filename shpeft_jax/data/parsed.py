@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import os
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 SINGLE_LABEL = "single_label"
 MULTI_LABEL = "multi_label"
@@ -31,28 +30,46 @@ Record = tuple[str, Label]  # (key: an image path, or a name inside an array fil
 
 
 def read_files(split: str, records: Sequence[Record]) -> Iterator[bytes]:
-  """Encoded bytes of each record's image file, in order (the default image reader).
-
-  Files are read and checked (`splits.read_image`, a full decode) by one thread per core, at most
-  4 per thread ahead of the consumer (Pillow's and pydicom's decoders release the GIL for most of
-  their work), so preparing a large folder uses the host's cores. An error is raised at its
-  record, in order, as a sequential reader would.
-  """
+  """Encoded bytes of each record's image file, in order (the default image reader): read and
+  checked (`splits.read_image`, a full decode) on every core (`ordered_map`)."""
   del split
-  from concurrent import futures  # pylint: disable=g-import-not-at-top
   from shpeft_jax.data import splits as splits_lib  # pylint: disable=g-import-not-at-top
+  for data, _ in ordered_map(splits_lib.read_image, (path for path, _ in records)):
+    yield data
+
+
+def ordered_map(fn: Callable, items: Iterable, ahead: int = 4) -> Iterator:
+  """fn(item) for each item, in order, computed by one thread per core at most `ahead` per thread
+  ahead of the consumer (Pillow's, pydicom's and TensorFlow's decoders release the GIL for most
+  of their work), so preparing a large folder uses the host's cores. An exception of fn, or of
+  `items` itself, is raised at its item, in order, as a sequential loop would."""
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
   workers = max(1, min(32, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                        else os.cpu_count() or 1))
-  paths = iter([path for path, _ in records])
-  pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="read_image")
+  source = iter(items)
+  pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="ordered_map")
+  pending: collections.deque = collections.deque()
+
+  def refill():
+    while len(pending) < ahead * workers:
+      try:
+        item = next(source)
+      except StopIteration:
+        return
+      except Exception as e:  # pylint: disable=broad-except  # raised in its turn, below
+        pending.append(e)
+        return
+      pending.append(pool.submit(fn, item))
+
   try:
-    pending = collections.deque(pool.submit(splits_lib.read_image, p)
-                                for p in itertools.islice(paths, 4 * workers))
+    refill()
     while pending:
-      data = pending.popleft().result()[0]
-      for p in itertools.islice(paths, 1):
-        pending.append(pool.submit(splits_lib.read_image, p))
-      yield data
+      head = pending.popleft()
+      if isinstance(head, Exception):
+        raise head
+      out = head.result()
+      refill()
+      yield out
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
 

@@ -228,3 +228,17 @@ def test_config_json_from_before_eval_cache_still_evaluates():
   want = list(ip.make_eval_iterator(c, split="test", global_batch_size=64, image_size=8))
   for x, y in zip(got, want):
     np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def test_ordered_map_raises_a_source_error_in_its_turn():
+  from shpeft_jax.data import parsed
+
+  def source():
+    yield from range(5)
+    raise KeyError("record 5")
+
+  got = []
+  with pytest.raises(KeyError, match="record 5"):
+    for x in parsed.ordered_map(lambda v: v * v, source(), ahead=1):
+      got.append(x)
+  assert got == [0, 1, 4, 9, 16]
