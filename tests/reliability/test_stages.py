@@ -109,7 +109,9 @@ def test_trainer_stages_follow_the_fields_each_stage_reads(tmp_path):
   assert changed(data__augment=True) == ["data", "scores", "mask", "train", "export"]
   # How a run is carried out does not change its results.
   assert changed(train__checkpoint_every=4, train__log_every=1, train__progress_bar=True,
-                 data__manual_dir="/elsewhere") == []
+                 data__manual_dir="/elsewhere", data__eval_cache=False) == []
+  # The size cap changes the records: the source id says so (a new one), not the field.
+  assert changed(data__prepare_max_side=448) == []
   other_src = stages.trainer_stages(make_tiny_config(), w, source_id="digits:y", init_id="i0")
   assert other_src["data"].fingerprint != base["data"].fingerprint
   other_init = stages.trainer_stages(make_tiny_config(), w, source_id="digits:x", init_id="i1")
