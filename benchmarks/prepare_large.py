@@ -1,4 +1,4 @@
-"""Preparing an OCT2017-sized folder: wall time, CPU time and peak memory of `shpeft_jax.data.prepare`.
+"""Preparing an OCT2017-sized folder: wall, CPU time and peak memory of `shpeft_jax.data.prepare`.
 
   PYTHONPATH=$PWD python benchmarks/prepare_large.py --root /tmp/oct_synth [--scale 1.0]
       [--size 64] [--cores 0,1]
