@@ -53,8 +53,13 @@ LOADS_INTO = {
                   "open_clip's model.visual after `model.visual.proj = None`"),
     "hf": ("shpeft_jax.models.torch_reference.TorchHFClipClassifier",
            "transformers.CLIPVisionModel (transformers >= 5)"),
-    "timm": ("shpeft_jax.models.torch_reference.TorchTimmClipClassifier",
+    "timm": ("shpeft_jax.models.torch_reference.TorchTimmClipClassifier (TorchPooledClassifier for "
+             "DINOv2 / MAE features)",
              "timm's VisionTransformer(num_classes=0), e.g. BiomedCLIP's model.visual.trunk"),
+    "hf_dinov2": ("shpeft_jax.models.torch_reference.TorchPooledClassifier",
+                  "transformers.Dinov2Model (Dinov2WithRegistersModel with registers)"),
+    "hf_vit": ("shpeft_jax.models.torch_reference.TorchPooledClassifier",
+               "transformers.ViTModel(add_pooling_layer=False)"),
 }
 
 
@@ -65,7 +70,8 @@ def export_metadata(model: str, image_size: int, num_classes: int | None, layout
   return {"format": "pt", "shpeft_model": model, "shpeft_image_size": str(image_size),
           "shpeft_num_classes": str(num_classes or 0), "shpeft_layout": layout,
           "shpeft_act": tower["act"], "shpeft_ln_eps": repr(tower["ln_eps"]),
-          "shpeft_ln_pre": str(int(tower["ln_pre"])), "shpeft_patch_bias": str(int(tower["patch_bias"]))}
+          **{f"shpeft_{f}": str(int(v)) if isinstance(v, bool) else str(v)
+             for f, v in tower.items() if f not in ("act", "ln_eps")}}
 
 
 def write_state_dict(path: str, sd: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None,
@@ -93,7 +99,8 @@ def check_params_match_meta(params: Mapping[str, Any], meta: Mapping[str, Any]) 
   if "encoder" not in params:
     raise CheckpointError("The params have no 'encoder' subtree; this is not a shpeft_jax model checkpoint.")
   cfg = flax_encoder_config(params["encoder"])
-  fields = ("patch_size", "width", "layers", "heads", "mlp_dim", "image_size", "ln_pre", "patch_bias")
+  fields = ("patch_size", "width", "layers", "heads", "mlp_dim", "image_size", "ln_pre", "patch_bias",
+            "layer_scale", "registers", "final_norm", "fc_norm", "qkv_bias", "class_pos")
   if any(getattr(cfg, f) != getattr(want, f) for f in fields):
     raise CheckpointError(
         f"The params are not the {model} at {image_size}px that meta.json says (ln_pre "
@@ -105,9 +112,9 @@ def check_params_match_meta(params: Mapping[str, Any], meta: Mapping[str, Any]) 
     raise CheckpointError(
         f"meta.json says num_classes {num_classes} but the params "
         f"{'have' if 'head' in params else 'have no'} head; the checkpoint is inconsistent.")
-  if num_classes is not None and np.shape(params["head"]["kernel"]) != (cfg.width, int(num_classes)):
+  if num_classes is not None and np.shape(params["head"]["kernel"]) != (want.feature_dim, int(num_classes)):
     raise CheckpointError(f"head/kernel has shape {tuple(np.shape(params['head']['kernel']))}; meta.json "
-                          f"says num_classes {num_classes} (expected ({cfg.width}, {num_classes})).")
+                          f"says num_classes {num_classes} (expected ({want.feature_dim}, {num_classes})).")
   bad = [n for n, v in utils.flatten_names(params).items() if not np.all(np.isfinite(v))]
   if bad:
     raise CheckpointError(f"{len(bad)} tensors hold NaN or inf (e.g. {bad[0]}): the model diverged "
