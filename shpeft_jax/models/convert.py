@@ -805,6 +805,7 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   if fmt not in FORMATS:
     raise ConfigError(f"Unknown checkpoint format {fmt!r}; choose from {FORMATS}.")
   sd, wrapped = _unwrap(sd)
+  sd = hf_ssl_layouts.file_names(sd)
   layout, prefix = _detect(set(sd), fmt)
   lay = _LAYOUT[layout]
   tower, head_keys = _split_tower(sd, layout, prefix)

@@ -20,6 +20,7 @@ The same table gives the expected shapes, the import and the export, so they can
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -53,6 +54,46 @@ FAMILIES = {
                      ("intermediate.dense", "output.dense"), None, None),
 }
 _ATTN = "attention.attention."
+
+
+# transformers >= 5 names the modules of a live model differently from the files it writes and
+# reads (which keep the names above, as every published checkpoint has them): a `state_dict()` of
+# a live Dinov2Model / ViTModel is mapped onto the file names first.
+_LIVE_TO_FILE = (
+    (re.compile(r"^((?:\w+\.)?)layers\.(\d+)\."), r"\1encoder.layer.\2."),  # ViTModel
+    (re.compile(r"\.attention\.([qkv])_proj\."), None),
+    (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
+)
+_QKV_FILE = {"q": "query", "k": "key", "v": "value"}
+
+
+def file_names(sd: Mapping[str, Any]) -> dict[str, Any]:
+  """A live transformers >= 5 Dinov2 / ViT state dict renamed to the checkpoint-file names (other
+  state dicts are returned unchanged)."""
+  live = any(".attention.q_proj." in k or ".mlp.gate_proj." in k for k in sd)
+  if not live or any(".attention.attention." in k for k in sd):
+    return dict(sd)
+  vit = any(re.match(r"(?:\w+\.)?layers\.0\.layernorm_before\.", k) for k in sd)
+  out = {}
+  for k, v in sd.items():
+    k = _LIVE_TO_FILE[0][0].sub(_LIVE_TO_FILE[0][1], k)
+    k = _LIVE_TO_FILE[1][0].sub(lambda m: f".attention.attention.{_QKV_FILE[m.group(1)]}.", k)
+    k = _LIVE_TO_FILE[2][0].sub(_LIVE_TO_FILE[2][1], k)
+    if vit:
+      k = k.replace(".mlp.fc1.", ".intermediate.dense.").replace(".mlp.fc2.", ".output.dense.")
+    out[k] = v
+  # The SwiGLU MLP: gate_proj / up_proj are the two halves of the file's weights_in.
+  for k in [k for k in out if ".mlp.gate_proj." in k]:
+    up = k.replace(".gate_proj.", ".up_proj.")
+    out[k.replace(".gate_proj.", ".weights_in.")] = np.concatenate(
+        [_numpy(out.pop(k)), _numpy(out.pop(up))], axis=0)
+  for k in [k for k in out if ".mlp.down_proj." in k]:
+    out[k.replace(".down_proj.", ".weights_out.")] = out.pop(k)
+  return out
+
+
+def _numpy(v) -> np.ndarray:
+  return v.detach().cpu().float().numpy() if hasattr(v, "detach") else np.asarray(v)
 
 
 def entries(layout: str, cfg: clip_vit.ViTConfig) -> list[tuple[str, str, Any]]:

@@ -171,6 +171,26 @@ def _hf_model(layout, kwargs, registers):
   return transformers.Dinov2Model(transformers.Dinov2Config(**kwargs))
 
 
+def info_heads(info):
+  return clip_vit.get_model_config(info.model).heads
+
+
+def _reload_as_checkpoint(tmp_path, model, sd, layout):
+  """The export as a checkpoint file beside the model's config.json: from_pretrained finds every
+  tensor it needs and no other (a strict load), each bit-exact; ViTModel's tanh pooler (not the
+  feature) is left out of the export, so the ViT is loaded without it."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  d = tmp_path / f"export_{layout}"
+  model.config.save_pretrained(d)
+  save_file({k: v.contiguous() for k, v in _torch_sd(sd).items()}, str(d / "model.safetensors"))
+  kw = {"add_pooling_layer": False} if layout == "hf_vit" else {}
+  back, info = type(model).from_pretrained(d, output_loading_info=True, **kw)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  original = model.state_dict()
+  for k, v in back.state_dict().items():
+    assert torch.equal(v, original[k]), k
+
+
 def _hf_features(model, x):
   kw = {"interpolate_pos_encoding": True} if isinstance(model, transformers.ViTModel) else {}
   with torch.no_grad():
@@ -190,16 +210,18 @@ def test_hf_towers(tmp_path, case):
   params, info = convert.convert_file(str(tmp_path / "hf"))
   assert (info.source_format, info.tower["act"], info.tower["registers"]) == (layout, act, registers)
   assert info.tower["layer_scale"] == (layout == "hf_dinov2")
-  ignored = {"embeddings.mask_token"} | ({"pooler.dense.weight", "pooler.dense.bias"}
-                                         if layout == "hf_vit" else set())
+  ignored = ({"pooler.dense.weight", "pooler.dense.bias"} if layout == "hf_vit"
+             else {"embeddings.mask_token"})
   assert set(info.ignored_keys) == ignored
   size = kwargs["image_size"]
   x = _images(2, size, seed=6)
   _assert_close(params, info, x, _hf_features(model, x))
+  # A live model's state_dict() (transformers >= 5 renames the modules in memory) converts the same.
+  live, _ = convert.torch_state_dict_to_flax(model.state_dict(), act=act, heads=info_heads(info))
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(live)):
+    np.testing.assert_array_equal(a, b)
   sd = convert.flax_to_torch_state_dict(params, layout, tower=info.tower)
-  if layout == "hf_vit":  # the tanh pooler is not the feature; the rest loads strictly
-    model.pooler = None
-  _reload_strictly(model, _torch_sd(sd))
+  _reload_as_checkpoint(tmp_path, model, sd, layout)
   # Another size: the grid resampled as the class's own interpolate_pos_encoding does.
   small, small_info = convert.convert_file(str(tmp_path / "hf"), image_size=other_size)
   x = _images(1, other_size, seed=7)
