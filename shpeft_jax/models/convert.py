@@ -824,7 +824,7 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   cfg = clip_vit.get_model_config(model, image_size or shape["src_image_size"], **variant)
   _check_preset(cfg, shape, model, guess, found, heads, tower[lay.conv].shape, prefix + lay.conv)
   expected = lay.shapes(cfg, num_tokens=shape["n_tok"])
-  num_classes = _check_keys(sd, tower, expected, head_keys, layout, prefix, model, cfg.width)
+  num_classes = _check_keys(sd, tower, expected, head_keys, layout, prefix, model, cfg.feature_dim)
 
   arrays = {k: to_numpy(tower[k]) for k in expected}
   canonical = _TO_OPENAI[layout](arrays, cfg)

@@ -92,6 +92,29 @@ def file_names(sd: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def live_names(sd: Mapping[str, Any], live_keys) -> dict[str, Any]:
+  """The inverse of `file_names`: checkpoint-file names -> the names of a live module whose
+  state-dict keys are `live_keys` (unchanged where the module uses the file names)."""
+  live_keys = set(live_keys)
+  if not any(".attention.q_proj." in k or ".mlp.gate_proj." in k for k in live_keys):
+    return dict(sd)
+  vit = any(re.search(r"(?:^|\.)layers\.0\.layernorm_before\.", k) for k in live_keys)
+  out = {}
+  for k, v in sd.items():
+    k = re.sub(r"\.attention\.attention\.(query|key|value)\.",
+               lambda m: f".attention.{m.group(1)[0]}_proj.", k)
+    k = k.replace(".attention.output.dense.", ".attention.o_proj.")
+    if vit:
+      k = re.sub(r"(^|\.)encoder\.layer\.(\d+)\.", r"\1layers.\2.", k)
+      k = k.replace(".intermediate.dense.", ".mlp.fc1.").replace(".output.dense.", ".mlp.fc2.")
+    if ".mlp.weights_in." in k:
+      gate, up = np.split(_numpy(v), 2, axis=0)
+      out[k.replace(".weights_in.", ".gate_proj.")] = gate
+      k, v = k.replace(".weights_in.", ".up_proj."), up
+    out[k.replace(".mlp.weights_out.", ".mlp.down_proj.")] = v
+  return out
+
+
 def _numpy(v) -> np.ndarray:
   return v.detach().cpu().float().numpy() if hasattr(v, "detach") else np.asarray(v)
 

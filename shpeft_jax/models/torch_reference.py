@@ -195,15 +195,25 @@ def hf_ssl_model(cfg: clip_vit.ViTConfig, layout: str) -> nn.Module:
     return transformers.ViTModel(transformers.ViTConfig(
         **common, intermediate_size=cfg.mlp_dim, hidden_act=cfg.act), add_pooling_layer=False)
   swiglu = cfg.act == "swiglu"
-  # Dinov2's MLP width is int(width * mlp_ratio); its SwiGLU's hidden width (mlp_dim / 2 here) is
-  # (int(that * 2 / 3) + 7) // 8 * 8, which 1.5 * hidden gives back for a multiple of 8.
-  ratio = 1.5 * (cfg.mlp_dim // 2) / cfg.width if swiglu else cfg.mlp_dim / cfg.width
-  kw = dict(common, mlp_ratio=ratio, hidden_act="gelu" if swiglu else cfg.act,
+  kw = dict(common, mlp_ratio=_dinov2_mlp_ratio(cfg), hidden_act="gelu" if swiglu else cfg.act,
             use_swiglu_ffn=swiglu)
   if cfg.registers:
     return transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
         **kw, num_register_tokens=cfg.registers))
   return transformers.Dinov2Model(transformers.Dinov2Config(**kw))
+
+
+def _dinov2_mlp_ratio(cfg: clip_vit.ViTConfig) -> int:
+  """Dinov2Config's (integer) mlp_ratio giving `cfg`'s MLP: int(width * ratio) outputs, or for
+  SwiGLU a hidden width (mlp_dim / 2 here) of (int(width * ratio * 2 / 3) + 7) // 8 * 8."""
+  for ratio in range(1, 33):
+    hidden = cfg.width * ratio
+    if cfg.act == "swiglu" and (int(hidden * 2 / 3) + 7) // 8 * 8 == cfg.mlp_dim // 2:
+      return ratio
+    if cfg.act != "swiglu" and hidden == cfg.mlp_dim:
+      return ratio
+  raise clip_vit.ConfigError(f"No integer Dinov2Config.mlp_ratio gives an MLP of {cfg.mlp_dim} for "
+                             f"width {cfg.width}; this tower cannot be a transformers Dinov2Model.")
 
 
 class TorchPooledClassifier(nn.Module):
@@ -218,6 +228,17 @@ class TorchPooledClassifier(nn.Module):
     self.prefix = {"timm": "trunk", "hf_dinov2": "dinov2", "hf_vit": "vit"}[layout]
     self.add_module(self.prefix, tower)
     self.head = nn.Linear(cfg.feature_dim, num_classes)
+
+  def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    """Files hold transformers' checkpoint names; a transformers >= 5 module has its own."""
+    if self.layout != "timm":
+      from shpeft_jax.models import hf_ssl_layouts  # pylint: disable=g-import-not-at-top
+      prefix = self.prefix + "."
+      tower = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+      live = hf_ssl_layouts.live_names(tower, getattr(self, self.prefix).state_dict())
+      state_dict = {**{k: v for k, v in state_dict.items() if not k.startswith(prefix)},
+                    **{prefix + k: torch.as_tensor(v) for k, v in live.items()}}
+    return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
   def features(self, x: torch.Tensor) -> torch.Tensor:
     tower = getattr(self, self.prefix)

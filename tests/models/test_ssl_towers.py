@@ -275,8 +275,8 @@ def test_features_a_layout_cannot_compute_are_refused_at_export():
     convert.flax_to_torch_state_dict(params, "timm", tower=reg.tower())  # registers + class pos
   with pytest.raises(convert.CheckpointError, match="cannot be written as hf_vit"):
     convert.flax_to_torch_state_dict(params, "hf_vit", tower=reg.tower())
-  assert "embeddings.register_tokens" in convert.flax_to_torch_state_dict(params, "hf_dinov2",
-                                                                          tower=reg.tower())
+  assert "embeddings.register_tokens" in convert.flax_to_torch_state_dict(
+      {"encoder": params["encoder"]}, "hf_dinov2", tower=reg.tower())
 
 
 @pytest.mark.parametrize("layout, tower", [
