@@ -29,6 +29,7 @@ from shpeft_jax import export as export_cli  # noqa: E402
 from shpeft_jax.models import clip_vit  # noqa: E402
 from shpeft_jax.models import convert  # noqa: E402
 from shpeft_jax.models import torch_reference as tr  # noqa: E402
+from shpeft_jax.utils import flatten_names  # noqa: E402
 
 TOL = 1e-4
 
@@ -242,6 +243,54 @@ def test_dinov2_linear_probe_pool_is_cls_and_patch_mean(tmp_path):
   ref = np.concatenate([tokens[:, 0], tokens[:, 3:].mean(axis=1)], axis=-1)  # 1 cls + 2 registers
   assert _flax_features(params, info, x).shape == (2, 192)
   _assert_close(params, info, x, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# Downstream hooks on the new towers.
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_vpt_prompts_go_after_the_registers(pool):
+  """Registers and VPT prompts are both position-free tokens between the class token and the
+  patches, kept out of the pool: shallow VPT with 3 prompts on a 2-register tower is the same
+  network as a 5-register tower whose last 3 registers are the prompts."""
+  tower = dict(act="gelu", ln_eps=1e-6, ln_pre=False, patch_bias=True, layer_scale=True,
+               registers=2, pool=pool)
+  vpt = clip_vit.build_model("test_tiny", 3, tower=tower,
+                             additive=clip_vit.AdditiveConfig(vpt_tokens=3))
+  params = clip_vit.init_params(vpt, jax.random.PRNGKey(1))
+  params = jax.tree_util.tree_map(lambda v: v + 0.3 * jax.random.normal(jax.random.PRNGKey(2),
+                                                                        v.shape), params)
+  plain = clip_vit.build_model("test_tiny", 3, tower=dict(tower, registers=5))
+  enc = dict(params["encoder"])
+  enc["register_tokens"] = np.concatenate([enc["register_tokens"], enc.pop("vpt_prompts_0")])
+  x = _images(2, 16, seed=1)
+  want = plain.apply({"params": {"encoder": enc, "head": params["head"]}}, x)
+  got = vpt.apply({"params": params}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+
+
+def test_every_table1_method_attaches_to_a_dinov2_tower():
+  """LoRA on q/v (the fused timm qkv is split on conversion), SSF, adapters, VPT and the rule-based
+  baselines on a LayerScale + registers + fc_norm tower: each trains what its rule says, FT-LN
+  includes fc_norm, SH-PEFT ranks the gammas and registers with every other weight."""
+  from shpeft_jax.peft import methods  # pylint: disable=g-import-not-at-top
+  tower = dict(act="gelu", ln_eps=1e-6, ln_pre=False, patch_bias=True, layer_scale=True,
+               registers=2, pool="mean", final_norm=False, fc_norm=True, class_pos=False)
+  for name in methods.method_names():
+    cfg = methods.default_peft_config()
+    cfg.method = name
+    method = methods.resolve(cfg)
+    shapes = methods.param_shapes("test_tiny", 3, method.additive, tower=tower)
+    names = list(flatten_names(shapes))
+    trainable = [n for n, (_, t) in methods.match_rules(method.spec, names).items() if t]
+    assert {"head/kernel", "head/bias"} <= set(trainable), name
+    if name == "ln":
+      assert "encoder/fc_norm/scale" in trainable
+    if name in ("shpeft", "full", "random"):
+      assert {"encoder/register_tokens", "encoder/resblocks_0/ls_1"} <= set(trainable), name
+    if name == "lora":
+      assert {"encoder/resblocks_0/attn/lora_query/a", "encoder/resblocks_0/attn/lora_value/b"} <= set(trainable)
 
 
 # ------------------------------------------------------------------------------------------------
