@@ -5,12 +5,18 @@ Module names follow the OpenAI PyTorch checkpoint (`conv1`, `ln_pre`, `resblocks
 mechanical rules (see `shpeft_jax/models/convert.py`). The CLIP `proj` is not part of the model:
 SH-PEFT replaces it by L2 normalisation followed by a linear classifier (Sec. 3.1).
 
-The towers users bring differ in four switches beyond their shape (`ViTConfig.act` ... `patch_bias`,
+The CLIP towers users bring differ in four switches beyond their shape (`ViTConfig.act` ... `patch_bias`,
 recorded in every params checkpoint's meta.json): the activation (OpenAI's QuickGELU, or the exact
 erf GELU of open_clip's LAION / DataComp towers and of timm), the LayerNorm epsilon (1e-5 in CLIP,
 1e-6 in timm), and for timm trunks such as BiomedCLIP's a patch projection with bias and no
 `ln_pre`. timm's final `norm` acts on every token and CLIP's `ln_post` on the class token only;
 the pooled feature is the same, so both are `ln_post` here.
+
+The self-supervised towers (DINOv2, MAE, iBOT; UNI, RAD-DINO, Phikon) add more fields, each a
+value read from the checkpoint, never an `if` elsewhere: LayerScale gammas (`ls_1`, `ls_2`),
+register tokens, a class token with or without a position, the pooled feature (class token,
+mean of the patch tokens, or both), the final norm and timm's `fc_norm`, q/k/v biases, and
+DINOv2 giant's SwiGLU MLP (`act='swiglu'`).
 
 Additive PEFT methods hook into the tower here (LoRA, AdaptFormer's parallel adapter, SSF, VPT);
 they are off by default and their parameters live under names that start with `lora_`,

@@ -1,6 +1,6 @@
 """PyTorch CLIP vision checkpoints <-> Flax params, as small pure-numpy rules over flat names.
 
-Four source layouts reach us:
+These source layouts reach us:
   * OpenAI CLIP (`visual.conv1.weight`, fused `attn.in_proj_weight`), as the TorchScript archive
     OpenAI publishes or as a plain state dict. open_clip's own ViTs use the same names, sometimes
     behind a `module.` prefix (DDP) or inside `{"state_dict": ...}` (training checkpoints).
@@ -10,6 +10,10 @@ Four source layouts reach us:
     dict has the same names without it. Both are accepted.
   * timm ViTs (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.attn.qkv`, `norm`): plain
     timm files, and open_clip towers with a timm trunk (`visual.trunk.*`, e.g. BiomedCLIP).
+    timm's DINOv2 (LayerScale `ls1.gamma`, `reg_token`, SwiGLU), UNI-like `init_values` towers and
+    MAE-style average-pool trunks (`fc_norm`) are the same class with other arguments.
+  * transformers' `Dinov2Model` / `Dinov2WithRegistersModel` (`hf_dinov2`) and `ViTModel`
+    (`hf_vit`), bare or behind `dinov2.` / `vit.` (`shpeft_jax/models/hf_ssl_layouts.py`).
   * Our own exports (`flax_to_torch_state_dict`): any of the above, plus `head.weight` / `head.bias`.
 
 The names and shapes say what the weights are, not how the tower computes: the activation
