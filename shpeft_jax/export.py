@@ -148,12 +148,14 @@ HF_HEAD = "head.safetensors"
 
 
 def write_hf_directory(params: Mapping[str, Any], meta: Mapping[str, Any], out: str, *,
-                       overwrite: bool = False) -> dict[str, Any]:
+                       overwrite: bool = False, layout: str = "hf") -> dict[str, Any]:
   """A Hugging Face model directory of the encoder (config.json with the tower's true shape,
   hidden_act and layer_norm_eps + model.safetensors, written by transformers' save_pretrained) that
   `CLIPVisionModel.from_pretrained(out)` loads strictly; the trained head, if any, beside it in
   head.safetensors (`head.weight` [C, D], `head.bias` [C]: logits = head(F.normalize(pooler_output))).
-  This directory is the base a peft adapter (`--format peft`) loads onto."""
+  This directory is the base a peft adapter (`--format peft`) loads onto. layout 'hf_dinov2' /
+  'hf_vit': the same with transformers' Dinov2Model (Dinov2WithRegistersModel) / ViTModel
+  (without its tanh pooler), logits = head(F.normalize(pooled last_hidden_state))."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
@@ -162,13 +164,19 @@ def write_hf_directory(params: Mapping[str, Any], meta: Mapping[str, Any], out: 
   if os.path.exists(out) and not overwrite:
     raise CheckpointError(f"{out} already exists; pass --overwrite or choose another --out.")
   cfg = check_params_match_meta(params, meta)
-  try:
-    hf_config = torch_reference.hf_vision_config(cfg)
-  except ConfigError as e:
-    raise CheckpointError(f"this tower cannot be written as a Hugging Face CLIPVisionModel ({e}) "
-                          "Use --format timm.") from e
-  sd = flax_to_torch_state_dict({"encoder": params["encoder"]}, "hf", tower=cfg.tower())
-  model = transformers.CLIPVisionModel(hf_config)
+  sd = flax_to_torch_state_dict({"encoder": params["encoder"]}, layout, tower=cfg.tower())
+  if layout == "hf":
+    try:
+      hf_config = torch_reference.hf_vision_config(cfg)
+    except ConfigError as e:
+      raise CheckpointError(f"this tower cannot be written as a Hugging Face CLIPVisionModel ({e}) "
+                            "Use --format timm.") from e
+    model = transformers.CLIPVisionModel(hf_config)
+  else:
+    from shpeft_jax.models import hf_ssl_layouts  # pylint: disable=g-import-not-at-top
+    model = torch_reference.hf_ssl_model(cfg, layout)
+    hf_config = model.config
+    sd = hf_ssl_layouts.live_names(sd, model.state_dict())
   model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in sd.items()},
                         strict=True)
   with utils.atomic_path(out, directory=True) as tmp:
@@ -182,20 +190,22 @@ def write_hf_directory(params: Mapping[str, Any], meta: Mapping[str, Any], out: 
 
 
 def _export_hf(args: argparse.Namespace, params, meta) -> str:
-  """--format hf: a model directory (--out DIR), or one state-dict file (--out FILE.safetensors)."""
+  """--format hf / hf_dinov2 / hf_vit: a model directory (--out DIR), or one state-dict file
+  (--out FILE.safetensors)."""
   if args.out.endswith((".safetensors",) + _TORCH_SUFFIXES):
     return _export_torch(args, params, meta)
-  info = write_hf_directory(params, meta, args.out, overwrite=args.overwrite)
+  info = write_hf_directory(params, meta, args.out, overwrite=args.overwrite, layout=args.format)
   head = f"; head.safetensors holds the {meta.get('num_classes')}-class head" if info["head"] else ""
+  cls = type(info["config"]).__name__.replace("Config", "Model")
   return (f"wrote {args.out}: a Hugging Face model directory ({info['tensors']} tensors, "
           f"hidden_act {info['config'].hidden_act}, layer_norm_eps {info['config'].layer_norm_eps})"
-          f"{head}; loads with transformers.CLIPVisionModel.from_pretrained({args.out!r})")
+          f"{head}; loads with transformers.{cls}.from_pretrained({args.out!r})")
 
 
 # --format -> exporter(args, params, meta) -> the line printed on success.
 EXPORTERS: dict[str, Callable[[argparse.Namespace, Any, Mapping[str, Any]], str]] = {
     fmt: _export_torch for fmt in LAYOUTS}
-EXPORTERS["hf"] = _export_hf
+EXPORTERS.update(hf=_export_hf, hf_dinov2=_export_hf, hf_vit=_export_hf)
 
 
 def build_parser() -> argparse.ArgumentParser:

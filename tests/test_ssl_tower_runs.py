@@ -5,8 +5,9 @@ directory and converted by the CLI, then trained with SH-PEFT and with LoRA.
 SH-PEFT scores every parameter, the LayerScale gammas and register tokens included (they are
 parameters like LayerNorm scales); the trained model exported as `--format hf_dinov2` and loaded
 into transformers' Dinov2WithRegistersModel (behind the paper's L2-norm + linear head) gives the
-trainer's own test-split probabilities (<= 1e-5), and so does predict (which builds the model of
-the checkpoint through `of_checkpoint`).
+trainer's own test-split probabilities (<= 1e-5), and so do predict (which builds the model of
+the checkpoint through `of_checkpoint`) and the run's peft SHiRA adapter applied by
+`peft.PeftModel` on the base exported as a transformers model directory.
 """
 
 import os
@@ -111,3 +112,32 @@ def test_predict_gives_the_trainers_probabilities(dino_run):
     rel = os.path.relpath(f, root).replace(os.sep, "/")
     np.testing.assert_allclose(p, metrics.softmax(by_name[rel].astype(np.float64)), atol=1e-6,
                                rtol=0, err_msg=rel)
+
+
+def test_peft_adapter_on_the_hf_dinov2_base_gives_the_trainers_probabilities(dino_run, tmp_path):
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import export  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  peft = pytest.importorskip("peft")
+  _, root, workdir, by_name = dino_run
+  init = os.path.join(os.path.dirname(workdir), "init")
+  base_dir, peft_dir = str(tmp_path / "base"), str(tmp_path / "peft")
+  assert export.main([init, "--format", "hf_dinov2", "--out", base_dir]) == 0
+  assert export.main([os.path.join(workdir, "export", "model"), "--format", "peft", "--base",
+                      init, "--out", peft_dir]) == 0
+  base, info = transformers.Dinov2WithRegistersModel.from_pretrained(base_dir,
+                                                                     output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  adapted = peft.PeftModel.from_pretrained(base, peft_dir).eval()
+  files = [f for f in sorted(by_name) if f.endswith((".png", ".jpg", ".bmp"))][:6]
+  x = np.stack([input_pipeline.eval_transform(open(os.path.join(root, f), "rb").read(), 16).numpy()
+                for f in files])
+  head = load_file(os.path.join(peft_dir, "head.safetensors"))
+  with torch.no_grad():
+    feats = adapted(pixel_values=torch.from_numpy(np.ascontiguousarray(
+        x.transpose(0, 3, 1, 2)))).last_hidden_state[:, 0]
+    got = (F.normalize(feats, dim=-1) @ head["head.weight"].T + head["head.bias"]).numpy()
+  want = np.stack([by_name[f] for f in files])
+  np.testing.assert_allclose(metrics.softmax(got.astype(np.float64)),
+                             metrics.softmax(want.astype(np.float64)), atol=1e-5, rtol=0)
