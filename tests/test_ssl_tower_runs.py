@@ -10,6 +10,7 @@ the checkpoint through `of_checkpoint`) and the run's peft SHiRA adapter applied
 `peft.PeftModel` on the base exported as a transformers model directory.
 """
 
+import copy
 import os
 
 import numpy as np
@@ -62,7 +63,11 @@ def dino_run(request, tmp_path_factory):
   config.model.init_checkpoint = init
   workdir = os.path.join(tmp, "run")
   train.train_and_evaluate(config, workdir)
-  by_name, _, _ = _trainer_eval(config, workdir)
+  # export/model holds LoRA folded into the plain weights (the method merges): the trainer's
+  # evaluator runs it as the plain tower.
+  plain = copy.deepcopy(config)
+  plain.peft.method = "full"
+  by_name, _, _ = _trainer_eval(plain, workdir)
   return request.param, root, workdir, by_name
 
 
