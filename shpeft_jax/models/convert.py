@@ -1104,7 +1104,7 @@ def check_exportable(cfg: clip_vit.ViTConfig, layout: str, act_known: bool = Tru
   if cfg.act == "swiglu":
     ssl.append("act=swiglu")
   if layout == "timm":
-    _check_timm_exportable(cfg, ssl)
+    _check_timm_exportable(cfg)
   elif ssl:
     raise CheckpointError(f"This tower ({', '.join(ssl)}) is no CLIP tower and cannot be written "
                           f"as {layout}; use --format timm (or hf_dinov2 / hf_vit).")
@@ -1128,7 +1128,7 @@ def check_exportable(cfg: clip_vit.ViTConfig, layout: str, act_known: bool = Tru
         f"VisionTransformer, nn.GELU), hf (hidden_act {cfg.act}) or timm.")
 
 
-def _check_timm_exportable(cfg: clip_vit.ViTConfig, features: list[str]) -> None:
+def _check_timm_exportable(cfg: clip_vit.ViTConfig) -> None:
   """timm's VisionTransformer: a final `norm` or an `fc_norm`, not both; registers only without
   a class position (no_embed_class, as its DINOv2 '_reg' models)."""
   if cfg.final_norm and cfg.fc_norm:
@@ -1138,7 +1138,6 @@ def _check_timm_exportable(cfg: clip_vit.ViTConfig, features: list[str]) -> None
     raise CheckpointError(f"This tower's {cfg.registers} registers come with a class-token position "
                           f"(HF Dinov2WithRegisters); timm gives registers positions then. Use "
                           f"--format hf_dinov2.")
-  del features
 
 
 def flax_to_torch_state_dict(params: Mapping[str, Any], layout: str, *,
