@@ -78,7 +78,7 @@ class AdditiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """Shape of a CLIP vision tower."""
+  """Shape and tower fields of a ViT vision tower (CLIP or self-supervised)."""
   name: str
   patch_size: int
   width: int

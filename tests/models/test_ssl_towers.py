@@ -258,15 +258,16 @@ def test_vpt_prompts_go_after_the_registers(pool):
                registers=2, pool=pool)
   vpt = clip_vit.build_model("test_tiny", 3, tower=tower,
                              additive=clip_vit.AdditiveConfig(vpt_tokens=3))
-  params = clip_vit.init_params(vpt, jax.random.PRNGKey(1))
-  params = jax.tree_util.tree_map(lambda v: v + 0.3 * jax.random.normal(jax.random.PRNGKey(2),
-                                                                        v.shape), params)
+  rng = np.random.RandomState(2)
+  params = jax.tree_util.tree_map(
+      lambda v: np.asarray(v) + 0.3 * rng.standard_normal(v.shape).astype(np.float32),
+      jax.jit(vpt.init)(jax.random.PRNGKey(1), np.zeros((1, 16, 16, 3), np.float32))["params"])
   plain = clip_vit.build_model("test_tiny", 3, tower=dict(tower, registers=5))
   enc = dict(params["encoder"])
   enc["register_tokens"] = np.concatenate([enc["register_tokens"], enc.pop("vpt_prompts_0")])
   x = _images(2, 16, seed=1)
-  want = plain.apply({"params": {"encoder": enc, "head": params["head"]}}, x)
-  got = vpt.apply({"params": params}, x)
+  want = jax.jit(plain.apply)({"params": {"encoder": enc, "head": params["head"]}}, x)
+  got = jax.jit(vpt.apply)({"params": params}, x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
 
 
