@@ -26,9 +26,8 @@ from shpeft_jax.models import clip_vit, of_checkpoint
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-CLIP_PIXELS = {"pixel_mean": clip_vit.CLIP_MEAN, "pixel_std": clip_vit.CLIP_STD}
-HF_GELU = {"act": "gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False, **CLIP_PIXELS}
-TIMM_TRUNK = {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True, **CLIP_PIXELS}
+HF_GELU = {**clip_vit.TOWER_DEFAULTS, "act": "gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False}
+TIMM_TRUNK = {**clip_vit.TOWER_DEFAULTS, "act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}
 
 
 def _hf_gelu_init(tmp):
