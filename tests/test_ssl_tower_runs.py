@@ -28,7 +28,8 @@ transformers = pytest.importorskip("transformers")
 
 DINO_TOWER = {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True,
               "layer_scale": True, "registers": 2, "pool": "cls", "final_norm": True,
-              "fc_norm": False, "qkv_bias": True, "class_pos": True}
+              "fc_norm": False, "qkv_bias": True, "class_pos": True,
+              "pixel_mean": clip_vit.CLIP_MEAN, "pixel_std": clip_vit.CLIP_STD}
 
 
 def _dinov2_init(tmp):
@@ -98,8 +99,11 @@ def test_export_hf_dinov2_gives_the_trainers_probabilities(dino_run, tmp_path):
   module = tr.load_exported(out).eval()  # strict=True
   assert isinstance(module.dinov2, transformers.Dinov2WithRegistersModel)
   files = [f for f in sorted(by_name) if f.endswith((".png", ".jpg", ".bmp"))][:6]
-  x = np.stack([input_pipeline.eval_transform(open(os.path.join(root, f), "rb").read(), 16).numpy()
-                for f in files])
+  # The trainer's uint8 pixels, normalised as the exported / HF models take them (CLIP's
+  # statistics: these towers' meta.json has no others).
+  x = np.asarray(clip_vit.normalise_pixels(np.stack([input_pipeline.eval_transform(
+      open(os.path.join(root, f), "rb").read(), 16).numpy() for f in files]),
+      clip_vit.CLIP_MEAN, clip_vit.CLIP_STD, np.float32))
   with torch.no_grad():
     got = module(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
   want = np.stack([by_name[f] for f in files])
@@ -136,8 +140,11 @@ def test_peft_adapter_on_the_hf_dinov2_base_gives_the_trainers_probabilities(din
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   adapted = peft.PeftModel.from_pretrained(base, peft_dir).eval()
   files = [f for f in sorted(by_name) if f.endswith((".png", ".jpg", ".bmp"))][:6]
-  x = np.stack([input_pipeline.eval_transform(open(os.path.join(root, f), "rb").read(), 16).numpy()
-                for f in files])
+  # The trainer's uint8 pixels, normalised as the exported / HF models take them (CLIP's
+  # statistics: these towers' meta.json has no others).
+  x = np.asarray(clip_vit.normalise_pixels(np.stack([input_pipeline.eval_transform(
+      open(os.path.join(root, f), "rb").read(), 16).numpy() for f in files]),
+      clip_vit.CLIP_MEAN, clip_vit.CLIP_STD, np.float32))
   head = load_file(os.path.join(peft_dir, "head.safetensors"))
   with torch.no_grad():
     feats = adapted(pixel_values=torch.from_numpy(np.ascontiguousarray(

@@ -538,7 +538,9 @@ def test_old_meta_without_tower_fields_means_openai_tower():
   assert clip_vit.tower_from_meta({"model": "ViT-B/16"}) == {
       "act": "quick_gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False,
       "layer_scale": False, "registers": 0, "pool": "cls", "final_norm": True, "fc_norm": False,
-      "qkv_bias": True, "class_pos": True}
+      "qkv_bias": True, "class_pos": True,
+      "pixel_mean": (0.48145466, 0.4578275, 0.40821073),
+      "pixel_std": (0.26862954, 0.26130258, 0.27577711)}
   with pytest.raises(clip_vit.ConfigError, match="Unknown activation 'gelu_tanh'"):
     clip_vit.get_model_config("test_tiny", act="gelu_tanh")
 
