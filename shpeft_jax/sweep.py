@@ -191,6 +191,18 @@ def columns(datasets: Sequence[str], fractions: Sequence[float] | None) -> list[
   return [Column(d, f) for d in datasets for f in fractions]
 
 
+def _check_references(config, variants: Sequence[Variant]) -> None:
+  """ConfigError before any run when a variant reads another method's runs (the oracle: `full`)
+  that the sweep does not make and the config does not name (peft.oracle_run)."""
+  keys = {v.key for v in variants}
+  for v in variants:
+    ref = _reference_of(v)
+    if ref and ref not in keys and not variant_config(config, v).peft.oracle_run:
+      raise ConfigError(f"--methods {v.method} ranks |w_ft - w_0| of the sweep's `{ref}` run of "
+                        f"each seed: add {ref} to --methods, or set --config.peft.oracle_run to "
+                        "a finished full run.")
+
+
 def _validate_all(config, variants: Sequence[Variant], cols: Sequence[Column]) -> None:
   """Every (column, variant) config is checked before the first run: a typo in the last dataset
   (or a fraction too small for a class) must not wait for hours of earlier runs."""
@@ -198,19 +210,13 @@ def _validate_all(config, variants: Sequence[Variant], cols: Sequence[Column]) -
   from shpeft_jax import train  # pylint: disable=g-import-not-at-top
   if config.pretrain.enabled:
     train.validate_config(runs.pretrain_config(config))
-  keys = {v.key for v in variants}
   for col in cols:
     for v in variants:
       cfg = col.config(variant_config(config, v, col.dataset))
       if config.pretrain.enabled:
         cfg.model.init_checkpoint = ""  # Made by the pretrain stage.
-      ref = _reference_of(v)
-      if ref and not cfg.peft.oracle_run:
-        if ref not in keys:
-          raise ConfigError(f"--methods {v.method} ranks |w_ft - w_0| of the sweep's `{ref}` run "
-                            f"of each seed: add {ref} to --methods, or set "
-                            "--config.peft.oracle_run to a finished full run.")
-        cfg.peft.oracle_run = f"<the sweep's {ref} run>"  # Made by the sweep, before it.
+      if _reference_of(v) and not cfg.peft.oracle_run:
+        cfg.peft.oracle_run = f"<the sweep's {_reference_of(v)} run>"  # Made before it.
       try:
         train.validate_config(cfg)
       except ShpeftError as e:
@@ -242,6 +248,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
   datasets = list(datasets or [config.data.name])
   cols = columns(datasets, train_fractions)
   config = _with_sweep_flags(config, seeds, lr_grid)
+  _check_references(config, variants)
   if validate:
     _validate_all(config, variants, cols)
   base = runs.prepare(config, workdir, restart_pretrain=restart_pretrain)
