@@ -304,7 +304,7 @@ def _reading_reference(run_fn, cfg, v: Variant, records: Sequence[dict], column:
       raise ConfigError(f"{column} / {v.key}: no `{ref}` run of seed {c.seed} at lr {lr:g}; "
                         "give both the same --seeds.")
     c.peft.oracle_run = by_seed[c.seed]
-    logging.info("%s / %s seed %d reads %s.", column, v.key, c.seed, by_seed[c.seed])
+    logging.debug("sweep: %s / %s seed %d reads %s.", column, v.key, c.seed, by_seed[c.seed])
     return run_fn(c, d)
   return run
 
