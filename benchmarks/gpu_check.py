@@ -12,14 +12,28 @@ Measures, in this order (a part that would overrun `--budget_s` is skipped and s
      its own process so that the peak is its own) and the compiled step's `memory_analysis()`;
   3. exact top-1% selection over the encoder's 86M scores on the device (sort) and on the host
      (`selection.select_top_k`);
-  4. the same score pass and steps in PyTorch on the same weights (`shpeft_jax.export` ->
-     `torch_reference.load_exported`), eager, then `torch.compile` where the budget allows.
-Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md.
+  4. the masked SH-PEFT step fed from the host (a batch transferred per step, as the trainer's
+     input pipeline feeds it) against the same step on a device-resident batch, and the
+     host-to-device copy of one batch as float32 and as uint8;
+  5. the same score pass and steps in PyTorch on the same weights (`shpeft_jax.export` ->
+     `torch_reference.load_exported`), eager;
+  6. larger towers, each in its own process: ViT-L/16-sized (vit:p16-w1024-l24-h16-m4096, the
+     UNI / DINOv2-L shape) and ViT-g/14-sized (vit:p14-w1408-l40-h16-m6144, LAION's g/14): the
+     score pass, the masked SH-PEFT step and the full fine-tuning step;
+  7. PyTorch `torch.compile` where the budget allows.
+Writes OUT_DIR/gpu_check.json (rewritten after every part, so a cut run keeps what it measured)
+and OUT_DIR/gpu_check.md.
 
 FLOPs: model FLOPs = 3 x the forward FLOPs (forward + backward of a full gradient), the forward's
-counted by XLA's cost analysis of the compiled forward at the measured batch (the analytic matmul
-count is recorded beside it as a check). MFU = model FLOP/s over the device's dense bf16 peak
-(`PEAK_BF16_TFLOPS`, from the vendor's datasheet, by device name).
+the analytic matmul count (`analytic_forward_flops`: patch embedding, qkv/out, MLP, attention
+scores/values). XLA's cost analysis of the compiled forward is recorded beside it, but it is no
+basis on a GPU: there the matmuls are cuBLAS custom calls that it does not count (on the H200,
+2026-12-04, it gave 1.6 GFLOP per ViT-B/16 image against the 35.1 analytic). MFU = model FLOP/s
+over the device's dense bf16 peak (`PEAK_BF16_TFLOPS`, from the vendor's datasheet, by device name).
+
+`--parts` runs a subset (e.g. `--parts towers,hostfed,torch` after a run that the budget cut):
+each JAX part in its own process costs ~60-120 s on the H200 (start, CUDA, compile), so the full
+check needs ~15 min; 15 device-minutes fit about one run of `--budget_s 540`.
 
 Imports only what the GPU image has (jax, flax, optax, orbax, torch, safetensors): no TensorFlow,
 tfds or ml_collections on this path (tests/test_gpu_check.py checks it). Without a visible GPU it
@@ -54,6 +68,7 @@ PEAK_BF16_TFLOPS = (
 )
 
 MODES = ("full", "shpeft", "shpeft_sparse", "lora")
+PARTS = ("score", "steps", "selection", "hostfed", "torch", "towers", "compile")
 FORBIDDEN = ("tensorflow", "tensorflow_datasets", "ml_collections")
 
 
@@ -76,9 +91,13 @@ def peak_tflops(device_kind: str) -> float | None:
 def sizes(dry_run: bool) -> dict:
   if dry_run:
     return dict(model="test_tiny", image_size=16, score_images=64, score_batches=(4, 8),
-                chunk_images=16, step_batch=4, steps=2, warmup=1, k_percent=1.0)
+                chunk_images=16, step_batch=4, steps=2, warmup=1, k_percent=1.0,
+                towers=(("tiny tower", "vit:p4-w32-l2-h2-m64", 4),), tower_score_images=16)
   return dict(model="ViT-B/16", image_size=224, score_images=10_000, score_batches=(64, 128),
-              chunk_images=1024, step_batch=64, steps=10, warmup=2, k_percent=1.0)
+              chunk_images=1024, step_batch=64, steps=10, warmup=2, k_percent=1.0,
+              towers=(("ViT-L/16-sized", "vit:p16-w1024-l24-h16-m4096", 64),
+                      ("ViT-g/14-sized", "vit:p14-w1408-l40-h16-m6144", 32)),
+              tower_score_images=2048)
 
 
 class Budget:
@@ -187,14 +206,15 @@ def score_pass(model, params, batch: int, sz: dict, peak: float | None) -> dict:
   jax.block_until_ready(acc)
   seconds = time.perf_counter() - t
   images = n_chunks * chunk * batch
-  fwd = forward_flops_per_image(model, params, batch)
+  fwd = analytic_forward_flops(model.config)
   ips = images / seconds
   r = {"framework": "jax", "batch": batch, "images": images, "seconds": seconds,
        "images_per_s": ips, "seconds_per_10k": seconds * 10_000 / images,
        "first_call_s_incl_compile": first, "batches_per_scan": chunk,
-       "forward_flops_per_image_cost_analysis": fwd,
-       "model_tflops_per_s": None if fwd is None else 3 * fwd * ips / 1e12}
-  r["mfu"] = (r["model_tflops_per_s"] / peak) if (peak and fwd) else None
+       "forward_flops_per_image_analytic": fwd,
+       "forward_flops_per_image_cost_analysis": forward_flops_per_image(model, params, batch),
+       "model_tflops_per_s": 3 * fwd * ips / 1e12}
+  r["mfu"] = (r["model_tflops_per_s"] / peak) if peak else None
   return r
 
 
@@ -208,13 +228,8 @@ def random_mask(params, k_percent: float, seed: int = 0):
       for n, x in flatten_names(jax.eval_shape(lambda: params)).items()})
 
 
-def train_step(mode: str, sz: dict, dtype: str) -> dict:
-  """One configuration's donated, jitted step: compile, warm up, time `steps` steps.
-
-  Full fine-tuning and SH-PEFT (masked or sparse state) run the trainer's own step
-  (`train.make_train_step`, with its loss and norms); LoRA differentiates the trainable subset
-  only, as a LoRA user's step would (like requires_grad=False in PyTorch).
-  """
+def _prepare_step(mode: str, sz: dict, dtype: str):
+  """One configuration's donated, jitted step, compiled: (compiled, state, batch, info)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from shpeft_jax import optim, train  # pylint: disable=g-import-not-at-top
@@ -255,6 +270,19 @@ def train_step(mode: str, sz: dict, dtype: str) -> dict:
   t = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch).compile()
   compile_s = time.perf_counter() - t
+  return compiled, state, batch, {"compile_s": compile_s, "opt_state_bytes": opt_bytes}
+
+
+def train_step(mode: str, sz: dict, dtype: str) -> dict:
+  """One configuration's donated, jitted step: compile, warm up, time `steps` steps.
+
+  Full fine-tuning and SH-PEFT (masked or sparse state) run the trainer's own step
+  (`train.make_train_step`, with its loss and norms); LoRA differentiates the trainable subset
+  only, as a LoRA user's step would (like requires_grad=False in PyTorch).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  compiled, state, batch, info = _prepare_step(mode, sz, dtype)
+  b = sz["step_batch"]
   for _ in range(sz["warmup"]):
     state, measurements = compiled(state, batch)
   jax.block_until_ready(state)
@@ -263,11 +291,80 @@ def train_step(mode: str, sz: dict, dtype: str) -> dict:
     state, measurements = compiled(state, batch)
   loss = float(measurements["loss"])  # Blocks on the last step.
   seconds = time.perf_counter() - t
-  return {"framework": "jax", "mode": mode, "batch": b, "steps": sz["steps"],
-          "step_s": seconds / sz["steps"], "images_per_s": b * sz["steps"] / seconds,
-          "compile_s": compile_s, "loss": loss, "opt_state_bytes": opt_bytes,
+  return {"framework": "jax", "mode": mode, "model": sz["model"], "batch": b,
+          "steps": sz["steps"], "step_s": seconds / sz["steps"],
+          "images_per_s": b * sz["steps"] / seconds, **info, "loss": loss,
           "step_flops_cost_analysis": _flops(compiled), "memory_analysis": _memory(compiled),
           "device_memory": device_memory()}
+
+
+def host_fed(sz: dict, dtype: str) -> dict:
+  """The masked SH-PEFT step fed from host memory, one batch copied per step (one batch ahead, as
+  the trainer's prefetch does), against the same step on a device-resident batch; and the copy of
+  one batch alone, as float32 (what the pipeline sends today) and as uint8 (a quarter)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  compiled, state, batch, info = _prepare_step("shpeft", sz, dtype)
+  host = jax.device_get(batch)
+  host_u8 = dict(host, image=np.clip(host["image"] * 40 + 128, 0, 255).astype(np.uint8))
+  dev = jax.devices()[0]
+
+  def copy_s(b, n=10):
+    jax.block_until_ready(jax.device_put(b, dev))
+    t = time.perf_counter()
+    for _ in range(n):
+      jax.block_until_ready(jax.device_put(b, dev))
+    return (time.perf_counter() - t) / n
+
+  def timed(feed) -> float:
+    nonlocal state
+    for _ in range(sz["warmup"]):
+      state, _ = compiled(state, feed())
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    nxt = feed()
+    for _ in range(sz["steps"]):
+      cur, nxt = nxt, feed()
+      state, m = compiled(state, cur)
+    float(m["loss"])
+    return (time.perf_counter() - t) / sz["steps"]
+
+  resident = timed(lambda: batch)
+  fed = timed(lambda: jax.device_put(host, dev))
+  b = sz["step_batch"]
+  return {"framework": "jax", "mode": "shpeft", "batch": b, **info,
+          "resident_step_s": resident, "host_fed_step_s": fed,
+          "resident_images_per_s": b / resident, "host_fed_images_per_s": b / fed,
+          "host_fed_over_resident": fed / resident,
+          "copy_float32_s": copy_s(host), "copy_uint8_s": copy_s(host_u8),
+          "batch_bytes_float32": int(host["image"].nbytes),
+          "batch_bytes_uint8": int(host_u8["image"].nbytes)}
+
+
+def tower_check(index: int, sz: dict, dtype: str, budget: Budget, peak: float | None) -> dict:
+  """A larger tower (sizes()['towers'][index]): the score pass at its batch over
+  `tower_score_images` images, then the masked SH-PEFT step and the full fine-tuning step."""
+  import gc  # pylint: disable=g-import-not-at-top
+  label, name, batch = sz["towers"][index]
+  tsz = dict(sz, model=name, step_batch=batch, score_images=sz["tower_score_images"],
+             chunk_images=min(sz["chunk_images"], sz["tower_score_images"]))
+  out = {"tower": label, "model": name, "batch": batch}
+  parts = [("score_pass", lambda: score_pass(*build(tsz, dtype), batch, tsz, peak)),
+           ("shpeft_step", lambda: train_step("shpeft", tsz, dtype)),
+           ("full_step", lambda: train_step("full", tsz, dtype))]
+  for key, fn in parts:
+    try:
+      budget.need(30, f"{label} {key}")
+      out[key] = fn()
+    except Skip as e:
+      out[key] = {"skipped": str(e)}
+    except Exception as e:  # pylint: disable=broad-except
+      out[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    gc.collect()
+  full, shp = out.get("full_step", {}), out.get("shpeft_step", {})
+  if "step_s" in full and "step_s" in shp:
+    shp["step_time_over_full"] = shp["step_s"] / full["step_s"]
+  return out
 
 
 def selection_check(sz: dict) -> dict:
@@ -315,7 +412,7 @@ def selection_check(sz: dict) -> dict:
 # PyTorch, on the same weights (exported by the project's exporter).
 
 
-def torch_check(weights: str, sz: dict, budget: Budget, compile_too: bool) -> dict:
+def torch_check(weights: str, sz: dict, budget: Budget, how: str = "eager") -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from shpeft_jax.models import torch_reference  # pylint: disable=g-import-not-at-top
@@ -423,10 +520,11 @@ def torch_check(weights: str, sz: dict, budget: Budget, compile_too: bool) -> di
   # Compiling a ViT-B/16 forward + backward takes ~1 min per graph (each batch size and mode is
   # one): eager runs everything first, compiled runs the most telling comparisons first.
   b0, *rest = sz["score_batches"]
-  tasks = [("eager", "score", b) for b in sz["score_batches"]]
-  tasks += [("eager", "step", m) for m in ("full", "shpeft", "lora")]
-  if compile_too:
-    tasks += [("compile", "score", b0), ("compile", "step", "full"), ("compile", "step", "shpeft")]
+  if how == "eager":
+    tasks = [("eager", "score", b) for b in sz["score_batches"]]
+    tasks += [("eager", "step", m) for m in ("full", "shpeft", "lora")]
+  else:
+    tasks = [("compile", "score", b0), ("compile", "step", "full"), ("compile", "step", "shpeft")]
     tasks += [("compile", "score", b) for b in rest] + [("compile", "step", "lora")]
   for how, part, arg in tasks:
     tags = {"framework": "torch", "how": how, ("batch" if part == "score" else "mode"): arg}
@@ -446,13 +544,25 @@ def torch_check(weights: str, sz: dict, budget: Budget, compile_too: bool) -> di
 
 
 def _child(args) -> None:
-  """`--_child step:MODE` / `--_child torch:WEIGHTS`: one part in its own process, JSON on stdout."""
+  """`--_child step:MODE | hostfed: | tower:INDEX | torch:WEIGHTS`: one part in its own process,
+  JSON on stdout, with the process's own start (import + device init) and total seconds: on the
+  H200 a step's process took 80-120 s of which compile 20-27 s (2026-12-04), so they are logged."""
+  t0 = time.perf_counter()
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()
+  startup = time.perf_counter() - t0
   sz = sizes(args.dry_run)
   kind, _, arg = args._child.partition(":")
   if kind == "step":
     r = train_step(arg, sz, args.dtype)
-  else:
-    r = torch_check(arg, sz, Budget(args.budget_s), _torch_compile(args))
+  elif kind == "hostfed":
+    r = host_fed(sz, args.dtype)
+  elif kind == "tower":
+    r = tower_check(int(arg), sz, args.dtype, Budget(args.budget_s),
+                    device_info()["peak_bf16_tflops"])
+  else:  # torch:WEIGHTS (eager) or torch+compile:WEIGHTS
+    r = torch_check(arg, sz, Budget(args.budget_s), "compile" if kind == "torch+compile" else "eager")
+  r.update(process_startup_s=startup, process_s=time.perf_counter() - t0)
   print("RESULT " + json.dumps(r), flush=True)
 
 
@@ -493,6 +603,24 @@ def _try(results: list, what: str, fn, **tags):
   return r
 
 
+def _torch_part(args, weights: str, budget: Budget, isolate: bool, compile_too: bool) -> dict:
+  tr = []
+  child = f"torch{'+compile' if compile_too else ''}:{weights}"
+  _try(tr, "PyTorch" + (" compile" if compile_too else " eager"), lambda: (
+      _run_isolated(args, child, budget, "PyTorch") if isolate
+      else torch_check(weights, sizes(args.dry_run), budget,
+                       "compile" if compile_too else "eager")))
+  return tr[0]
+
+
+def save(report: dict) -> None:
+  """The JSON so far (complete: false until the end): a run cut short keeps what it measured."""
+  path = os.path.join(report["out"], "gpu_check.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
 def run(args) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -503,50 +631,88 @@ def run(args) -> dict:
   report = {"check": "gpu_check", "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "dry_run": args.dry_run, "dtype": f"{args.dtype} compute, float32 params",
             "sizes": sz, "device": info, "isolated_processes": isolate,
-            "flops_basis": "model FLOPs = 3 x forward FLOPs; forward from XLA's cost analysis of "
-                           "the compiled forward at the measured batch",
-            "score_pass": [], "train_step": [], "selection": None, "torch": None}
+            "flops_basis": "model FLOPs = 3 x forward FLOPs; forward = the analytic matmul count "
+                           "(XLA's cost analysis misses cuBLAS calls on a GPU; recorded beside)",
+            "score_pass": [], "train_step": [], "selection": None, "host_fed": None,
+            "torch": None, "towers": [], "out": args.out, "complete": False}
   peak = info["peak_bf16_tflops"]
+  parts = set(args.parts.split(",")) if args.parts != "all" else set(PARTS)
+  if args.skip_torch:
+    parts -= {"torch", "compile"}
+  report["parts"] = sorted(parts)
 
   model, params = build(sz, args.dtype)
   report["forward_flops_per_image_analytic"] = analytic_forward_flops(model.config)
-  for b in sz["score_batches"]:
-    _try(report["score_pass"], f"JAX score pass, batch {b}",
-         lambda b=b: (budget.need(20, f"score pass at batch {b}"),
-                      score_pass(model, params, b, sz, peak))[1], framework="jax", batch=b)
+  if "score" in parts:
+    for b in sz["score_batches"]:
+      _try(report["score_pass"], f"JAX score pass, batch {b}",
+           lambda b=b: (budget.need(20, f"score pass at batch {b}"),
+                        score_pass(model, params, b, sz, peak))[1], framework="jax", batch=b)
+      save(report)
+  if "steps" in parts:
+    _steps(args, report, sz, budget, isolate)
+  if "selection" in parts:
+    sel = []
+    _try(sel, "selection", lambda: (budget.need(15, "selection"), selection_check(sz))[1])
+    report["selection"] = sel[0]
+    save(report)
+  if "hostfed" in parts:
+    fed = []
+    _try(fed, "host-fed step", lambda: (
+        _run_isolated(args, "hostfed:", budget, "host-fed step") if isolate
+        else (budget.need(10, "host-fed step"), host_fed(sz, args.dtype))[1]))
+    report["host_fed"] = fed[0]
+    save(report)
 
+  weights = None
+  if parts & {"torch", "compile"}:
+    from shpeft_jax import export  # pylint: disable=g-import-not-at-top
+    weights = os.path.join(tempfile.mkdtemp(prefix="gpu_check_"), "weights.safetensors")
+    export.export_params(jax.device_get(params), {"model": sz["model"],
+                                                  "image_size": sz["image_size"],
+                                                  "num_classes": 4}, "openai", weights)
+  del params
+  try:
+    if "torch" in parts:  # PyTorch eager first (the same-run ratios), torch.compile last.
+      report["torch"] = _torch_part(args, weights, budget, isolate, compile_too=False)
+      save(report)
+    if "towers" in parts:
+      for i, (label, _, _) in enumerate(sz["towers"]):
+        _try(report["towers"], f"{label} tower", lambda i=i, label=label: (
+            _run_isolated(args, f"tower:{i}", budget, f"{label} tower") if isolate
+            else tower_check(i, sz, args.dtype, budget, peak)), tower=label)
+        save(report)
+    if "compile" in parts and _torch_compile(args):
+      _compiled_torch(args, report, weights, budget, isolate)
+  finally:
+    if weights:
+      shutil.rmtree(os.path.dirname(weights), ignore_errors=True)
+  report["targets"] = targets(report)
+  report["seconds_total"] = args.budget_s - budget.left()
+  report["complete"] = True
+  return report
+
+
+def _steps(args, report: dict, sz: dict, budget: Budget, isolate: bool) -> None:
   for mode in MODES:
     fn = ((lambda m=mode: _run_isolated(args, f"step:{m}", budget, f"{m} step")) if isolate
           else (lambda m=mode: (budget.need(10, f"{m} step"), train_step(m, sz, args.dtype))[1]))
     _try(report["train_step"], f"JAX {mode} step", fn, framework="jax", mode=mode)
+    save(report)
   full = next((r for r in report["train_step"] if r.get("mode") == "full" and "step_s" in r), None)
   for r in report["train_step"]:
     if full and "step_s" in r:
       r["step_time_over_full"] = r["step_s"] / full["step_s"]
 
-  sel = []
-  _try(sel, "selection", lambda: (budget.need(15, "selection"), selection_check(sz))[1])
-  report["selection"] = sel[0]
 
-  if not args.skip_torch:
-    from shpeft_jax import export  # pylint: disable=g-import-not-at-top
-    tmp = tempfile.mkdtemp(prefix="gpu_check_")
-    weights = os.path.join(tmp, "weights.safetensors")
-    export.export_params(jax.device_get(params), {"model": sz["model"],
-                                                  "image_size": sz["image_size"],
-                                                  "num_classes": 4}, "openai", weights)
-    del params
-    tr = []
-    try:
-      _try(tr, "PyTorch", lambda: (
-          _run_isolated(args, f"torch:{weights}", budget, "PyTorch") if isolate
-          else torch_check(weights, sz, budget, _torch_compile(args))))
-    finally:
-      shutil.rmtree(tmp, ignore_errors=True)
-    report["torch"] = tr[0]
-  report["targets"] = targets(report)
-  report["seconds_total"] = args.budget_s - budget.left()
-  return report
+def _compiled_torch(args, report: dict, weights: str, budget: Budget, isolate: bool) -> None:
+  compiled = _torch_part(args, weights, budget, isolate, compile_too=True)
+  report["torch"] = report["torch"] or {"score_pass": [], "train_step": []}
+  for key in ("score_pass", "train_step"):
+    report["torch"].setdefault(key, []).extend(
+        r for r in compiled.get(key, []) if r.get("how") == "compile")
+  if "error" in compiled or "skipped" in compiled:
+    report["torch"]["compile"] = compiled.get("error") or compiled.get("skipped")
 
 
 def targets(report) -> dict:
@@ -617,6 +783,32 @@ def markdown(report) -> str:
                  f"{s['n']:,} | {s['k']:,} | {_fmt(s['host_select_s'], '.3f')} | {s['agree']} |")
   else:
     lines.append(f"| {s.get('error') or s.get('skipped')} | | | | |")
+  h = report.get("host_fed") or {}
+  lines += ["", "| fed from the host (SH-PEFT step) | batch | device-resident images/s | host-fed "
+            "images/s | fed / resident (time) | copy float32 | copy uint8 |", "|---|---|---|---|---|---|---|"]
+  if "host_fed_step_s" in h:
+    lines.append(f"| jax | {h['batch']} | {_fmt(h['resident_images_per_s'])} | "
+                 f"{_fmt(h['host_fed_images_per_s'])} | {_fmt(h['host_fed_over_resident'], '.3f')} | "
+                 f"{_fmt(h['copy_float32_s'], '.2f', 1e3)} ms | {_fmt(h['copy_uint8_s'], '.2f', 1e3)} ms |")
+  else:
+    lines.append(f"| {h.get('error') or h.get('skipped') or 'not run'} | | | | | | |")
+  lines += ["", "| larger tower | model | batch | score images/s | score MFU | s per 10k | SH-PEFT "
+            "step images/s | full step images/s | SH-PEFT / full (time) | full step peak memory |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+  for t in report.get("towers") or []:
+    if "model" not in t:
+      lines.append(f"| {t.get('tower')} | {t.get('error') or t.get('skipped')} | | | | | | | | |")
+      continue
+    sp, sh, fu = (t.get(k) or {} for k in ("score_pass", "shpeft_step", "full_step"))
+    why = lambda r: r.get("error") or r.get("skipped") or "-"
+    peak_b = (fu.get("device_memory") or {}).get("peak_bytes_in_use")
+    lines.append(
+        f"| {t['tower']} | `{t['model']}` | {t['batch']} | "
+        f"{_fmt(sp['images_per_s']) if 'images_per_s' in sp else why(sp)} | "
+        f"{_fmt(sp.get('mfu'), '.1%')} | {_fmt(sp.get('seconds_per_10k'), '.2f')} | "
+        f"{_fmt(sh['images_per_s']) if 'images_per_s' in sh else why(sh)} | "
+        f"{_fmt(fu['images_per_s']) if 'images_per_s' in fu else why(fu)} | "
+        f"{_fmt(sh.get('step_time_over_full'), '.3f')} | {_fmt(peak_b, '.0f', mb)} MB |")
   lines += ["", "| goal | met |", "|---|---|"]
   lines += [f"| {k} | {'-' if v is None else v} |" for k, v in report["targets"].items()]
   return "\n".join(lines) + "\n"
@@ -628,9 +820,11 @@ def parse(argv=None):
   ap.add_argument("--dry_run", action="store_true",
                   help="tiny model and sizes on whatever device is there (CPU): checks the script")
   ap.add_argument("--dtype", default="bfloat16", help="compute dtype (params stay float32)")
-  ap.add_argument("--budget_s", type=float, default=360.0,
+  ap.add_argument("--budget_s", type=float, default=540.0,
                   help="wall-clock budget; parts that would overrun it are skipped")
-  ap.add_argument("--skip_torch", action="store_true")
+  ap.add_argument("--parts", default="all",
+                  help=f"comma-separated subset of {','.join(PARTS)} (default: all, in that order)")
+  ap.add_argument("--skip_torch", action="store_true", help="= --parts without torch, compile")
   ap.add_argument("--no_torch_compile", action="store_true",
                   help="PyTorch eager only (default: eager, then torch.compile if time is left)")
   ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -642,6 +836,9 @@ def parse(argv=None):
 
 def main(argv=None):
   args = parse(argv)
+  unknown = set(args.parts.split(",")) - set(PARTS) if args.parts != "all" else set()
+  if unknown:
+    fail(f"unknown --parts {sorted(unknown)}; choose from {','.join(PARTS)}")
   if not args.dry_run:
     # Before JAX starts: no 75% preallocation (PyTorch shares the GPU; peaks are allocations).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -99,7 +99,9 @@ def _check_openai_tower(meta: Mapping[str, Any]) -> None:
   BiomedCLIP) has no place there, so it is refused rather than stored wrong."""
   from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
   tower = clip_vit.tower_from_meta(meta)
-  if tower["patch_bias"] or not tower["ln_pre"]:
+  ssl = any(tower[f] != clip_vit.TOWER_DEFAULTS[f] for f in (
+      "layer_scale", "registers", "pool", "final_norm", "fc_norm", "qkv_bias", "class_pos"))
+  if tower["patch_bias"] or not tower["ln_pre"] or ssl or tower["act"] == "swiglu":
     raise CheckpointError(
         "Task adapters hold OpenAI-layout towers (ln_pre, no patch bias); this is a timm-trunk "
         "tower (e.g. BiomedCLIP): keep the full export/model instead.")
@@ -303,15 +305,67 @@ PEFT_PREFIX = "base_model.model."
 PEFT_MASK_TYPE = "shpeft"  # Not 'random': the indices come from the file, none are drawn at load.
 _SHIRA_ENTRY_BYTES = 4 + 2 * 4  # float32 value + int32 (row, col).
 _LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                    "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+                    "self_attn.out_proj", "mlp.fc1", "mlp.fc2",
+                    # transformers' Dinov2 / ViT (>= 5 in-memory names, and the file names of 4.x)
+                    "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "attention.attention.query",
+                    "attention.attention.key", "attention.attention.value", "attention.output.dense",
+                    "intermediate.dense", "output.dense", "mlp.weights_in", "mlp.weights_out")
+# Parameters written into the base model's own keys when changed (peft passes them through):
+# Linear biases, the embeddings' tokens and positions, LayerScale gammas.
+_IN_BASE_SUFFIXES = ("bias", "class_embedding", "cls_token", "position_embeddings",
+                     "register_tokens", "lambda1")
 # Stored whole through modules_to_save when changed. (Not the `embeddings` module itself:
 # peft 0.21's merge_and_unload needs a `.weight` on every modules_to_save module.)
 _WHOLE_MODULES = ("pre_layrnorm", "post_layernorm", "layer_norm1", "layer_norm2",
-                  "embeddings.patch_embedding", "embeddings.position_embedding")
+                  "embeddings.patch_embedding", "embeddings.position_embedding",
+                  "norm1", "norm2", "layernorm_before", "layernorm_after", "layernorm",
+                  "embeddings.patch_embeddings.projection")
+# peft's base classes: the transformers class of each HF layout (`hf_layout_of`).
+_PEFT_BASE = {"hf": ("CLIPVisionModel", "transformers.models.clip.modeling_clip"),
+              "hf_dinov2": ("Dinov2Model", "transformers.models.dinov2.modeling_dinov2"),
+              "hf_dinov2_registers": ("Dinov2WithRegistersModel",
+                                      "transformers.models.dinov2_with_registers."
+                                      "modeling_dinov2_with_registers"),
+              "hf_vit": ("ViTModel", "transformers.models.vit.modeling_vit")}
 
 
-def hf_module_prefix() -> str:
-  """'' for transformers >= 5 (CLIPVisionModel holds the tower), 'vision_model.' before."""
+def hf_layout_of(meta: Mapping[str, Any]) -> str:
+  """The transformers class family a checkpoint's tower is: 'hf' (CLIPVisionModel), 'hf_dinov2'
+  (Dinov2Model / Dinov2WithRegistersModel) or 'hf_vit' (ViTModel); CheckpointError for none."""
+  from shpeft_jax.models import clip_vit, convert  # pylint: disable=g-import-not-at-top
+  cfg = clip_vit.get_model_config(meta["model"], meta.get("image_size"),
+                                  **clip_vit.tower_from_meta(meta))
+  for layout in ("hf", "hf_dinov2", "hf_vit"):
+    try:
+      convert.check_exportable(cfg, layout)
+      return layout
+    except CheckpointError:
+      continue
+  raise CheckpointError("No transformers class computes this tower (CLIPVisionModel, Dinov2Model, "
+                        "ViTModel); a peft adapter needs one. Export --format timm instead.")
+
+
+def _hf_live_names(sd: Mapping[str, np.ndarray], layout: str, meta) -> dict[str, np.ndarray]:
+  """Checkpoint-file names -> the names of the installed transformers' module (peft addresses
+  modules by those): only Dinov2 / ViT differ (transformers >= 5)."""
+  if layout == "hf":
+    return dict(sd)
+  import torch  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.models import clip_vit, hf_ssl_layouts  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.models import torch_reference  # pylint: disable=g-import-not-at-top
+  cfg = clip_vit.get_model_config(meta["model"], meta.get("image_size"),
+                                  **clip_vit.tower_from_meta(meta))
+  with torch.device("meta"):
+    live = torch_reference.hf_ssl_model(cfg, layout).state_dict()
+  return hf_ssl_layouts.live_names(sd, live)
+
+
+def hf_module_prefix(layout: str = "hf") -> str:
+  """'' for transformers >= 5 (CLIPVisionModel holds the tower), 'vision_model.' before; '' for
+  Dinov2Model / ViTModel, which are the tower."""
+  if layout != "hf":
+    return ""
   try:
     major = int(importlib.metadata.version("transformers").split(".")[0])
   except (importlib.metadata.PackageNotFoundError, ValueError):
@@ -386,17 +440,20 @@ def _shira_module(mod, ps, new, base, changed, r: int, pfx: str):
   return tensors, biases, int(miss.size), err
 
 
-def _peft_config(base_name: str, r: int, shira_mods, to_save) -> dict[str, Any]:
-  """peft's adapter_config.json of a SHiRA adapter on a transformers CLIPVisionModel."""
+def _peft_config(base_name: str, r: int, shira_mods, to_save, base_class: str = "hf"
+                 ) -> dict[str, Any]:
+  """peft's adapter_config.json of a SHiRA adapter on a transformers CLIPVisionModel /
+  Dinov2Model / Dinov2WithRegistersModel / ViTModel (`_PEFT_BASE`)."""
+  cls, library = _PEFT_BASE[base_class]
+  prefix = hf_module_prefix(base_class)
   return {
       "peft_type": "SHIRA", "task_type": None, "revision": None,
-      "auto_mapping": {"base_model_class": "CLIPVisionModel",
-                       "parent_library": "transformers.models.clip.modeling_clip"},
+      "auto_mapping": {"base_model_class": cls, "parent_library": library},
       "base_model_name_or_path": str(base_name), "inference_mode": True,
       "r": int(r), "mask_type": PEFT_MASK_TYPE, "random_seed": None,
-      "target_modules": sorted(hf_module_prefix() + m for m in shira_mods),
+      "target_modules": sorted(prefix + m for m in shira_mods),
       "fan_in_fan_out": False, "init_weights": True,
-      "modules_to_save": sorted(hf_module_prefix() + m for m in to_save) or None,
+      "modules_to_save": sorted(prefix + m for m in to_save) or None,
   }
 
 
@@ -419,12 +476,16 @@ def write_peft(out_dir: str, params, base_params, *, base_name: str,
     raise CheckpointError(f"{out_dir} already exists; pass --overwrite or choose another --out.")
   if "head" not in params:
     raise CheckpointError("The params have no head: a peft export needs the trained classifier.")
-  # The HF layout puts the encoder behind `vision_model.` only when a head is there too.
-  strip = lambda sd: {k.removeprefix("vision_model."): v for k, v in sd.items()
-                      if not k.startswith("head.")}
-  new_full = _torch_layout(params, "hf")
-  new, base = strip(new_full), strip(_torch_layout(_encoder_only(base_params), "hf"))
-  pfx = PEFT_PREFIX + hf_module_prefix()
+  layout = hf_layout_of(meta) if meta and meta.get("model") else "hf"
+  base_class = "hf_dinov2_registers" if layout == "hf_dinov2" and meta.get("registers") else layout
+  # The HF layouts put the encoder behind `vision_model.` / `dinov2.` / `vit.` only when a head is
+  # there too; peft addresses the modules by the installed transformers' names.
+  strip = lambda sd: _hf_live_names(
+      {k.split(".", 1)[1] if k.startswith(("vision_model.", "dinov2.", "vit.")) else k: v
+       for k, v in sd.items() if not k.startswith("head.")}, layout, meta)
+  new_full = _torch_layout(params, layout)
+  new, base = strip(new_full), strip(_torch_layout(_encoder_only(base_params), layout))
+  pfx = PEFT_PREFIX + hf_module_prefix(layout)
 
   modules: dict[str, dict[str, str]] = {}  # module -> {param: key}
   for key in new:
@@ -464,8 +525,8 @@ def write_peft(out_dir: str, params, base_params, *, base_name: str,
         to_save.append(mod)
       for p, k in ps.items():
         tensors[f"{pfx}{mod}.{p}"] = new[k]
-    elif stray and (mod in linear_counts or mod == "embeddings") and all(
-        k.endswith(("bias", "class_embedding")) for k in stray):
+    elif stray and (mod in linear_counts or mod == "embeddings" or mod.endswith(
+        ("layer_scale1", "layer_scale2"))) and all(k.endswith(_IN_BASE_SUFFIXES) for k in stray):
       for k in stray:
         tensors[f"{pfx}{k}"] = new[k]
         in_base.append(k)
@@ -473,7 +534,7 @@ def write_peft(out_dir: str, params, base_params, *, base_name: str,
       raise CheckpointError(f"{stray} changed but has no representation in a peft SHiRA adapter; "
                             "export --format openai|hf with --base instead.")
 
-  config = _peft_config(base_name, r, shira_mods, to_save)
+  config = _peft_config(base_name, r, shira_mods, to_save, base_class)
   meta = dict(meta or {})
   info = {"format": "shpeft_jax.peft/1", "model": meta, "base": {"name": str(base_name),
           "sha256": base_hash(base_params)}, "shira_r": int(r),

@@ -50,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--ln_eps", type=float, default=None,
                       help="LayerNorm epsilon, where the checkpoint's config does not say")
   parser.add_argument("--no_antialias", action="store_true",
-                      help="resample positional embeddings without antialiasing (default: as open_clip)")
+                      help="resample positional embeddings without antialiasing (default: as the "
+                           "source library does: open_clip / timm / HF Dinov2WithRegisters "
+                           "antialias, HF Dinov2 / ViT do not)")
+  parser.add_argument("--pool", default=None, choices=clip_vit.POOLS,
+                      help="pooled feature: class token, mean of the patch tokens, or both "
+                           "concatenated (DINOv2's linear probe); default: the checkpoint's")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   parser.add_argument("--verbosity", type=int, default=0, help="1: full tracebacks of errors")
   return parser
@@ -62,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     raise CheckpointError(f"{args.out} already exists; pass --overwrite or choose another --out.")
   params, info = convert_lib.convert_file(args.src, fmt=args.format, model=args.model,
                                           image_size=args.image_size,
-                                          antialias=not args.no_antialias, act=args.act,
+                                          antialias=False if args.no_antialias else None, pool=args.pool, act=args.act,
                                           ln_eps=args.ln_eps, heads=args.heads)
   meta = {"model": info.model, "image_size": info.image_size, "num_classes": info.num_classes,
           "source": os.path.abspath(args.src), "source_format": info.source_format,

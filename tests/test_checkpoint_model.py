@@ -26,8 +26,8 @@ from shpeft_jax.models import clip_vit, of_checkpoint
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-HF_GELU = {"act": "gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False}
-TIMM_TRUNK = {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}
+HF_GELU = {**clip_vit.TOWER_DEFAULTS, "act": "gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False}
+TIMM_TRUNK = {**clip_vit.TOWER_DEFAULTS, "act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}
 
 
 def _hf_gelu_init(tmp):

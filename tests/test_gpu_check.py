@@ -88,6 +88,7 @@ def test_targets_and_markdown_from_a_report():
   report["targets"] = t
   md = mod.markdown(report)
   assert "NVIDIA H200" in md and "| jax (lax.scan) | 64 | 4000.0 | 2.50 | 20.0% |" in md
+  assert "not run" in md  # No host-fed part in this report.
   assert "RuntimeError: oom" in md and "skipped: selection" in md
   assert "| jax | shpeft | 940.0 | 1.064 |" in md
 
@@ -184,4 +185,36 @@ def test_dry_run_end_to_end_without_tensorflow(tmp_path):
 
   assert set(r["targets"]) >= {"score_10k_under_5s", "masked_step_within_1.05x_full",
                                "jax_full_step_at_least_torch"}
-  assert "DRY RUN" in md and md.count("| jax | ") == 4 and md.count("| torch (eager) |") == 5
+  # Host-fed step: the same masked step, resident and fed per step; a uint8 batch is 1/4.
+  h = r["host_fed"]
+  assert h["mode"] == "shpeft" and h["batch"] == sz["step_batch"]
+  assert h["host_fed_over_resident"] == pytest.approx(h["host_fed_step_s"] / h["resident_step_s"])
+  assert h["batch_bytes_float32"] == 4 * h["batch_bytes_uint8"] == (
+      4 * sz["step_batch"] * sz["image_size"] ** 2 * 3)
+  # Larger towers (a tiny stand-in in the dry run): built from the shape name, all three parts.
+  (tower,) = r["towers"]
+  name = sz["towers"][0][1]
+  assert tower["model"] == name and tower["batch"] == sz["towers"][0][2]
+  from shpeft_jax.models.clip_vit import get_model_config
+  tcfg = get_model_config(name)
+  assert (tcfg.width, tcfg.layers, tcfg.heads, tcfg.mlp_dim) == (32, 2, 2, 64)
+  sp = tower["score_pass"]
+  assert sp["forward_flops_per_image_analytic"] == _module().analytic_forward_flops(
+      get_model_config(name, image_size=sz["image_size"]))
+  assert sp["images"] >= sz["tower_score_images"] and sp["images_per_s"] > 0
+  for key in ("shpeft_step", "full_step"):
+    assert tower[key]["model"] == name and math.isfinite(tower[key]["loss"]), tower[key]
+  assert tower["shpeft_step"]["step_time_over_full"] == pytest.approx(
+      tower["shpeft_step"]["step_s"] / tower["full_step"]["step_s"])
+  assert r["complete"] and r["parts"] == sorted(_module().PARTS)
+
+  assert "DRY RUN" in md and md.count("| jax | ") == 5 and md.count("| torch (eager) |") == 5
+  assert "| tiny tower | `vit:p4-w32-l2-h2-m64` |" in md
+
+
+def test_unknown_part_is_refused_in_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, SCRIPT, "--out", str(tmp_path / "o"), "--parts",
+                         "score,towerz"], capture_output=True, text=True, timeout=120, env=_env())
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == ("gpu_check: error: unknown --parts ['towerz']; choose from "
+                                 "score,steps,selection,hostfed,torch,towers,compile")

@@ -5,12 +5,18 @@ Module names follow the OpenAI PyTorch checkpoint (`conv1`, `ln_pre`, `resblocks
 mechanical rules (see `shpeft_jax/models/convert.py`). The CLIP `proj` is not part of the model:
 SH-PEFT replaces it by L2 normalisation followed by a linear classifier (Sec. 3.1).
 
-The towers users bring differ in four switches beyond their shape (`ViTConfig.act` ... `patch_bias`,
+The CLIP towers users bring differ in four switches beyond their shape (`ViTConfig.act` ... `patch_bias`,
 recorded in every params checkpoint's meta.json): the activation (OpenAI's QuickGELU, or the exact
 erf GELU of open_clip's LAION / DataComp towers and of timm), the LayerNorm epsilon (1e-5 in CLIP,
 1e-6 in timm), and for timm trunks such as BiomedCLIP's a patch projection with bias and no
 `ln_pre`. timm's final `norm` acts on every token and CLIP's `ln_post` on the class token only;
 the pooled feature is the same, so both are `ln_post` here.
+
+The self-supervised towers (DINOv2, MAE, iBOT; UNI, RAD-DINO, Phikon) add more fields, each a
+value read from the checkpoint, never an `if` elsewhere: LayerScale gammas (`ls_1`, `ls_2`),
+register tokens, a class token with or without a position, the pooled feature (class token,
+mean of the patch tokens, or both), the final norm and timm's `fc_norm`, q/k/v biases, and
+DINOv2 giant's SwiGLU MLP (`act='swiglu'`).
 
 Additive PEFT methods hook into the tower here (LoRA, AdaptFormer's parallel adapter, SSF, VPT);
 they are off by default and their parameters live under names that start with `lora_`,
@@ -32,9 +38,18 @@ import jax.numpy as jnp
 from shpeft_jax.errors import ConfigError
 
 LN_EPS = 1e-5  # CLIP's LayerNorm epsilon (Flax defaults to 1e-6).
-ACTS = ("quick_gelu", "gelu")  # gelu: exact erf form (torch nn.GELU(), approximate='none').
+# gelu: exact erf form (torch nn.GELU(), approximate='none'). swiglu: DINOv2 giant's gated MLP,
+# silu(x1) * x2 of the two halves of c_fc's output (c_fc has mlp_dim outputs, c_proj mlp_dim / 2
+# inputs; timm SwiGLUPacked, HF Dinov2SwiGLUFFN).
+ACTS = ("quick_gelu", "gelu", "swiglu")
+POOLS = ("cls", "mean", "cls+mean")
 # The fields of ViTConfig that a checkpoint decides (not the preset), as stored in meta.json.
-TOWER_FIELDS = ("act", "ln_eps", "ln_pre", "patch_bias")
+TOWER_FIELDS = ("act", "ln_eps", "ln_pre", "patch_bias", "layer_scale", "registers", "pool",
+                "final_norm", "fc_norm", "qkv_bias", "class_pos")
+# Their values for a meta.json written before a field existed: OpenAI's CLIP tower.
+TOWER_DEFAULTS = {"act": "quick_gelu", "ln_eps": LN_EPS, "ln_pre": True, "patch_bias": False,
+                  "layer_scale": False, "registers": 0, "pool": "cls", "final_norm": True,
+                  "fc_norm": False, "qkv_bias": True, "class_pos": True}
 
 LORA_TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -63,7 +78,7 @@ class AdditiveConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """Shape of a CLIP vision tower."""
+  """Shape and tower fields of a ViT vision tower (CLIP or self-supervised)."""
   name: str
   patch_size: int
   width: int
@@ -75,6 +90,13 @@ class ViTConfig:
   ln_eps: float = LN_EPS
   ln_pre: bool = True         # CLIP's LayerNorm before the blocks (timm's ViTs have none).
   patch_bias: bool = False    # bias of the patch projection (timm's non-CLIP ViTs have one).
+  layer_scale: bool = False   # LayerScale: per-channel gammas `ls_1` / `ls_2` on each branch (DINOv2).
+  registers: int = 0          # register tokens after the class token (no position, not pooled).
+  pool: str = "cls"           # one of POOLS: class token, mean of patch tokens, or both concatenated.
+  final_norm: bool = True     # `ln_post` on the tokens before pooling (timm `norm`, HF `layernorm`).
+  fc_norm: bool = False       # LayerNorm of the pooled feature (timm's `fc_norm`, MAE avg-pool).
+  qkv_bias: bool = True       # biases of the q / k / v projections.
+  class_pos: bool = True      # the positional embedding has a row for the class token.
 
   def __post_init__(self):
     if self.act not in ACTS:
@@ -82,6 +104,13 @@ class ViTConfig:
                         f"erf form; the tanh approximation is not supported).")
     if not 0 < float(self.ln_eps) < 1e-2:
       raise ConfigError(f"LayerNorm epsilon must be a small positive number, got {self.ln_eps!r}.")
+    if self.pool not in POOLS:
+      raise ConfigError(f"Unknown pooling {self.pool!r}; choose from {POOLS}.")
+    if int(self.registers) < 0:
+      raise ConfigError(f"registers must be >= 0, got {self.registers}.")
+    if self.act == "swiglu" and self.mlp_dim % 2:
+      raise ConfigError(f"A SwiGLU MLP's c_fc has an even number of outputs (two halves), got "
+                        f"mlp_dim {self.mlp_dim}.")
 
   def tower(self) -> dict[str, Any]:
     """The checkpoint-decided switches, as meta.json stores them."""
@@ -93,7 +122,12 @@ class ViTConfig:
 
   @property
   def num_tokens(self) -> int:
-    return self.grid ** 2 + 1
+    """Rows of the positional embedding: the patches, plus the class token's when it has one."""
+    return self.grid ** 2 + int(self.class_pos)
+
+  @property
+  def feature_dim(self) -> int:
+    return 2 * self.width if self.pool == "cls+mean" else self.width
 
 
 _PRESETS = {
@@ -136,19 +170,19 @@ def _shape_of(name: str) -> dict[str, int]:
 
 
 def tower_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
-  """The TOWER_FIELDS of a params checkpoint's meta.json. Checkpoints written before these fields
-  existed were all OpenAI-style towers (QuickGELU, eps 1e-5, ln_pre, no patch bias)."""
-  defaults = {"act": "quick_gelu", "ln_eps": LN_EPS, "ln_pre": True, "patch_bias": False}
-  out = {f: meta.get(f, defaults[f]) for f in TOWER_FIELDS}
-  out["ln_eps"] = float(out["ln_eps"])
-  out["ln_pre"], out["patch_bias"] = bool(out["ln_pre"]), bool(out["patch_bias"])
+  """The TOWER_FIELDS of a params checkpoint's meta.json. A field written before it existed takes
+  TOWER_DEFAULTS (OpenAI-style: QuickGELU, eps 1e-5, ln_pre, no patch bias, class-token pooling)."""
+  out = {f: meta.get(f, TOWER_DEFAULTS[f]) for f in TOWER_FIELDS}
+  out["ln_eps"], out["registers"] = float(out["ln_eps"]), int(out["registers"])
+  for f in ("ln_pre", "patch_bias", "layer_scale", "final_norm", "fc_norm", "qkv_bias", "class_pos"):
+    out[f] = bool(out[f])
   return out
 
 
 def get_model_config(name: str, image_size: int | None = None, **tower) -> ViTConfig:
   """Preset by name ('ViT-B/16', 'ViT-B/32', 'ViT-L/14', 'test_tiny', 'demo_small') or a shape
   name ('vit:p14-w1280-l32-h16-m5120', `spec_name`); `tower` sets TOWER_FIELDS (act, ln_eps,
-  ln_pre, patch_bias), e.g. from `tower_from_meta(meta)`."""
+  ln_pre, patch_bias, layer_scale, registers, ...), e.g. from `tower_from_meta(meta)`."""
   kw = _shape_of(name)
   unknown = set(tower) - set(TOWER_FIELDS)
   if unknown:
@@ -230,16 +264,18 @@ class MultiHeadAttention(nn.Module):
   heads: int
   additive: AdditiveConfig = AdditiveConfig()
   dtype: Any = jnp.float32
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
     head_dim = self.width // self.heads
     add = self.additive
-    dense = lambda name, axis, features: nn.DenseGeneral(
-        features=features, axis=axis, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    dense = lambda name, axis, features, bias=True: nn.DenseGeneral(
+        features=features, axis=axis, use_bias=bias, dtype=self.dtype, param_dtype=jnp.float32,
+        name=name)
 
     def project(name, target):
-      y = dense(name, -1, (self.heads, head_dim))(x)
+      y = dense(name, -1, (self.heads, head_dim), self.qkv_bias)(x)
       return _with_additive(y, x, name, target, (self.heads, head_dim), add, self.dtype)
 
     q, k, v = project("query", "q"), project("key", "k"), project("value", "v")
@@ -267,7 +303,12 @@ class MLP(nn.Module):
       y = nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name)(inp)
       return _with_additive(y, inp, name, target, (features,), add, self.dtype)
 
-    h = activation(self.act)(linear("c_fc", "fc1", self.mlp_dim, x))
+    h = linear("c_fc", "fc1", self.mlp_dim, x)
+    if self.act == "swiglu":
+      x1, x2 = jnp.split(h, 2, axis=-1)
+      h = jax.nn.silu(x1) * x2
+    else:
+      h = activation(self.act)(h)
     return linear("c_proj", "fc2", self.width, h)
 
 
@@ -301,6 +342,8 @@ class ResidualAttentionBlock(nn.Module):
   dtype: Any = jnp.float32
   act: str = "quick_gelu"
   ln_eps: float = LN_EPS
+  layer_scale: bool = False
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -312,8 +355,16 @@ class ResidualAttentionBlock(nn.Module):
         y = SSF((self.width,), add.ssf_init_std, name=f"ssf_{name}")(y)
       return y
 
-    x = x + MultiHeadAttention(self.width, self.heads, add, self.dtype, name="attn")(norm("ln_1", x))
-    mlp_out = MLP(self.width, self.mlp_dim, add, self.dtype, self.act, name="mlp")(norm("ln_2", x))
+    def scaled(name, y):  # LayerScale (CaiT / DINOv2): a per-channel gamma on the branch.
+      if not self.layer_scale:
+        return y
+      gamma = self.param(name, nn.initializers.constant(1e-5), (self.width,))
+      return y * gamma.astype(y.dtype)
+
+    attn = MultiHeadAttention(self.width, self.heads, add, self.dtype, self.qkv_bias, name="attn")
+    x = x + scaled("ls_1", attn(norm("ln_1", x)))
+    mlp = MLP(self.width, self.mlp_dim, add, self.dtype, self.act, name="mlp")
+    mlp_out = scaled("ls_2", mlp(norm("ln_2", x)))
     if add.adapter_bottleneck:
       mlp_out = mlp_out + Adapter(self.width, add.adapter_bottleneck, add.adapter_scale, self.dtype,
                                   name="adapter")(x)
@@ -321,7 +372,11 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """CLIP's image tower up to ln_post of the class token (the pooled feature before `proj`)."""
+  """A ViT image tower up to its pooled feature: CLIP's (ln_post of the class token, before `proj`)
+  and the self-supervised towers' (DINOv2 / MAE / iBOT), as the config's tower fields say.
+
+  Tokens: [class, registers, VPT prompts, patches]. Positions are added to the patches and, when
+  `class_pos`, to the class token; registers and prompts have none (DINOv2 with registers)."""
   config: ViTConfig
   additive: AdditiveConfig = AdditiveConfig()
   dtype: Any = jnp.float32
@@ -335,6 +390,26 @@ class VisionTransformer(nn.Module):
       raise ConfigError(
           f"Images are {images.shape[1]}x{images.shape[2]} but the model expects "
           f"{cfg.image_size}x{cfg.image_size}; set config.image_size or resize the input.")
+    x = self._embed(images)
+    n_prefix = 1 + cfg.registers
+    n_prompts = add.vpt_tokens
+    if n_prompts:
+      x = jnp.concatenate([x[:, :n_prefix], self._prompts(0, x.shape[0]), x[:, n_prefix:]], axis=1)
+    if cfg.ln_pre:
+      x = _layer_norm("ln_pre", cfg.ln_eps)(x)
+    x = x.astype(self.dtype)
+    for i in range(cfg.layers):
+      if n_prompts and add.vpt_deep and i > 0:
+        x = jnp.concatenate([x[:, :n_prefix], self._prompts(i, x.shape[0]),
+                             x[:, n_prefix + n_prompts:]], axis=1)
+      x = ResidualAttentionBlock(cfg.width, cfg.heads, cfg.mlp_dim, add, self.dtype, cfg.act,
+                                 cfg.ln_eps, cfg.layer_scale, cfg.qkv_bias,
+                                 name=f"resblocks_{i}")(x)
+    return self._pool(x, n_prefix + n_prompts)
+
+  def _embed(self, images):
+    """Patch embedding, class token (+ position) and register tokens: [B, 1 + R + grid**2, D]."""
+    cfg, add = self.config, self.additive
     p, d = cfg.patch_size, cfg.width
     scale = d ** -0.5
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias,
@@ -342,33 +417,45 @@ class VisionTransformer(nn.Module):
     if add.ssf:
       x = SSF((d,), add.ssf_init_std, name="ssf_conv1")(x)
     x = x.reshape(x.shape[0], -1, d)
+    b = x.shape[0]
     cls = self.param("class_embedding", nn.initializers.normal(scale), (d,))
     pos = self.param("positional_embedding", nn.initializers.normal(scale), (cfg.num_tokens, d))
-    cls = jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, d))
-    x = jnp.concatenate([cls, x], axis=1) + pos.astype(self.dtype)
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, d))
+    x = jnp.concatenate([cls, x], axis=1) if cfg.class_pos else x
+    x = x + pos.astype(self.dtype)
+    if not cfg.class_pos:
+      x = jnp.concatenate([cls, x], axis=1)
+    if cfg.registers:
+      reg = self.param("register_tokens", nn.initializers.normal(scale), (cfg.registers, d))
+      reg = jnp.broadcast_to(reg.astype(self.dtype), (b, cfg.registers, d))
+      x = jnp.concatenate([x[:, :1], reg, x[:, 1:]], axis=1)
+    return x
 
-    def prompts(name):
-      # VPT's init: uniform with the xavier bound of the patch projection.
-      bound = math.sqrt(6.0 / float(3 * p * p + d))
-      init = lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound)
-      return self.param(name, init, (add.vpt_tokens, d)).astype(self.dtype)
+  def _prompts(self, layer: int, batch: int):
+    # VPT's init: uniform with the xavier bound of the patch projection.
+    p, d = self.config.patch_size, self.config.width
+    bound = math.sqrt(6.0 / float(3 * p * p + d))
+    init = lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound)
+    prompts = self.param(f"vpt_prompts_{layer}", init, (self.additive.vpt_tokens, d))
+    return jnp.broadcast_to(prompts.astype(self.dtype), (batch,) + prompts.shape)
 
-    n_prompts = add.vpt_tokens
-    if n_prompts:
-      vpt = jnp.broadcast_to(prompts("vpt_prompts_0"), (x.shape[0], n_prompts, d))
-      x = jnp.concatenate([x[:, :1], vpt, x[:, 1:]], axis=1)
-    if cfg.ln_pre:
-      x = _layer_norm("ln_pre", cfg.ln_eps)(x)
-    x = x.astype(self.dtype)
-    for i in range(cfg.layers):
-      if n_prompts and add.vpt_deep and i > 0:
-        vpt = jnp.broadcast_to(prompts(f"vpt_prompts_{i}"), (x.shape[0], n_prompts, d))
-        x = jnp.concatenate([x[:, :1], vpt, x[:, 1 + n_prompts:]], axis=1)
-      x = ResidualAttentionBlock(d, cfg.heads, cfg.mlp_dim, add, self.dtype, cfg.act, cfg.ln_eps,
-                                 name=f"resblocks_{i}")(x)
-    pooled = _layer_norm("ln_post", cfg.ln_eps)(x[:, 0])
-    if add.ssf:
-      pooled = SSF((d,), add.ssf_init_std, name="ssf_ln_post")(pooled)
+  def _pool(self, x, n_before_patches: int):
+    """ln_post (final norm) -> class token / mean of the patch tokens / both -> fc_norm."""
+    cfg, add = self.config, self.additive
+    # SSF follows the last LayerNorm, so that merge.py folds it into that norm's scale / bias.
+    ssf = lambda name, y: SSF((y.shape[-1],), add.ssf_init_std, name=f"ssf_{name}")(y) if add.ssf else y
+    if cfg.final_norm:
+      # On every token (timm's `norm`); CLIP's ln_post of the class token is the same feature.
+      tokens = x if cfg.pool != "cls" else x[:, :1]
+      x = ssf("ln_post", _layer_norm("ln_post", cfg.ln_eps)(tokens))
+    x = x.astype(jnp.float32)
+    mean = lambda: jnp.mean(x[:, n_before_patches:], axis=1)
+    pooled = {"cls": lambda: x[:, 0], "mean": mean,
+              "cls+mean": lambda: jnp.concatenate([x[:, 0], mean()], axis=-1)}[cfg.pool]()
+    if cfg.fc_norm:
+      pooled = ssf("fc_norm", _layer_norm("fc_norm", cfg.ln_eps)(pooled))
+    elif not cfg.final_norm:
+      pooled = ssf("pool", pooled)
     return pooled.astype(jnp.float32)
 
 
@@ -390,8 +477,8 @@ class ClipClassifier(nn.Module):
     feats = VisionTransformer(self.config, self.additive, self.dtype, name="encoder")(images)
     z = l2_normalize(feats)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
-                      kernel_init=_torch_linear_init(self.config.width),
-                      bias_init=_torch_linear_init(self.config.width), name="head")(z)
+                      kernel_init=_torch_linear_init(self.config.feature_dim),
+                      bias_init=_torch_linear_init(self.config.feature_dim), name="head")(z)
     if return_features:
       return logits, feats
     return logits

@@ -1,6 +1,6 @@
 """PyTorch CLIP vision checkpoints <-> Flax params, as small pure-numpy rules over flat names.
 
-Four source layouts reach us:
+These source layouts reach us:
   * OpenAI CLIP (`visual.conv1.weight`, fused `attn.in_proj_weight`), as the TorchScript archive
     OpenAI publishes or as a plain state dict. open_clip's own ViTs use the same names, sometimes
     behind a `module.` prefix (DDP) or inside `{"state_dict": ...}` (training checkpoints).
@@ -10,6 +10,10 @@ Four source layouts reach us:
     dict has the same names without it. Both are accepted.
   * timm ViTs (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.attn.qkv`, `norm`): plain
     timm files, and open_clip towers with a timm trunk (`visual.trunk.*`, e.g. BiomedCLIP).
+    timm's DINOv2 (LayerScale `ls1.gamma`, `reg_token`, SwiGLU), UNI-like `init_values` towers and
+    MAE-style average-pool trunks (`fc_norm`) are the same class with other arguments.
+  * transformers' `Dinov2Model` / `Dinov2WithRegistersModel` (`hf_dinov2`) and `ViTModel`
+    (`hf_vit`), bare or behind `dinov2.` / `vit.` (`shpeft_jax/models/hf_ssl_layouts.py`).
   * Our own exports (`flax_to_torch_state_dict`): any of the above, plus `head.weight` / `head.bias`.
 
 The names and shapes say what the weights are, not how the tower computes: the activation
@@ -30,6 +34,7 @@ Reading files needs torch / safetensors (imported lazily); the rules themselves 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,20 +46,24 @@ import numpy as np
 
 from shpeft_jax.errors import CheckpointError, ConfigError
 from shpeft_jax.models import clip_vit
+from shpeft_jax.models import hf_ssl_layouts
 # Name prefixes of the additive / prompt PEFT parameters (see clip_vit.py). They have no place in
 # a plain CLIP state dict: merge them into the base weights first.
 from shpeft_jax.param_names import ADDITIVE_PREFIXES
 from shpeft_jax.utils import flatten_names
 
-FORMATS = ("auto", "openai", "open_clip", "hf", "timm")
-LAYOUTS = ("openai", "open_clip", "hf", "timm")  # export formats
+FORMATS = ("auto", "openai", "open_clip", "hf", "timm", "hf_dinov2", "hf_vit")
+LAYOUTS = ("openai", "open_clip", "hf", "timm", "hf_dinov2", "hf_vit")  # export formats
+HF_SSL = ("hf_dinov2", "hf_vit")  # transformers Dinov2Model (+ registers) and ViTModel
+# Prefixes of the HF classification models around those towers (their `classifier.*` is dropped).
+HF_SSL_PREFIXES = {"dinov2.": "hf_dinov2", "vit.": "hf_vit"}
 HF_PREFIX = "vision_model."
 OPENAI_PREFIX = "visual."
 OPEN_CLIP_TIMM_PREFIX = "visual.trunk."
 TIMM_CLASSIFIER_PREFIX = "trunk."  # our timm classifier export: trunk.* + head.*
 _QKV = ("query", "key", "value")
 _MAX_LISTED = 8
-_HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+_HF_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "swiglu": "swiglu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,18 +102,32 @@ def openai_shapes(cfg: clip_vit.ViTConfig, num_tokens: int | None = None) -> dic
   if cfg.patch_bias:
     shapes["conv1.bias"] = (d,)
   shapes.update({"class_embedding": (d,), "positional_embedding": (num_tokens or cfg.num_tokens, d)})
+  if cfg.registers:
+    shapes["register_tokens"] = (cfg.registers, d)
   if cfg.ln_pre:
     shapes.update(_ln("ln_pre", d))
   for i in range(cfg.layers):
     b = f"transformer.resblocks.{i}."
-    shapes.update({b + "attn.in_proj_weight": (3 * d, d), b + "attn.in_proj_bias": (3 * d,),
-                   b + "attn.out_proj.weight": (d, d), b + "attn.out_proj.bias": (d,)})
+    shapes[b + "attn.in_proj_weight"] = (3 * d, d)
+    if cfg.qkv_bias:
+      shapes[b + "attn.in_proj_bias"] = (3 * d,)
+    shapes.update({b + "attn.out_proj.weight": (d, d), b + "attn.out_proj.bias": (d,)})
     shapes.update(_ln(b + "ln_1", d))
     shapes.update({b + "mlp.c_fc.weight": (m, d), b + "mlp.c_fc.bias": (m,),
-                   b + "mlp.c_proj.weight": (d, m), b + "mlp.c_proj.bias": (d,)})
+                   b + "mlp.c_proj.weight": (d, _mlp_hidden(cfg)), b + "mlp.c_proj.bias": (d,)})
     shapes.update(_ln(b + "ln_2", d))
-  shapes.update(_ln("ln_post", d))
+    if cfg.layer_scale:
+      shapes.update({b + "ls_1": (d,), b + "ls_2": (d,)})
+  if cfg.final_norm:
+    shapes.update(_ln("ln_post", d))
+  if cfg.fc_norm:
+    shapes.update(_ln("fc_norm", d))
   return shapes
+
+
+def _mlp_hidden(cfg: clip_vit.ViTConfig) -> int:
+  """Inputs of the MLP's second linear: half of c_fc's outputs in a SwiGLU MLP."""
+  return cfg.mlp_dim // 2 if cfg.act == "swiglu" else cfg.mlp_dim
 
 
 def hf_shapes(cfg: clip_vit.ViTConfig, num_tokens: int | None = None) -> dict[str, tuple]:
@@ -130,6 +153,8 @@ def timm_shapes(cfg: clip_vit.ViTConfig, num_tokens: int | None = None) -> dict[
   d, p, m = cfg.width, cfg.patch_size, cfg.mlp_dim
   shapes = {"cls_token": (1, 1, d), "pos_embed": (1, num_tokens or cfg.num_tokens, d),
             "patch_embed.proj.weight": (d, 3, p, p)}
+  if cfg.registers:
+    shapes["reg_token"] = (1, cfg.registers, d)
   if cfg.patch_bias:
     shapes["patch_embed.proj.bias"] = (d,)
   if cfg.ln_pre:
@@ -137,12 +162,19 @@ def timm_shapes(cfg: clip_vit.ViTConfig, num_tokens: int | None = None) -> dict[
   for i in range(cfg.layers):
     b = f"blocks.{i}."
     shapes.update(_ln(b + "norm1", d))
-    shapes.update({b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
-                   b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,)})
+    shapes[b + "attn.qkv.weight"] = (3 * d, d)
+    if cfg.qkv_bias:
+      shapes[b + "attn.qkv.bias"] = (3 * d,)
+    shapes.update({b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,)})
+    if cfg.layer_scale:
+      shapes.update({b + "ls1.gamma": (d,), b + "ls2.gamma": (d,)})
     shapes.update(_ln(b + "norm2", d))
     shapes.update({b + "mlp.fc1.weight": (m, d), b + "mlp.fc1.bias": (m,),
-                   b + "mlp.fc2.weight": (d, m), b + "mlp.fc2.bias": (d,)})
-  shapes.update(_ln("norm", d))
+                   b + "mlp.fc2.weight": (d, _mlp_hidden(cfg)), b + "mlp.fc2.bias": (d,)})
+  if cfg.final_norm:
+    shapes.update(_ln("norm", d))
+  if cfg.fc_norm:
+    shapes.update(_ln("fc_norm", d))
   return shapes
 
 
@@ -153,25 +185,34 @@ class _Layout:
   pos: str               # positional embedding
   cls: str               # class token
   ln_pre: str            # prefix of the pre-LayerNorm
-  mlp: str               # first MLP weight of block 0 (gives mlp_dim)
+  mlp: tuple[str, ...]   # first MLP weight of block 0 (gives mlp_dim), by MLP kind
   block: re.Pattern
   shapes: Any
 
 
 _LAYOUT = {
     "openai": _Layout("conv1.weight", "conv1.bias", "positional_embedding", "class_embedding",
-                      "ln_pre", "transformer.resblocks.0.mlp.c_fc.weight",
+                      "ln_pre", ("transformer.resblocks.0.mlp.c_fc.weight",),
                       re.compile(r"transformer\.resblocks\.(\d+)\."), openai_shapes),
     "hf": _Layout("embeddings.patch_embedding.weight", "embeddings.patch_embedding.bias",
                   "embeddings.position_embedding.weight", "embeddings.class_embedding",
-                  "pre_layrnorm", "encoder.layers.0.mlp.fc1.weight",
+                  "pre_layrnorm", ("encoder.layers.0.mlp.fc1.weight",),
                   re.compile(r"encoder\.layers\.(\d+)\."), hf_shapes),
     "timm": _Layout("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token",
-                    "norm_pre", "blocks.0.mlp.fc1.weight", re.compile(r"blocks\.(\d+)\."),
+                    "norm_pre", ("blocks.0.mlp.fc1.weight",), re.compile(r"blocks\.(\d+)\."),
                     timm_shapes),
+    **{layout: _Layout("embeddings.patch_embeddings.projection.weight",
+                       "embeddings.patch_embeddings.projection.bias",
+                       "embeddings.position_embeddings", "embeddings.cls_token", "-",
+                       ("encoder.layer.0.mlp.fc1.weight", "encoder.layer.0.mlp.weights_in.weight",
+                        "encoder.layer.0.intermediate.dense.weight"),
+                       re.compile(r"encoder\.layer\.(\d+)\."),
+                       functools.partial(hf_ssl_layouts.shapes, layout, openai_shapes))
+       for layout in HF_SSL},
 }
 # Tower keys that are legitimately present but not part of our model.
-_IGNORED_TOWER_KEYS = {"openai": {"proj"}, "hf": {"embeddings.position_ids"}, "timm": set()}
+_IGNORED_TOWER_KEYS = {"openai": {"proj"}, "hf": {"embeddings.position_ids"}, "timm": set(),
+                       **hf_ssl_layouts.IGNORED}
 
 # HF <-> OpenAI names for everything except the q/k/v split.
 _HF_TO_OPENAI_STATIC = {
@@ -190,9 +231,12 @@ _TIMM_TO_OPENAI_STATIC = {
     "patch_embed.proj.weight": "conv1.weight", "patch_embed.proj.bias": "conv1.bias",
     "norm_pre.weight": "ln_pre.weight", "norm_pre.bias": "ln_pre.bias",
     "norm.weight": "ln_post.weight", "norm.bias": "ln_post.bias",
+    "fc_norm.weight": "fc_norm.weight", "fc_norm.bias": "fc_norm.bias",
 }
+# Optional entries (qkv bias, LayerScale) are mapped when the tower has them.
 _TIMM_TO_OPENAI_BLOCK = {
     "attn.qkv.weight": "attn.in_proj_weight", "attn.qkv.bias": "attn.in_proj_bias",
+    "ls1.gamma": "ls_1", "ls2.gamma": "ls_2",
     **{f"{t}.{s}": f"{o}.{s}" for t, o in (("norm1", "ln_1"), ("attn.proj", "attn.out_proj"),
                                            ("norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
                                            ("mlp.fc2", "mlp.c_proj")) for s in ("weight", "bias")},
@@ -269,26 +313,30 @@ def _bicubic_matrix(n_in: int, n_out: int, antialias: bool) -> np.ndarray:
   return w
 
 
-def resize_positional_embedding(pos: np.ndarray, new_grid: int, *,
-                                antialias: bool = True) -> np.ndarray:
-  """[1 + g*g, D] -> [1 + new_grid**2, D]: bicubic on the patch grid, class token kept as is.
+def resize_positional_embedding(pos: np.ndarray, new_grid: int, *, antialias: bool = True,
+                                class_pos: bool = True) -> np.ndarray:
+  """[1 + g*g, D] -> [1 + new_grid**2, D] (without the class row when not `class_pos`): bicubic
+  on the patch grid, class token kept as is.
 
-  The same operation as open_clip's `resize_pos_embed` (bicubic, align_corners=False,
-  antialias=True), which is what CLIP fine-tuning code applies when the image size changes.
+  The same operation as open_clip's `resize_pos_embed` and timm's `resample_abs_pos_embed`
+  (bicubic, align_corners=False, antialias=True), or with antialias=False transformers' Dinov2 /
+  ViT `interpolate_pos_encoding`.
   """
   pos = np.asarray(pos)
   n, d = pos.shape
-  old = math.isqrt(n - 1)
-  if old * old != n - 1:
+  lead = int(class_pos)
+  old = math.isqrt(n - lead)
+  if old * old != n - lead:
     raise CheckpointError(
-        f"positional embedding has {n} rows; expected 1 class token + a square grid of patches.")
+        f"positional embedding has {n} rows; expected {'1 class token + ' if lead else ''}a "
+        f"square grid of patches.")
   if old == new_grid:
     return pos
-  grid = pos[1:].astype(np.float64).reshape(old, old, d)
+  grid = pos[lead:].astype(np.float64).reshape(old, old, d)
   m = _bicubic_matrix(old, new_grid, antialias)
   grid = np.einsum("ih,hwd->iwd", m, grid)
   grid = np.einsum("jw,iwd->ijd", m, grid)
-  out = np.concatenate([pos[:1].astype(np.float64), grid.reshape(new_grid * new_grid, d)], axis=0)
+  out = np.concatenate([pos[:lead].astype(np.float64), grid.reshape(new_grid * new_grid, d)], axis=0)
   return out.astype(pos.dtype)
 
 
@@ -327,11 +375,53 @@ def _refuse_siglip(keys: set[str]) -> None:
         f"convert an OpenAI / open_clip / Hugging Face CLIP or a BiomedCLIP checkpoint.")
 
 
+# Towers whose computation the Flax ViT does not implement, refused by a key that only they have
+# (never converted approximately).
+_UNSUPPORTED = (
+    (("relative_position_bias_table", "relative_position_index", "rel_pos_bias"),
+     "a relative-position ViT (BEiT / data2vec / Swin-style relative position bias)"),
+    (("rel_pos_h", "rel_pos_w"), "a ViT with decomposed relative positions (SAM / MViT)"),
+    (("patch_embed.backbone.", "patch_embeddings.backbone."), "a hybrid CNN-stem ViT (R50+ViT)"),
+    (("layers.0.blocks.", "downsample.reduction"), "a Swin transformer (windowed attention)"),
+    (("attn.q_norm.", "attn.k_norm.", "attention.q_norm."), "a ViT with query/key normalisation"),
+    (("dist_token", "distillation_token"), "a DeiT with a distillation token"),
+    (("gamma_1", "lambda_1", "attn.q_bias"), "a BEiT-style ViT (gamma_1 layer scale, q/v biases)"),
+    (("attn_pool.", "head.attention."), "an attention-pooled ViT (MAP head)"),
+)
+
+
+def _refuse_unsupported(keys: set[str]) -> None:
+  for markers, what in _UNSUPPORTED:
+    hit = next((k for k in sorted(keys) if any(m in k for m in markers)), None)
+    if hit is not None:
+      raise CheckpointError(
+          f"This is {what} (key {hit}); shpeft_jax's ViT computes absolute learned positions, "
+          f"plain multi-head attention and a patch projection, and does not convert other towers "
+          f"approximately. Supported: OpenAI / open_clip / HF CLIP, timm vit_* (incl. DINOv2, "
+          f"registers, MAE avg-pool), HF Dinov2Model / Dinov2WithRegistersModel / ViTModel.")
+
+
+def _hf_ssl_of(keys: set[str]) -> tuple[str, str] | None:
+  """(layout, prefix) of an HF Dinov2 / ViT tower, bare or inside its classification model."""
+  for prefix in ("", *HF_SSL_PREFIXES):
+    if prefix + "embeddings.patch_embeddings.projection.weight" not in keys:
+      continue
+    if prefix:
+      return HF_SSL_PREFIXES[prefix], prefix
+    vit = any(k.startswith("encoder.layer.0.layernorm_before.") for k in keys)
+    return ("hf_vit" if vit else "hf_dinov2"), prefix
+  return None
+
+
 def _detect(keys: set[str], fmt: str) -> tuple[str, str]:
   """(layout, prefix) of the vision tower; raises for other architectures and text-only files."""
   has = lambda prefix: any(k.startswith(prefix) for k in keys)
   _refuse_siglip(keys)
-  if has(OPEN_CLIP_TIMM_PREFIX):
+  _refuse_unsupported(keys)
+  ssl = _hf_ssl_of(keys)
+  if ssl is not None:
+    layout, prefix = ssl
+  elif has(OPEN_CLIP_TIMM_PREFIX):
     layout, prefix = "timm", OPEN_CLIP_TIMM_PREFIX
   elif has(OPENAI_PREFIX):
     if has("visual.attnpool.") or has("visual.layer1.") or has("visual.bn1."):
@@ -365,7 +455,8 @@ def _detect(keys: set[str], fmt: str) -> tuple[str, str]:
         f"No CLIP vision-tower keys found (expected visual.conv1.weight, "
         f"vision_model.embeddings.patch_embedding.weight or a timm patch_embed.proj.weight); the "
         f"file has: {_listing(sorted(keys))}.")
-  allowed = {"hf": ("hf",), "openai": ("openai", "open_clip"), "timm": ("timm", "open_clip")}[layout]
+  allowed = {"hf": ("hf",), "openai": ("openai", "open_clip"), "timm": ("timm", "open_clip"),
+             "hf_dinov2": ("hf_dinov2",), "hf_vit": ("hf_vit",)}[layout]
   if prefix == OPEN_CLIP_TIMM_PREFIX:
     allowed = ("open_clip",)
   if fmt != "auto" and fmt not in allowed:
@@ -431,9 +522,33 @@ def timm_vit_tower(name: str) -> dict[str, Any]:
     return {"act": "quick_gelu" if "quickgelu" in base else "gelu", "ln_eps": 1e-5}
   if re.fullmatch(r"vit_(tiny|small|base|large|huge)_patch\d+_\d+", base):
     return {"act": "gelu", "ln_eps": 1e-6}
+  # DINOv2 (with registers): timm's defaults, SwiGLU in the giant one.
+  m = re.fullmatch(r"vit_(small|base|large|giant)_patch14_(reg\d+_)?dinov2", base)
+  if m:
+    return {"act": "swiglu" if m.group(1) == "giant" else "gelu", "ln_eps": 1e-6}
   raise CheckpointError(
       f"timm model {name!r}: shpeft_jax does not know its activation and LayerNorm epsilon; pass "
       f"--act quick_gelu|gelu and --ln_eps (as in the model's timm definition).")
+
+
+def _timm_pool(global_pool: str, where: str) -> str:
+  pools = {"token": "cls", "avg": "mean"}
+  if global_pool not in pools:
+    raise CheckpointError(f"{where}: global_pool {global_pool!r}; supported: 'token' (class "
+                          f"token) and 'avg' (mean of the patch tokens).")
+  return pools[global_pool]
+
+
+# Heads of timm's ViT sizes (vit_{size}_patch..., DINOv2 included): width / 64, except huge (80).
+_TIMM_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "giant": 24}
+
+
+def timm_vit_heads(name: str) -> int | None:
+  """The attention heads of a timm vit_{size}_... architecture name (None for other names)."""
+  m = re.match(r"vit_(tiny|small|base|large|huge|giant)_patch", name.split("/")[-1])
+  if m is None or (m.group(1) == "giant" and "dinov2" not in name):
+    return None
+  return _TIMM_HEADS[m.group(1)]
 
 
 def _open_clip_evidence(cfg: Mapping[str, Any], source: str) -> dict[str, Evidence]:
@@ -471,15 +586,44 @@ def _open_clip_evidence(cfg: Mapping[str, Any], source: str) -> dict[str, Eviden
   return out
 
 
+# transformers' config classes: their defaults (what a key left out of config.json builds).
+_HF_CONFIG_DEFAULTS = {
+    "clip": ("CLIPVisionConfig", "quick_gelu", clip_vit.LN_EPS),
+    "dinov2": ("Dinov2Config", "gelu", 1e-6),
+    "dinov2_with_registers": ("Dinov2WithRegistersConfig", "gelu", 1e-6),
+    "vit": ("ViTConfig", "gelu", 1e-12),
+}
+
+
 def _hf_evidence(cfg: Mapping[str, Any], source: str) -> dict[str, Evidence]:
-  # A key left out of config.json takes CLIPVisionConfig's default, which is what transformers
-  # itself builds: QuickGELU, eps 1e-5.
-  act = cfg.get("hidden_act", "quick_gelu")
-  eps = cfg.get("layer_norm_eps", clip_vit.LN_EPS)
-  absent = lambda k: "" if k in cfg else ", absent: CLIPVisionConfig's default"
-  return {"act": Evidence(_act_from_name(act, f"{source} hidden_act"),
-                          f"{source} (hidden_act {act}{absent('hidden_act')})"),
-          "ln_eps": Evidence(float(eps), f"{source} (layer_norm_eps {eps}{absent('layer_norm_eps')})")}
+  model_type = str(cfg.get("model_type", "clip"))
+  model_type = "clip" if model_type.startswith("clip") else model_type
+  if model_type not in _HF_CONFIG_DEFAULTS:
+    raise CheckpointError(f"{source}: model_type {model_type!r} is not a supported vision tower; "
+                          f"supported: {sorted(_HF_CONFIG_DEFAULTS)} (CLIP, Dinov2, ViT).")
+  cls, act_default, eps_default = _HF_CONFIG_DEFAULTS[model_type]
+  act = cfg.get("hidden_act", act_default)
+  eps = cfg.get("layer_norm_eps", eps_default)
+  absent = lambda k: "" if k in cfg else f", absent: {cls}'s default"
+  out = {"act": Evidence(_act_from_name(act, f"{source} hidden_act"),
+                         f"{source} (hidden_act {act}{absent('hidden_act')})"),
+         "ln_eps": Evidence(float(eps), f"{source} (layer_norm_eps {eps}{absent('layer_norm_eps')})")}
+  if cfg.get("use_swiglu_ffn"):
+    out["act"] = Evidence("swiglu", f"{source} (use_swiglu_ffn)")
+  return out
+
+
+def _swiglu_evidence(evidence: Mapping[str, Evidence], swiglu: bool) -> dict[str, Evidence]:
+  """The MLP's shapes say whether it is gated (SwiGLU): a config may not say otherwise."""
+  said = evidence.get("act")
+  if said is not None and (said.value == "swiglu") != swiglu:
+    raise CheckpointError(
+        f"{said.source} says the activation is {said.value}, but the MLP weights "
+        f"{'are' if swiglu else 'are not'} a gated SwiGLU MLP (second linear taking half of the "
+        f"first one's outputs); the config does not belong to these weights.")
+  if swiglu:
+    return {**evidence, "act": Evidence("swiglu", "the MLP shapes (a gated SwiGLU MLP)")}
+  return dict(evidence)
 
 
 def _resolve_tower(layout: str, ln_pre: bool, evidence: Mapping[str, Evidence],
@@ -489,9 +633,9 @@ def _resolve_tower(layout: str, ln_pre: bool, evidence: Mapping[str, Evidence],
   given = {"act": act, "ln_eps": None if ln_eps is None else float(ln_eps)}
   # Class defaults of LayerNorm where the layout fixes it: OpenAI / open_clip / HF CLIP use
   # torch's 1e-5; timm's VisionTransformer 1e-6 (its CLIP-style pre-norm towers override to 1e-5,
-  # so a pre-norm timm file without a config has no default).
+  # so a pre-norm timm file without a config has no default); Dinov2Config 1e-6, ViTConfig 1e-12.
   eps_default = {"openai": clip_vit.LN_EPS, "hf": clip_vit.LN_EPS,
-                 "timm": None if ln_pre else 1e-6}[layout]
+                 "timm": None if ln_pre else 1e-6, "hf_dinov2": 1e-6, "hf_vit": 1e-12}[layout]
   out, sources = {}, []
   for field, flag in (("act", "--act"), ("ln_eps", "--ln_eps")):
     ev = evidence.get(field)
@@ -537,14 +681,17 @@ def _openai_to_flax(sd: Mapping[str, np.ndarray], cfg: clip_vit.ViTConfig) -> di
     enc["conv1"]["bias"] = sd["conv1.bias"]
   enc["class_embedding"] = sd["class_embedding"]
   enc["positional_embedding"] = sd["positional_embedding"]
+  if cfg.registers:
+    enc["register_tokens"] = sd["register_tokens"]
   if cfg.ln_pre:
     enc["ln_pre"] = ln("ln_pre")
   for i in range(cfg.layers):
     b = f"transformer.resblocks.{i}."
     weights = np.split(sd[b + "attn.in_proj_weight"], 3, axis=0)  # [out, in] each
-    biases = np.split(sd[b + "attn.in_proj_bias"], 3, axis=0)
-    attn = {n: {"kernel": w.T.reshape(d, h, hd), "bias": bb.reshape(h, hd)}
-            for n, w, bb in zip(_QKV, weights, biases)}
+    attn = {n: {"kernel": w.T.reshape(d, h, hd)} for n, w in zip(_QKV, weights)}
+    if cfg.qkv_bias:
+      for n, bb in zip(_QKV, np.split(sd[b + "attn.in_proj_bias"], 3, axis=0)):
+        attn[n]["bias"] = bb.reshape(h, hd)
     attn["out"] = {"kernel": sd[b + "attn.out_proj.weight"].T.reshape(h, hd, d),
                    "bias": sd[b + "attn.out_proj.bias"]}
     dense = lambda p: {"kernel": sd[f"{p}.weight"].T, "bias": sd[f"{p}.bias"]}
@@ -552,7 +699,12 @@ def _openai_to_flax(sd: Mapping[str, np.ndarray], cfg: clip_vit.ViTConfig) -> di
         "ln_1": ln(b + "ln_1"), "attn": attn, "ln_2": ln(b + "ln_2"),
         "mlp": {"c_fc": dense(b + "mlp.c_fc"), "c_proj": dense(b + "mlp.c_proj")},
     }
-  enc["ln_post"] = ln("ln_post")
+    if cfg.layer_scale:
+      enc[f"resblocks_{i}"].update(ls_1=sd[b + "ls_1"], ls_2=sd[b + "ls_2"])
+  if cfg.final_norm:
+    enc["ln_post"] = ln("ln_post")
+  if cfg.fc_norm:
+    enc["fc_norm"] = ln("fc_norm")
   return _contiguous_f32(enc)
 
 
@@ -562,9 +714,9 @@ def _contiguous_f32(tree):
   return np.ascontiguousarray(tree, dtype=np.float32)
 
 
-def _hf_to_openai(sd: Mapping[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
+def _hf_to_openai(sd: Mapping[str, np.ndarray], cfg: clip_vit.ViTConfig) -> dict[str, np.ndarray]:
   out = {_HF_TO_OPENAI_STATIC[k]: v for k, v in sd.items() if k in _HF_TO_OPENAI_STATIC}
-  for i in range(layers):
+  for i in range(cfg.layers):
     src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
     for hf, oa in _HF_TO_OPENAI_BLOCK.items():
       for s in ("weight", "bias"):
@@ -588,34 +740,44 @@ def _openai_to_hf(sd: Mapping[str, np.ndarray], layers: int) -> dict[str, np.nda
   return out
 
 
-def _timm_to_openai(sd: Mapping[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
+def _timm_to_openai(sd: Mapping[str, np.ndarray], cfg: clip_vit.ViTConfig) -> dict[str, np.ndarray]:
   out = {_TIMM_TO_OPENAI_STATIC[k]: v for k, v in sd.items() if k in _TIMM_TO_OPENAI_STATIC}
   out["class_embedding"] = sd["cls_token"].reshape(-1)
   out["positional_embedding"] = sd["pos_embed"][0]
-  for i in range(layers):
+  if "reg_token" in sd:
+    out["register_tokens"] = sd["reg_token"][0]
+  for i in range(cfg.layers):
     for t, o in _TIMM_TO_OPENAI_BLOCK.items():
-      out[f"transformer.resblocks.{i}.{o}"] = sd[f"blocks.{i}.{t}"]
+      if f"blocks.{i}.{t}" in sd:
+        out[f"transformer.resblocks.{i}.{o}"] = sd[f"blocks.{i}.{t}"]
   return out
 
 
-def _openai_to_timm(sd: Mapping[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
+def _openai_to_timm(sd: Mapping[str, np.ndarray], cfg: clip_vit.ViTConfig) -> dict[str, np.ndarray]:
   out = {"cls_token": sd["class_embedding"].reshape(1, 1, -1),
          "pos_embed": sd["positional_embedding"][None]}
+  if "register_tokens" in sd:
+    out["reg_token"] = sd["register_tokens"][None]
   out.update({t: sd[o] for t, o in _TIMM_TO_OPENAI_STATIC.items() if o in sd})
-  for i in range(layers):
+  for i in range(cfg.layers):
     for t, o in _TIMM_TO_OPENAI_BLOCK.items():
-      out[f"blocks.{i}.{t}"] = sd[f"transformer.resblocks.{i}.{o}"]
+      if f"transformer.resblocks.{i}.{o}" in sd:
+        out[f"blocks.{i}.{t}"] = sd[f"transformer.resblocks.{i}.{o}"]
   return out
 
 
-_TO_OPENAI = {"openai": lambda sd, layers: dict(sd), "hf": _hf_to_openai, "timm": _timm_to_openai}
+_TO_OPENAI = {"openai": lambda sd, cfg: dict(sd), "hf": _hf_to_openai, "timm": _timm_to_openai,
+              **{layout: functools.partial(
+                  lambda layout, sd, cfg: hf_ssl_layouts.to_canonical(layout, sd, cfg, openai_shapes),
+                  layout) for layout in HF_SSL}}
 
 
 def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model: str | None = None,
                              image_size: int | None = None, heads: int | None = None,
-                             antialias: bool = True, act: str | None = None,
+                             antialias: bool | None = None, act: str | None = None,
                              ln_eps: float | None = None,
                              evidence: Mapping[str, Evidence] | None = None,
+                             pool: str | None = None,
                              ) -> tuple[dict, ConversionInfo]:
   """A PyTorch CLIP state dict (any supported layout) -> ({'encoder': ..., ['head': ...]}, info).
 
@@ -630,11 +792,16 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
     heads: number of attention heads, from the config beside the weights or the user (--heads);
       the weights do not determine it. Needed for a tower that is no preset; checked against a
       preset.
-    antialias: passed to `resize_positional_embedding` (open_clip's choice is True).
+    antialias: passed to `resize_positional_embedding`; None: what the source library does when
+      it resizes (`antialias_of`: open_clip, timm, HF Dinov2WithRegisters antialias; HF Dinov2
+      and ViT do not).
     act, ln_eps: the tower's activation ('quick_gelu' | 'gelu') and LayerNorm epsilon where the
       checkpoint does not say (a state dict alone never says which activation it was trained with).
     evidence: what the checkpoint's config files say (`tower_evidence`); a flag contradicting
       it is an error.
+    pool: 'cls' | 'mean' | 'cls+mean' (the pooled feature); None: the config's (timm
+      global_pool), else the mean of the patch tokens for towers with an fc_norm, else the class
+      token.
 
   Raises:
     CheckpointError naming the offending key and the expected vs found shape; nothing is written.
@@ -642,6 +809,7 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   if fmt not in FORMATS:
     raise ConfigError(f"Unknown checkpoint format {fmt!r}; choose from {FORMATS}.")
   sd, wrapped = _unwrap(sd)
+  sd = hf_ssl_layouts.file_names(sd)
   layout, prefix = _detect(set(sd), fmt)
   lay = _LAYOUT[layout]
   tower, head_keys = _split_tower(sd, layout, prefix)
@@ -651,18 +819,23 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
   if model is None:
     model = _model_of_shape(shape, heads, found, f"{prefix}{lay.conv} shape "
                             f"{_fmt(tower[lay.conv].shape)} and {shape['layers']} blocks")
-  ln_pre, patch_bias = _tower_switches(tower, lay, layout, prefix)
-  variant, tower_source = _resolve_tower(layout, ln_pre, evidence or {}, act, ln_eps)
-  variant.update(ln_pre=ln_pre, patch_bias=patch_bias)
+  features = _tower_features(tower, lay, layout, prefix, shape)
+  evidence = _swiglu_evidence(evidence or {}, features.pop("swiglu"))
+  variant, tower_source = _resolve_tower(layout, features["ln_pre"], evidence, act, ln_eps)
+  variant.update(features)
+  variant["pool"], pool_source = _resolve_pool(pool, evidence, features["fc_norm"])
+  tower_source += f"; pool {variant['pool']} ({pool_source})"
   cfg = clip_vit.get_model_config(model, image_size or shape["src_image_size"], **variant)
   _check_preset(cfg, shape, model, guess, found, heads, tower[lay.conv].shape, prefix + lay.conv)
   expected = lay.shapes(cfg, num_tokens=shape["n_tok"])
-  num_classes = _check_keys(sd, tower, expected, head_keys, layout, prefix, model, cfg.width)
+  num_classes = _check_keys(sd, tower, expected, head_keys, layout, prefix, model, cfg.feature_dim)
 
   arrays = {k: to_numpy(tower[k]) for k in expected}
-  canonical = _TO_OPENAI[layout](arrays, cfg.layers)
+  canonical = _TO_OPENAI[layout](arrays, cfg)
+  if antialias is None:
+    antialias = antialias_of(layout, cfg.registers)
   canonical["positional_embedding"] = resize_positional_embedding(
-      canonical["positional_embedding"], cfg.grid, antialias=antialias)
+      canonical["positional_embedding"], cfg.grid, antialias=antialias, class_pos=cfg.class_pos)
   params: dict[str, Any] = {"encoder": _openai_to_flax(canonical, cfg)}
   if num_classes is not None:
     params["head"] = _contiguous_f32({"kernel": to_numpy(sd["head.weight"]).T,
@@ -674,6 +847,29 @@ def torch_state_dict_to_flax(sd: Mapping[str, Any], *, fmt: str = "auto", model:
                         num_classes=num_classes, ignored_keys=tuple(sorted(set(sd) - used)),
                         tower=cfg.tower(), tower_source=tower_source)
   return params, info
+
+
+def antialias_of(layout: str, registers: int = 0) -> bool:
+  """Whether the source library antialiases when it resamples the position grid: open_clip's
+  resize_pos_embed and timm's resample_abs_pos_embed do, and so does transformers'
+  Dinov2WithRegisters; transformers' Dinov2 and ViT interpolate_pos_encoding do not. HF CLIP
+  keeps open_clip's choice (what this converter always did)."""
+  if layout == "hf_dinov2":
+    return bool(registers)
+  return layout != "hf_vit"
+
+
+def _resolve_pool(pool: str | None, evidence: Mapping[str, Evidence],
+                  fc_norm: bool) -> tuple[str, str]:
+  """The pooled feature: the caller's choice, else the config's, else what the tower's norms say
+  (timm pairs fc_norm with average pooling)."""
+  if pool is not None:
+    if pool not in clip_vit.POOLS:
+      raise ConfigError(f"Unknown --pool {pool!r}; choose from {clip_vit.POOLS}.")
+    return pool, "--pool"
+  if "pool" in evidence:
+    return evidence["pool"].value, evidence["pool"].source
+  return ("mean", "fc_norm: timm's avg pool") if fc_norm else ("cls", "class token")
 
 
 def _split_tower(sd: Mapping[str, Any], layout: str, prefix: str) -> tuple[dict, set[str]]:
@@ -708,31 +904,54 @@ def _tower_shape(tower: Mapping[str, Any], lay, layout: str, prefix: str) -> dic
   if lay.pos not in tower:
     raise CheckpointError(f"Missing key {prefix}{lay.pos} (expected shape (1 + grid**2, {width})).")
   pos = tower[lay.pos]
-  pos_shape = tuple(pos.shape[1:]) if layout == "timm" and pos.shape[:1] == (1,) else tuple(pos.shape)
+  batched = layout in ("timm", *HF_SSL) and len(pos.shape) == 3 and pos.shape[:1] == (1,)
+  pos_shape = tuple(pos.shape[1:]) if batched else tuple(pos.shape)
   n_tok = int(pos_shape[0]) if len(pos_shape) == 2 else -1
-  src_grid = math.isqrt(max(n_tok - 1, 0))
-  if len(pos_shape) != 2 or pos_shape[1] != width or src_grid * src_grid != n_tok - 1 or src_grid == 0:
-    lead = "1, " if layout == "timm" else ""
+  # A square row count: positions of the patches only (timm no_embed_class, DINOv2 with registers).
+  class_pos = math.isqrt(max(n_tok, 0)) ** 2 != n_tok
+  src_grid = math.isqrt(max(n_tok - int(class_pos), 0))
+  if len(pos_shape) != 2 or pos_shape[1] != width or src_grid ** 2 != n_tok - class_pos or not src_grid:
+    lead = "1, " if layout != "openai" and layout != "hf" else ""
     raise CheckpointError(f"{prefix}{lay.pos} has shape {_fmt(pos.shape)}; expected "
-                          f"({lead}1 + grid**2, {width}) for a tower of width {width} with a class "
-                          f"token.")
+                          f"({lead}[1 +] grid**2, {width}): a square grid of patch positions, with "
+                          f"or without the class token's (positions of register tokens are not "
+                          f"supported).")
+  mlp = next((tower[k] for k in lay.mlp if k in tower), None)
   return {"patch": patch, "width": width, "layers": max(layer_ids) + 1 if layer_ids else 0,
-          "mlp_dim": int(tower[lay.mlp].shape[0]) if lay.mlp in tower else None,
-          "n_tok": n_tok, "src_image_size": src_grid * patch}
+          "mlp_dim": int(mlp.shape[0]) if mlp is not None else None,
+          "n_tok": n_tok, "class_pos": class_pos, "src_image_size": src_grid * patch}
 
 
-def _tower_switches(tower: Mapping[str, Any], lay, layout: str, prefix: str) -> tuple[bool, bool]:
-  """(ln_pre, patch_bias) as the keys decide. OpenAI / HF CLIP always have ln_pre and no patch
-  bias; timm ViTs have a patch bias exactly when they have no pre-norm (timm ties the two)."""
+def _tower_features(tower: Mapping[str, Any], lay, layout: str, prefix: str,
+                    shape: Mapping[str, Any]) -> dict[str, Any]:
+  """The structural tower fields the keys decide (ln_pre, patch_bias, layer_scale, registers,
+  final_norm, fc_norm, qkv_bias, class_pos) and `swiglu` (a gated MLP). OpenAI / HF CLIP are
+  always the plain CLIP tower; timm ViTs have a patch bias exactly when they have no pre-norm."""
+  plain = {f: clip_vit.TOWER_DEFAULTS[f] for f in ("ln_pre", "patch_bias", "layer_scale",
+                                                    "registers", "final_norm", "fc_norm",
+                                                    "qkv_bias", "class_pos")}
+  if layout in HF_SSL:
+    return hf_ssl_layouts.features(layout, tower)
   if layout != "timm":
-    return True, False
+    return {**plain, "swiglu": False}
   ln_pre, patch_bias = f"{lay.ln_pre}.weight" in tower, lay.conv_bias in tower
   if ln_pre == patch_bias:
     raise CheckpointError(
         f"{prefix}: a timm ViT has a patch-projection bias exactly when it has no norm_pre, but "
         f"this one has {'both' if ln_pre else 'neither'} ({prefix}{lay.conv_bias}, "
         f"{prefix}{lay.ln_pre}.weight); the file is incomplete or another architecture.")
-  return ln_pre, patch_bias
+  reg = tower.get("reg_token")
+  registers = int(reg.shape[1]) if reg is not None and len(reg.shape) == 3 else 0
+  if registers and shape["class_pos"]:
+    raise CheckpointError(f"{prefix}pos_embed: this timm tower has {registers} register tokens "
+                          f"and a class-token position (no_embed_class=False); only towers whose "
+                          f"registers have no position (DINOv2 '_reg' models) are supported.")
+  fc1, fc2 = tower.get("blocks.0.mlp.fc1.weight"), tower.get("blocks.0.mlp.fc2.weight")
+  swiglu = fc1 is not None and fc2 is not None and 2 * fc2.shape[1] == fc1.shape[0]
+  return {"ln_pre": ln_pre, "patch_bias": patch_bias, "layer_scale": "blocks.0.ls1.gamma" in tower,
+          "registers": registers, "final_norm": "norm.weight" in tower,
+          "fc_norm": "fc_norm.weight" in tower, "qkv_bias": "blocks.0.attn.qkv.bias" in tower,
+          "class_pos": shape["class_pos"], "swiglu": swiglu}
 
 
 def _check_preset(cfg, shape, model, guess, found, heads, conv_shape, conv_key) -> None:
@@ -805,20 +1024,31 @@ def check_no_additive(params) -> None:
 
 def flax_encoder_config(encoder: Mapping[str, Any], **tower) -> clip_vit.ViTConfig:
   """The tower shape read off a Flax `encoder` subtree (for export without a preset name).
-  ln_pre / patch_bias are read off the tree; act / ln_eps (not visible in weights) from `tower`."""
+  The structural fields (ln_pre, patch bias, LayerScale, registers, norms, qkv bias, class
+  position, a SwiGLU MLP) are read off the tree; act / ln_eps / pool (not visible in weights)
+  from `tower`."""
   try:
     k = np.shape(encoder["conv1"]["kernel"])
     layers = len([n for n in encoder if re.fullmatch(r"resblocks_\d+", n)])
-    heads = np.shape(encoder["resblocks_0"]["attn"]["query"]["kernel"])[1]
-    mlp_dim = np.shape(encoder["resblocks_0"]["mlp"]["c_fc"]["kernel"])[1]
+    block = encoder["resblocks_0"]
+    heads = np.shape(block["attn"]["query"]["kernel"])[1]
+    mlp_dim = np.shape(block["mlp"]["c_fc"]["kernel"])[1]
+    gated = 2 * np.shape(block["mlp"]["c_proj"]["kernel"])[0] == mlp_dim
     n_tok = np.shape(encoder["positional_embedding"])[0]
   except (KeyError, IndexError, TypeError) as e:
     raise CheckpointError(f"Flax params are not a CLIP ViT encoder tree: missing {e}.") from e
-  grid = math.isqrt(n_tok - 1)
-  tower = {"ln_pre": "ln_pre" in encoder, "patch_bias": "bias" in encoder["conv1"], **tower}
+  class_pos = math.isqrt(n_tok) ** 2 != n_tok
+  grid = math.isqrt(n_tok - class_pos)
+  read = {"ln_pre": "ln_pre" in encoder, "patch_bias": "bias" in encoder["conv1"],
+          "layer_scale": "ls_1" in block, "final_norm": "ln_post" in encoder,
+          "registers": int(np.shape(encoder["register_tokens"])[0]) if "register_tokens" in encoder else 0,
+          "fc_norm": "fc_norm" in encoder, "qkv_bias": "bias" in block["attn"]["query"],
+          "class_pos": class_pos}
+  if gated:
+    read["act"] = "swiglu"
   return clip_vit.ViTConfig(name="from-params", patch_size=int(k[0]), width=int(k[3]),
                             layers=layers, heads=int(heads), mlp_dim=int(mlp_dim),
-                            image_size=grid * int(k[0]), **tower)
+                            image_size=grid * int(k[0]), **{**tower, **read})
 
 
 def _flax_to_openai(enc: Mapping[str, Any], cfg: clip_vit.ViTConfig) -> dict[str, np.ndarray]:
@@ -830,6 +1060,8 @@ def _flax_to_openai(enc: Mapping[str, Any], cfg: clip_vit.ViTConfig) -> dict[str
     out["conv1.bias"] = a(enc["conv1"]["bias"])
   out["class_embedding"] = a(enc["class_embedding"])
   out["positional_embedding"] = a(enc["positional_embedding"])
+  if cfg.registers:
+    out["register_tokens"] = a(enc["register_tokens"])
   if cfg.ln_pre:
     out.update(ln("ln_pre", enc["ln_pre"]))
   for i in range(cfg.layers):
@@ -837,7 +1069,8 @@ def _flax_to_openai(enc: Mapping[str, Any], cfg: clip_vit.ViTConfig) -> dict[str
     attn = blk["attn"]
     out[b + "attn.in_proj_weight"] = np.concatenate(
         [a(attn[n]["kernel"]).reshape(d, d).T for n in _QKV], axis=0)
-    out[b + "attn.in_proj_bias"] = np.concatenate([a(attn[n]["bias"]).reshape(d) for n in _QKV])
+    if cfg.qkv_bias:
+      out[b + "attn.in_proj_bias"] = np.concatenate([a(attn[n]["bias"]).reshape(d) for n in _QKV])
     out[b + "attn.out_proj.weight"] = a(attn["out"]["kernel"]).reshape(d, d).T
     out[b + "attn.out_proj.bias"] = a(attn["out"]["bias"])
     out.update(ln(b + "ln_1", blk["ln_1"]))
@@ -845,7 +1078,12 @@ def _flax_to_openai(enc: Mapping[str, Any], cfg: clip_vit.ViTConfig) -> dict[str
       out[f"{b}mlp.{name}.weight"] = a(blk["mlp"][name]["kernel"]).T
       out[f"{b}mlp.{name}.bias"] = a(blk["mlp"][name]["bias"])
     out.update(ln(b + "ln_2", blk["ln_2"]))
-  out.update(ln("ln_post", enc["ln_post"]))
+    if cfg.layer_scale:
+      out[b + "ls_1"], out[b + "ls_2"] = a(blk["ls_1"]), a(blk["ls_2"])
+  if cfg.final_norm:
+    out.update(ln("ln_post", enc["ln_post"]))
+  if cfg.fc_norm:
+    out.update(ln("fc_norm", enc["fc_norm"]))
   return out
 
 
@@ -853,6 +1091,23 @@ def check_exportable(cfg: clip_vit.ViTConfig, layout: str, act_known: bool = Tru
   """Raises where the target class cannot compute what this tower computes."""
   if layout not in LAYOUTS:
     raise ConfigError(f"Unknown export layout {layout!r}; choose from {LAYOUTS}.")
+  if layout in HF_SSL:
+    bad = hf_ssl_layouts.exportable(layout, cfg)
+    if bad:
+      raise CheckpointError(f"This tower ({', '.join(bad)}) cannot be written as {layout}: "
+                            f"transformers' {'Dinov2' if layout == 'hf_dinov2' else 'ViT'}Model "
+                            f"computes another one. Use --format timm (any timm-style ViT).")
+    return
+  ssl = [f"{f}={getattr(cfg, f)}" for f in ("layer_scale", "registers", "final_norm", "fc_norm",
+                                             "qkv_bias", "class_pos")
+         if getattr(cfg, f) != clip_vit.TOWER_DEFAULTS[f]]
+  if cfg.act == "swiglu":
+    ssl.append("act=swiglu")
+  if layout == "timm":
+    _check_timm_exportable(cfg)
+  elif ssl:
+    raise CheckpointError(f"This tower ({', '.join(ssl)}) is no CLIP tower and cannot be written "
+                          f"as {layout}; use --format timm (or hf_dinov2 / hf_vit).")
   trunk = not cfg.ln_pre and cfg.patch_bias
   if layout == "timm":
     if cfg.ln_pre == cfg.patch_bias:
@@ -871,6 +1126,18 @@ def check_exportable(cfg: clip_vit.ViTConfig, layout: str, act_known: bool = Tru
         f"OpenAI CLIP's VisionTransformer computes QuickGELU with LayerNorm eps 1e-5; this tower "
         f"uses {cfg.act} with eps {cfg.ln_eps}. Use --format open_clip (open_clip's "
         f"VisionTransformer, nn.GELU), hf (hidden_act {cfg.act}) or timm.")
+
+
+def _check_timm_exportable(cfg: clip_vit.ViTConfig) -> None:
+  """timm's VisionTransformer: a final `norm` or an `fc_norm`, not both; registers only without
+  a class position (no_embed_class, as its DINOv2 '_reg' models)."""
+  if cfg.final_norm and cfg.fc_norm:
+    raise CheckpointError("timm's VisionTransformer has a final norm or an fc_norm, not both; this "
+                          "tower has both and cannot be exported to timm.")
+  if cfg.registers and cfg.class_pos:
+    raise CheckpointError(f"This tower's {cfg.registers} registers come with a class-token position "
+                          f"(HF Dinov2WithRegisters); timm gives registers positions then. Use "
+                          f"--format hf_dinov2.")
 
 
 def flax_to_torch_state_dict(params: Mapping[str, Any], layout: str, *,
@@ -896,7 +1163,7 @@ def flax_to_torch_state_dict(params: Mapping[str, Any], layout: str, *,
   if "encoder" not in params:
     raise CheckpointError("Flax params have no 'encoder' subtree; expected {'encoder': ..., 'head': ...}.")
   enc = params["encoder"]
-  known = {k: v for k, v in (tower or {}).items() if k in ("act", "ln_eps")}
+  known = {k: v for k, v in (tower or {}).items() if k in ("act", "ln_eps", "pool")}
   cfg = flax_encoder_config(enc, **known)
   # Catch incomplete or mis-shaped trees with the names a user can look up.
   expected = {n: tuple(v.shape) for n, v in flatten_names(_flax_shapes(cfg)).items()}
@@ -916,9 +1183,12 @@ def flax_to_torch_state_dict(params: Mapping[str, Any], layout: str, *,
   elif layout == "hf":
     out = {(HF_PREFIX if with_head else "") + k: v
            for k, v in _openai_to_hf(canonical, cfg.layers).items()}
+  elif layout in HF_SSL:
+    prefix = next(p for p, lay in HF_SSL_PREFIXES.items() if lay == layout) if with_head else ""
+    out = {prefix + k: v for k, v in hf_ssl_layouts.from_canonical(layout, canonical, cfg).items()}
   else:
     out = {(TIMM_CLASSIFIER_PREFIX if with_head else "") + k: v
-           for k, v in _openai_to_timm(canonical, cfg.layers).items()}
+           for k, v in _openai_to_timm(canonical, cfg).items()}
   if with_head:
     out["head.weight"] = np.asarray(params["head"]["kernel"], np.float32).T
     out["head.bias"] = np.asarray(params["head"]["bias"], np.float32)
@@ -1050,19 +1320,26 @@ def tower_evidence(extras: Mapping[str, Any], keys) -> dict[str, Evidence]:
   keys = set(keys)
   meta = extras.get("metadata") or {}
   if "shpeft_model" in meta:  # ours; exports older than the tower fields were all OpenAI-style
-    return {"act": Evidence(meta.get("shpeft_act", "quick_gelu"), "the export's metadata"),
-            "ln_eps": Evidence(float(meta.get("shpeft_ln_eps", clip_vit.LN_EPS)),
-                               "the export's metadata")}
+    out = {"act": Evidence(meta.get("shpeft_act", "quick_gelu"), "the export's metadata"),
+           "ln_eps": Evidence(float(meta.get("shpeft_ln_eps", clip_vit.LN_EPS)),
+                              "the export's metadata")}
+    if "shpeft_pool" in meta:
+      out["pool"] = Evidence(meta["shpeft_pool"], "the export's metadata")
+    return out
   if extras.get("open_clip_config") is not None and any(k.startswith(OPENAI_PREFIX) or
                                                         k.startswith("module.visual.") for k in keys):
     return _open_clip_evidence(extras["open_clip_config"], "open_clip_config.json")
   if extras.get("hf_config") is not None and any(
-      k.startswith((HF_PREFIX, "embeddings.")) for k in keys):
+      k.startswith((HF_PREFIX, "embeddings.", *HF_SSL_PREFIXES)) for k in keys):
     return _hf_evidence(extras["hf_config"], "config.json")
   config = extras.get("config") or {}
   if "architecture" in config and any(k.startswith("patch_embed.") for k in keys):
     where = f"config.json (timm architecture {config['architecture']})"
-    return {k: Evidence(v, where) for k, v in timm_vit_tower(config["architecture"]).items()}
+    out = {k: Evidence(v, where) for k, v in timm_vit_tower(config["architecture"]).items()}
+    pool = config.get("global_pool", (config.get("model_args") or {}).get("global_pool"))
+    if pool is not None:
+      out["pool"] = Evidence(_timm_pool(pool, where), f"{where}, global_pool {pool!r}")
+    return out
   if extras.get("container") == "torchscript":
     where = "the OpenAI TorchScript release (QuickGELU)"
     return {"act": Evidence("quick_gelu", where), "ln_eps": Evidence(clip_vit.LN_EPS, where)}
@@ -1073,8 +1350,13 @@ def _config_heads(extras: Mapping[str, Any], sd: Mapping[str, Any]) -> int | Non
   """The attention heads the config beside the weights gives: HF num_attention_heads, or open_clip's
   vision_cfg width / head_width (default 64); None when no config says."""
   hf_cfg = extras.get("hf_config")
-  if hf_cfg is not None and any(k.startswith(("vision_model.", "embeddings.")) for k in sd):
+  if hf_cfg is not None and any(k.startswith(("vision_model.", "embeddings.", *HF_SSL_PREFIXES))
+                                for k in sd):
     return int(hf_cfg["num_attention_heads"])
+  config = extras.get("config") or {}
+  if "architecture" in config and any(k.startswith("patch_embed.") for k in sd):
+    args = config.get("model_args") or {}
+    return int(args["num_heads"]) if "num_heads" in args else timm_vit_heads(config["architecture"])
   oc = extras.get("open_clip_config")
   if oc is not None:
     vision = (oc.get("model_cfg", oc).get("vision_cfg") or {})
@@ -1084,9 +1366,9 @@ def _config_heads(extras: Mapping[str, Any], sd: Mapping[str, Any]) -> int | Non
 
 
 def convert_file(path: str, *, fmt: str = "auto", model: str | None = None,
-                 image_size: int | None = None, antialias: bool = True, act: str | None = None,
-                 ln_eps: float | None = None, heads: int | None = None
-                 ) -> tuple[dict, ConversionInfo]:
+                 image_size: int | None = None, antialias: bool | None = None,
+                 act: str | None = None, ln_eps: float | None = None, heads: int | None = None,
+                 pool: str | None = None) -> tuple[dict, ConversionInfo]:
   """load_torch_checkpoint + torch_state_dict_to_flax, with the activation / eps / head count
   that the configs beside the weights give (see `tower_evidence`); `heads` where none does."""
   sd, extras = load_torch_checkpoint(path)
@@ -1098,7 +1380,7 @@ def convert_file(path: str, *, fmt: str = "auto", model: str | None = None,
   evidence = tower_evidence(extras, sd)
   params, info = torch_state_dict_to_flax(sd, fmt=fmt, model=model, image_size=image_size,
                                           heads=heads, antialias=antialias, act=act, ln_eps=ln_eps,
-                                          evidence=evidence)
+                                          evidence=evidence, pool=pool)
   if fmt == "auto" and any(e.source.startswith("open_clip_config") for e in evidence.values()):
     info = dataclasses.replace(info, source_format="open_clip")  # same names as OpenAI's
   return params, info

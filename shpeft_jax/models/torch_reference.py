@@ -155,16 +155,101 @@ def hf_vision_config(cfg: clip_vit.ViTConfig):
 
 
 def timm_vision_transformer(cfg: clip_vit.ViTConfig) -> nn.Module:
-  """timm's VisionTransformer computing `cfg` (class token pooled after the final norm, no head):
-  pre_norm for CLIP-style towers; timm then drops the patch bias, as the converter expects."""
+  """timm's VisionTransformer computing `cfg` (no head): pre_norm for CLIP-style towers (timm then
+  drops the patch bias, as the converter expects); LayerScale as init_values, registers as
+  reg_tokens without positions (no_embed_class: the class token has none either), fc_norm with
+  average pooling (MAE), SwiGLUPacked MLPs (DINOv2 giant). Its forward pools the class token or
+  the patch mean ('cls+mean' is not a timm pool: `pooled_features` computes it)."""
   import functools
   from timm.layers import QuickGELU as TimmQuickGELU
+  from timm.layers import SwiGLUPacked
   from timm.models.vision_transformer import VisionTransformer
+  act = {"quick_gelu": TimmQuickGELU, "gelu": nn.GELU, "swiglu": nn.SiLU}[cfg.act]
+  extra = {"mlp_layer": SwiGLUPacked} if cfg.act == "swiglu" else {}
   return VisionTransformer(
       img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.layers,
-      num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.width, num_classes=0, global_pool="token",
-      class_token=True, pre_norm=cfg.ln_pre, norm_layer=functools.partial(nn.LayerNorm, eps=cfg.ln_eps),
-      act_layer=TimmQuickGELU if cfg.act == "quick_gelu" else nn.GELU)
+      num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.width, num_classes=0,
+      global_pool="avg" if cfg.pool == "mean" else "token", class_token=True, pre_norm=cfg.ln_pre,
+      norm_layer=functools.partial(nn.LayerNorm, eps=cfg.ln_eps), act_layer=act,
+      init_values=1e-5 if cfg.layer_scale else None, reg_tokens=cfg.registers,
+      no_embed_class=not cfg.class_pos, fc_norm=cfg.fc_norm,
+      final_norm=cfg.final_norm or cfg.fc_norm, qkv_bias=cfg.qkv_bias, **extra)
+
+
+def pooled_features(tokens: torch.Tensor, cfg: clip_vit.ViTConfig) -> torch.Tensor:
+  """The pooled feature of `cfg` from a tower's final-normed tokens [N, L, D] (class token first,
+  then registers, then patches): what clip_vit.VisionTransformer._pool computes without fc_norm."""
+  mean = lambda: tokens[:, 1 + cfg.registers:].mean(dim=1)
+  return {"cls": lambda: tokens[:, 0], "mean": mean,
+          "cls+mean": lambda: torch.cat([tokens[:, 0], mean()], dim=-1)}[cfg.pool]()
+
+
+def hf_ssl_model(cfg: clip_vit.ViTConfig, layout: str) -> nn.Module:
+  """transformers' Dinov2Model (Dinov2WithRegistersModel with registers) or ViTModel (without its
+  tanh pooler) computing `cfg`; their `last_hidden_state` is the final-normed tokens."""
+  import transformers
+  common = dict(hidden_size=cfg.width, num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+                image_size=cfg.image_size, patch_size=cfg.patch_size, layer_norm_eps=cfg.ln_eps,
+                qkv_bias=cfg.qkv_bias)
+  if layout == "hf_vit":
+    return transformers.ViTModel(transformers.ViTConfig(
+        **common, intermediate_size=cfg.mlp_dim, hidden_act=cfg.act), add_pooling_layer=False)
+  swiglu = cfg.act == "swiglu"
+  kw = dict(common, mlp_ratio=_dinov2_mlp_ratio(cfg), hidden_act="gelu" if swiglu else cfg.act,
+            use_swiglu_ffn=swiglu)
+  if cfg.registers:
+    return transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        **kw, num_register_tokens=cfg.registers))
+  return transformers.Dinov2Model(transformers.Dinov2Config(**kw))
+
+
+def _dinov2_mlp_ratio(cfg: clip_vit.ViTConfig) -> int:
+  """Dinov2Config's (integer) mlp_ratio giving `cfg`'s MLP: int(width * ratio) outputs, or for
+  SwiGLU a hidden width (mlp_dim / 2 here) of (int(width * ratio * 2 / 3) + 7) // 8 * 8."""
+  for ratio in range(1, 33):
+    hidden = cfg.width * ratio
+    if cfg.act == "swiglu" and (int(hidden * 2 / 3) + 7) // 8 * 8 == cfg.mlp_dim // 2:
+      return ratio
+    if cfg.act != "swiglu" and hidden == cfg.mlp_dim:
+      return ratio
+  raise clip_vit.ConfigError(f"No integer Dinov2Config.mlp_ratio gives an MLP of {cfg.mlp_dim} for "
+                             f"width {cfg.width}; this tower cannot be a transformers Dinov2Model.")
+
+
+class TorchPooledClassifier(nn.Module):
+  """The paper's classifier on a timm / HF Dinov2 / HF ViT tower: `head(F.normalize(pooled))`,
+  keys `<prefix>*` + `head.*` (prefix `trunk.` for timm, `dinov2.` / `vit.` for HF, as their own
+  classification models name the backbone)."""
+
+  def __init__(self, cfg: clip_vit.ViTConfig, layout: str, num_classes: int):
+    super().__init__()
+    self.cfg, self.layout = cfg, layout
+    tower = timm_vision_transformer(cfg) if layout == "timm" else hf_ssl_model(cfg, layout)
+    self.prefix = {"timm": "trunk", "hf_dinov2": "dinov2", "hf_vit": "vit"}[layout]
+    self.add_module(self.prefix, tower)
+    self.head = nn.Linear(cfg.feature_dim, num_classes)
+
+  def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    """Files hold transformers' checkpoint names; a transformers >= 5 module has its own."""
+    if self.layout != "timm":
+      from shpeft_jax.models import hf_ssl_layouts  # pylint: disable=g-import-not-at-top
+      prefix = self.prefix + "."
+      tower = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+      live = hf_ssl_layouts.live_names(tower, getattr(self, self.prefix).state_dict())
+      state_dict = {**{k: v for k, v in state_dict.items() if not k.startswith(prefix)},
+                    **{prefix + k: torch.as_tensor(v) for k, v in live.items()}}
+    return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+  def features(self, x: torch.Tensor) -> torch.Tensor:
+    tower = getattr(self, self.prefix)
+    if self.layout != "timm":
+      return pooled_features(tower(pixel_values=x).last_hidden_state, self.cfg)
+    if self.cfg.pool == "cls+mean":
+      return pooled_features(tower.forward_features(x), self.cfg)
+    return tower(x)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.head(F.normalize(self.features(x), dim=-1))
 
 
 def _hf_vision_tower(config):
@@ -233,9 +318,19 @@ def build_torch_classifier(model: str, num_classes: int | None, *, image_size: i
     from transformers import CLIPVisionModel
     return CLIPVisionModel(hf_vision_config(cfg))
   if layout == "timm":
-    return (TorchTimmClipClassifier.from_config(cfg, num_classes) if num_classes
-            else timm_vision_transformer(cfg))
-  raise clip_vit.ConfigError(f"Unknown layout {layout!r}; choose openai, open_clip, hf or timm.")
+    plain = all(getattr(cfg, f) == clip_vit.TOWER_DEFAULTS[f] for f in _SSL_FIELDS)
+    if not num_classes:
+      return timm_vision_transformer(cfg)
+    return (TorchTimmClipClassifier.from_config(cfg, num_classes) if plain
+            else TorchPooledClassifier(cfg, layout, num_classes))
+  if layout in ("hf_dinov2", "hf_vit"):
+    return TorchPooledClassifier(cfg, layout, num_classes) if num_classes else hf_ssl_model(cfg, layout)
+  raise clip_vit.ConfigError(f"Unknown layout {layout!r}; choose openai, open_clip, hf, timm, "
+                             f"hf_dinov2 or hf_vit.")
+
+
+# Tower fields of the self-supervised towers (beyond CLIP's switches).
+_SSL_FIELDS = ("layer_scale", "registers", "pool", "final_norm", "fc_norm", "qkv_bias", "class_pos")
 
 
 def load_exported(path: str) -> nn.Module:
@@ -249,10 +344,9 @@ def load_exported(path: str) -> nn.Module:
   if "shpeft_model" not in meta:
     raise clip_vit.ConfigError(f"{path} has no shpeft_jax export metadata; build the model with "
                                f"build_torch_classifier(...) and call load_state_dict yourself.")
-  tower = {"act": meta.get("shpeft_act", "quick_gelu"),
-           "ln_eps": float(meta.get("shpeft_ln_eps", clip_vit.LN_EPS)),
-           "ln_pre": meta.get("shpeft_ln_pre", "1") == "1",
-           "patch_bias": meta.get("shpeft_patch_bias", "0") == "1"}
+  tower = {f: meta[f"shpeft_{f}"] for f in clip_vit.TOWER_FIELDS if f"shpeft_{f}" in meta}
+  tower = clip_vit.tower_from_meta({k: (v == "1" if isinstance(clip_vit.TOWER_DEFAULTS[k], bool)
+                                        else v) for k, v in tower.items()})
   net = build_torch_classifier(meta["shpeft_model"], int(meta["shpeft_num_classes"]),
                                image_size=int(meta["shpeft_image_size"]), layout=meta["shpeft_layout"],
                                tower=tower)

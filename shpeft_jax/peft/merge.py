@@ -17,6 +17,8 @@ folded into the weights; `merge_additive` refuses them with an error that says s
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import jax
@@ -101,7 +103,9 @@ def merge_ssf(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     elif target == "conv1":
       pos = f"{parent}positional_embedding"
       folded = _f32(out[pos]).copy()
-      folded[1:] += t  # Row 0 is the class token, which never went through conv1.
+      # A class-token row (then the rows are 1 + grid**2, never a square) never went through conv1.
+      first = 0 if math.isqrt(len(folded)) ** 2 == len(folded) else 1
+      folded[first:] += t
       out[pos] = folded
     else:
       raise ConfigError(f"SSF after {parent}{target} has a shift but the op has no bias to "

@@ -21,7 +21,8 @@ to decide which leaves are *eligible*, then the selection module picks elements 
 Readings of the baselines (see docs/BASELINES.md for the full discussion):
   * bitfit: every `bias` leaf of the encoder (attention q/k/v/out, MLP and LayerNorm biases), as in
     BitFit (Ben Zaken et al. 2022), which trains all additive bias terms including LayerNorm's beta.
-  * ln (FT-LN, Basu et al. 2023): scale and bias of every LayerNorm (ln_pre, ln_1, ln_2, ln_post).
+  * ln (FT-LN, Basu et al. 2023): scale and bias of every LayerNorm (ln_pre, ln_1, ln_2, ln_post,
+    and the fc_norm of average-pooled towers).
   * attn (FT-Attention, Touvron et al. ECCV'22 "Three things everyone should know about ViTs"):
     the multi-head self-attention weights of every block, q/k/v/out kernels and their biases;
     the MLPs, LayerNorms, embeddings and patch projection stay frozen.
@@ -532,7 +533,8 @@ for _m in [
     Method("full", "S", "Full Finetune", (_HEAD, ("backbone", pn.BACKBONE_RE, True))),
     Method("linear", "S", "Linear Prob", _rules()),
     Method("bitfit", "S", "BitFit", _rules(("bias", r"encoder/.*/bias"))),
-    Method("ln", "S", "FT-LN", _rules(("layernorm", r"encoder/(?:.*/)?ln_[^/]+/(?:scale|bias)"))),
+    Method("ln", "S", "FT-LN", _rules(
+        ("layernorm", r"encoder/(?:.*/)?(?:ln_[^/]+|fc_norm)/(?:scale|bias)"))),
     Method("attn", "S", "FT-Att", _rules(
         ("attention", r"encoder/resblocks_\d+/attn/(?:query|key|value|out)/(?:kernel|bias)"))),
     Method("shpeft", "S", "SH-PEFT", (_HEAD, ("scored_backbone", pn.BACKBONE_RE, True)),

@@ -323,7 +323,7 @@ def layer_of(name: str) -> str:
   if parts[0] == "encoder" and len(parts) > 1:
     parts = parts[1:]
   first = parts[0]
-  if first in ("conv1", "class_embedding", "positional_embedding") or first.startswith(
+  if first in ("conv1", "class_embedding", "positional_embedding", "register_tokens") or first.startswith(
       "vpt_prompts"):
     return "embeddings"
   return first
@@ -337,7 +337,9 @@ def param_type_of(name: str) -> str:
       (lambda: "attn" in parts and "out" in parts, "attn_out"),
       (lambda: "mlp" in parts and "c_fc" in parts, "mlp_fc"),
       (lambda: "mlp" in parts and "c_proj" in parts, "mlp_proj"),
-      (lambda: any(re.fullmatch(r"ln_(\d+|pre|post)", p) for p in parts), "layernorm"),
+      (lambda: any(re.fullmatch(r"ln_(\d+|pre|post)|fc_norm", p) for p in parts), "layernorm"),
+      (lambda: any(re.fullmatch(r"ls_\d", p) for p in parts), "layer_scale"),
+      (lambda: "register_tokens" in parts, "register_tokens"),
       (lambda: "conv1" in parts, "patch_embed"),
       (lambda: "class_embedding" in parts, "class_token"),
       (lambda: "positional_embedding" in parts, "pos_embed"),

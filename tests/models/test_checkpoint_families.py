@@ -161,7 +161,7 @@ def test_biomedclip_timm_trunk_vit_b16(tmp_path, features):
   assert trunk.patch_embed.proj.bias is not None and isinstance(trunk.norm_pre, torch.nn.Identity)
   src = _save_open_clip(tmp_path, visual, {"embed_dim": 512, "vision_cfg": BIOMEDCLIP_VISION_CFG})
   params, info = convert.convert_file(str(src))
-  assert info.tower == {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}
+  assert info.tower == {**clip_vit.TOWER_DEFAULTS, "act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}
   assert info.ignored_keys == ("visual.head.proj.weight",)
   x = _images(1, 224, seed=7)
   with torch.no_grad():
@@ -238,7 +238,7 @@ def test_timm_vit_small_needs_heads_and_converts_with_them(tmp_path, features):
 @pytest.mark.parametrize("layout, tower", [
     ("open_clip", {"act": "gelu"}),
     ("hf", {"act": "gelu", "ln_eps": 1e-6}),
-    ("timm", {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}),
+    ("timm", {**clip_vit.TOWER_DEFAULTS, "act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}),
     ("timm", {"act": "quick_gelu"}),
 ])
 def test_exported_classifier_logits_in_torch(tmp_path, layout, tower):

@@ -273,8 +273,7 @@ def test_convert_cli_writes_params_checkpoint_with_meta(tmp_path):
   params, meta = checkpoints.load_params(str(out))
   assert meta == {"model": "test_tiny", "image_size": 24, "num_classes": None,
                   "source": str(src), "source_format": "openai", "source_image_size": 16,
-                  "act": "quick_gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False,
-                  "tower_source": "act from --act; ln_eps 1e-05 (openai default)"}
+                  **clip_vit.TOWER_DEFAULTS, "tower_source": "act from --act; ln_eps 1e-05 (openai default); pool cls (class token)"}
   assert params["encoder"]["positional_embedding"].shape == (37, 32)
   np.testing.assert_array_equal(params["encoder"]["positional_embedding"],
                                 convert.resize_positional_embedding(sd["visual.positional_embedding"], 6))
@@ -352,7 +351,7 @@ def test_export_cli_safetensors_round_trip_and_refusals(tmp_path, capsys):
 # Tower variants: activation / LayerNorm eps from what the checkpoint says, timm trunks,
 # encoder-only exports, SigLIP.
 
-TRUNK = {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}  # BiomedCLIP-like
+TRUNK = {**clip_vit.TOWER_DEFAULTS, "act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}  # BiomedCLIP-like
 
 
 def _encoder_params(tower=None, seed=0):
@@ -430,7 +429,7 @@ def test_pre_norm_timm_file_without_config_needs_ln_eps():
   with pytest.raises(CheckpointError, match="pass --ln_eps"):
     convert.torch_state_dict_to_flax(sd, **QUICK)
   _, info = convert.torch_state_dict_to_flax(sd, act="quick_gelu", ln_eps=1e-5)
-  assert info.tower == {"act": "quick_gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False}
+  assert info.tower == {**clip_vit.TOWER_DEFAULTS, "act": "quick_gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False}
 
 
 @pytest.mark.parametrize("name, tower", [
@@ -537,7 +536,9 @@ def test_hf_config_hidden_act(tmp_path, hidden_act, result):
 
 def test_old_meta_without_tower_fields_means_openai_tower():
   assert clip_vit.tower_from_meta({"model": "ViT-B/16"}) == {
-      "act": "quick_gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False}
+      "act": "quick_gelu", "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False,
+      "layer_scale": False, "registers": 0, "pool": "cls", "final_norm": True, "fc_norm": False,
+      "qkv_bias": True, "class_pos": True}
   with pytest.raises(clip_vit.ConfigError, match="Unknown activation 'gelu_tanh'"):
     clip_vit.get_model_config("test_tiny", act="gelu_tanh")
 

@@ -10,7 +10,7 @@ from shpeft_jax import checkpoints
 from shpeft_jax.errors import CheckpointError
 from shpeft_jax.models import clip_vit
 
-GELU_TRUNK = {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}
+GELU_TRUNK = {**clip_vit.TOWER_DEFAULTS, "act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True}
 
 
 def _meta_only_checkpoint(path, **tower):
@@ -32,8 +32,8 @@ def test_tower_for_training_comes_from_the_init_checkpoint(tmp_path):
   old = _meta_only_checkpoint(tmp_path / "old")
   assert checkpoints.tower_for_training(old) == clip_vit.tower_from_meta({})
   assert checkpoints.tower_for_training("", act="gelu")["act"] == "gelu"
-  assert checkpoints.tower_for_training("") == {"act": "quick_gelu", "ln_eps": 1e-5,
-                                                 "ln_pre": True, "patch_bias": False}
+  assert checkpoints.tower_for_training("") == {**clip_vit.TOWER_DEFAULTS, "act": "quick_gelu",
+                                                 "ln_eps": 1e-5, "ln_pre": True, "patch_bias": False}
 
 
 def test_tower_survives_training_resume_and_export(tmp_path):
