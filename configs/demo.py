@@ -35,6 +35,7 @@ def get_config(arg=None):
   # (its 640 LayerNorm scales alone are 31% of k); at 10% the budget spreads over the
   # operation types as in ViT-B/16 at 1% (LayerNorm scales 3.1% of k). Study: docs/BASELINES.md.
   config.peft.k_percent = 10.0
+  config.pretrain.peft.k_percent = 10.0  # As the cached pre-training has always been fingerprinted.
 
   # Learning rates: each method's best validation macro F1 on the grid 0.1, 0.3, 1, 3 (all
   # methods) and 10, 30, 100 (linear probe) at the earlier setting (k = 1%, 300 steps). The 5-seed

@@ -97,4 +97,7 @@ def get_config(arg=None):
   config.pretrain.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, momentum=0.9, weight_decay=1e-4, schedule="cosine",
       warmup_steps=0, grad_clip=0.0, sparse_state=False))
+  # The pre-training's peft fields (it runs method 'full'; only its stage fingerprints read them),
+  # apart from the transfer's `peft` so that `--config.peft.*` on a sweep keeps the cached encoder.
+  config.pretrain.peft = default_peft_config()
   return config

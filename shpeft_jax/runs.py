@@ -86,6 +86,7 @@ def pretrain_config(config) -> ml_collections.ConfigDict:
   sub = copy.deepcopy(config)
   with sub.unlocked():
     sub.data = pre.data
+    sub.peft = copy.deepcopy(pre.peft)
     sub.peft.method = "full"
     sub.model.init_checkpoint = ""
     sub.optim = pre.optim

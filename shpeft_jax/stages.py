@@ -225,7 +225,7 @@ NOT_INPUTS = (
     "data.data_dir", "data.manual_dir", "data.cache", "data.num_parallel_calls",
     "data.eval_cache", "data.prepare_max_side",
     "model.init_checkpoint", "mesh", "distributed", "compilation_cache_dir", "methods",
-    "method_overrides", "pretrain",
+    "method_overrides", "pretrain", "peft.oracle_run",
 )
 
 # peft fields added after workdirs existed, with their defaults: a stage input only when set to
@@ -270,7 +270,8 @@ def trainer_stages(config, workdir: str, *, source_id: str, init_id: str = "") -
   scores = Stage(workdir, "scores", {
       "data": data.fingerprint, "model.init_checkpoint (content)": init_id, "seed": flat.get("seed"),
       "batch_size": flat.get("train.batch_size"), **_pick(flat, ["model"]), **scoring, **loss})
-  mask = Stage(workdir, "mask", {"scores": scores.fingerprint, **peft})
+  mask = Stage(workdir, "mask", {"scores": scores.fingerprint, **peft,
+                                 **_oracle_input(config, init_id)})
   train = Stage(workdir, "train", {
       "mask": mask.fingerprint,
       **_pick(flat, ["optim", "train.batch_size", "train.num_steps", "train.eval_every",
@@ -278,6 +279,16 @@ def trainer_stages(config, workdir: str, *, source_id: str, init_id: str = "") -
   export = Stage(workdir, "export", {"train": train.fingerprint, **{
       k: v for k, v in _pick(flat, ["train"]).items() if k != "train.pos_weight" or v}})
   return {"data": data, "scores": scores, "mask": mask, "train": train, "export": export}
+
+
+def _oracle_input(config, init_id: str) -> dict[str, str]:
+  """The oracle's full run by the content of its exported model (checked: finished, `full`, from
+  the same weights), for a method with a `reference`; nothing for the others."""
+  from shpeft_jax.peft import methods  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.peft import oracle  # pylint: disable=g-import-not-at-top
+  if not methods.resolve(config.peft).spec.reference:
+    return {}
+  return {"peft.oracle_run (content)": oracle.check_reference(config, init_id)}
 
 
 def check_trainer_stages(config, workdir: str, source_id: str,

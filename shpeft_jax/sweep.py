@@ -40,6 +40,10 @@ Ablation presets (`--ablation`, comma-separated, added after `--methods`):
   random  the control: SH-PEFT next to a random mask with the same k
   l2_reading  I_ta + I_td-L2 with I_td = sum_b g_b^2 (default) and with (sum_b g_b)^2
   scope   SH-PEFT and the random mask with the top-k global, per tensor and per output row
+
+The oracle mask (`--methods full,oracle`, issue 26) trains the top-k of |w_ft - w_0| of the sweep's
+`full` run of the same seed (at full's lr chosen on validation); the sweep runs `full` first and
+sets peft.oracle_run per seed (a config's own peft.oracle_run is used as it is).
 """
 
 from __future__ import annotations
@@ -136,12 +140,13 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
 
 
 def build_variants(methods: Sequence[str], ablations: Sequence[str]) -> list[Variant]:
-  """--methods then --ablation presets, duplicates (same key) dropped; all of Table 1 if empty."""
+  """--methods then --ablation presets, duplicates (same key) dropped; if both are empty, every
+  method but the oracle (Table 1 and the random control)."""
   unknown = [a for a in ablations if a not in ABLATIONS]
   if unknown:
     raise ConfigError(f"Unknown --ablation {unknown}; choose from {sorted(ABLATIONS)}.")
-  if not methods and not ablations:
-    methods = methods_lib.method_names()
+  if not methods and not ablations:  # The oracle reads a full run of each seed: asked for by name.
+    methods = [m for m in methods_lib.method_names() if not methods_lib.get_method(m).reference]
   out: dict[str, Variant] = {}
   for v in [method_variant(m) for m in methods] + [v for a in ablations for v in ABLATIONS[a]]:
     out.setdefault(v.key, v)
@@ -186,6 +191,18 @@ def columns(datasets: Sequence[str], fractions: Sequence[float] | None) -> list[
   return [Column(d, f) for d in datasets for f in fractions]
 
 
+def _check_references(config, variants: Sequence[Variant]) -> None:
+  """ConfigError before any run when a variant reads another method's runs (the oracle: `full`)
+  that the sweep does not make and the config does not name (peft.oracle_run)."""
+  keys = {v.key for v in variants}
+  for v in variants:
+    ref = _reference_of(v)
+    if ref and ref not in keys and not variant_config(config, v).peft.oracle_run:
+      raise ConfigError(f"--methods {v.method} ranks |w_ft - w_0| of the sweep's `{ref}` run of "
+                        f"each seed: add {ref} to --methods, or set --config.peft.oracle_run to "
+                        "a finished full run.")
+
+
 def _validate_all(config, variants: Sequence[Variant], cols: Sequence[Column]) -> None:
   """Every (column, variant) config is checked before the first run: a typo in the last dataset
   (or a fraction too small for a class) must not wait for hours of earlier runs."""
@@ -198,6 +215,8 @@ def _validate_all(config, variants: Sequence[Variant], cols: Sequence[Column]) -
       cfg = col.config(variant_config(config, v, col.dataset))
       if config.pretrain.enabled:
         cfg.model.init_checkpoint = ""  # Made by the pretrain stage.
+      if _reference_of(v) and not cfg.peft.oracle_run:
+        cfg.peft.oracle_run = f"<the sweep's {_reference_of(v)} run>"  # Made before it.
       try:
         train.validate_config(cfg)
       except ShpeftError as e:
@@ -229,14 +248,16 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
   datasets = list(datasets or [config.data.name])
   cols = columns(datasets, train_fractions)
   config = _with_sweep_flags(config, seeds, lr_grid)
+  _check_references(config, variants)
   if validate:
     _validate_all(config, variants, cols)
   base = runs.prepare(config, workdir, restart_pretrain=restart_pretrain)
   from shpeft_jax import console  # pylint: disable=g-import-not-at-top
   seeds = compare.seeds_of(base)
   records = []
+  # A variant that reads another method's runs (the oracle reads `full`) comes after them.
   plan = [(col, v, col.config(variant_config(base, v, col.dataset))) for col in cols
-          for v in variants]
+          for v in sorted(variants, key=lambda v: bool(_reference_of(v)))]
   progress = console.RunsProgress(sum(compare.runs_in_grid(c, seeds) for _, _, c in plan),
                                   desc="sweep")
   for col, v, cfg in plan:
@@ -245,7 +266,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
     logging.debug("sweep: %s / %s -> %s (lr %s, seeds %s)", col.key, v.label, run_dir, grid,
                   seeds)
     label = v.key if len(cols) == 1 else f"{col.key}/{v.key}"
-    for r in compare.run_grid(cfg, run_dir, run_fn, seeds=seeds, lr_grid=grid,
+    fn = _reading_reference(run_fn, cfg, v, records, col.key, workdir)
+    for r in compare.run_grid(cfg, run_dir, fn, seeds=seeds, lr_grid=grid,
                               by_lr=bool(cfg.sweep.lr_grid), by_seed=bool(base.sweep.seeds),
                               progress=progress, label=label):
       fraction = {} if col.fraction is None else {"data_name": col.dataset,
@@ -254,6 +276,37 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, variants: Sequenc
                       "run_dir": os.path.relpath(r["run_dir"], workdir)})
   progress.close()
   return records
+
+
+def _reference_of(v: Variant) -> str:
+  """The method whose runs this variant's selection reads ('full' for the oracle), else ''."""
+  return methods_lib.get_method(v.method).reference
+
+
+def _reading_reference(run_fn, cfg, v: Variant, records: Sequence[dict], column: str,
+                       workdir: str):
+  """run_fn, or for a variant that reads another method's runs (the oracle: `full`) with no
+  peft.oracle_run of its own, run_fn with peft.oracle_run = that method's run of the same seed in
+  this column, at the lr chosen for it on validation."""
+  from shpeft_jax.evaluation import compare  # pylint: disable=g-import-not-at-top
+  ref = _reference_of(v)
+  if not ref or cfg.peft.oracle_run:
+    return run_fn
+  runs = [r for r in records if r["dataset"] == column and r["variant"] == ref]
+  if not runs:
+    raise ConfigError(f"{column} / {v.key}: the sweep has no `{ref}` runs to read; add {ref} "
+                      "to --methods.")
+  lr = compare.choose_lr(runs)[(column, ref)]
+  by_seed = {r["seed"]: os.path.join(workdir, r["run_dir"]) for r in runs if r["lr"] == lr}
+
+  def run(c, d):
+    if c.seed not in by_seed:
+      raise ConfigError(f"{column} / {v.key}: no `{ref}` run of seed {c.seed} at lr {lr:g}; "
+                        "give both the same --seeds.")
+    c.peft.oracle_run = by_seed[c.seed]
+    logging.debug("sweep: %s / %s seed %d reads %s.", column, v.key, c.seed, by_seed[c.seed])
+    return run_fn(c, d)
+  return run
 
 
 def _with_sweep_flags(config, seeds, lr_grid) -> ml_collections.ConfigDict:

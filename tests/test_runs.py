@@ -81,3 +81,36 @@ def test_method_config_rejects_an_override_of_a_missing_field():
     runs.method_config(config, "lora")
   with pytest.raises(ConfigError, match="peft.method 'nope'"):
     runs.method_config(config, "nope")
+
+
+def test_peft_flags_of_a_sweep_keep_the_cached_pre_training(tmp_path):
+  """`--config.peft.*` changes the transfer runs, not the demo's pre-training (method 'full'):
+  its stage fingerprints stay those of the plain demo, which are those the pre-training had
+  before it took its own `pretrain.peft` (the transfer's peft with method 'full')."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import stages  # pylint: disable=g-import-not-at-top
+
+  def prints(pre):
+    got = stages.trainer_stages(pre, str(tmp_path), source_id="digits-source")
+    return {name: stage.fingerprint for name, stage in got.items()}
+
+  config = demo.get_config()
+  plain = prints(runs.pretrain_config(config))
+  earlier = runs.pretrain_config(config)
+  with earlier.unlocked():
+    earlier.peft = copy.deepcopy(config.peft)
+    earlier.peft.method = "full"
+  assert prints(earlier) == plain
+  flagged = demo.get_config()
+  flagged.peft.k_percent = 1.0
+  flagged.peft.selection_scope = "per_row"
+  flagged.peft.l2_reduction = "square_of_sum"
+  assert prints(runs.pretrain_config(flagged)) == plain
+  assert runs.pretrain_config(flagged).peft.method == "full"
+  # Without the fix the flags reached the pre-training's mask stage.
+  leaked = runs.pretrain_config(flagged)
+  with leaked.unlocked():
+    leaked.peft = copy.deepcopy(flagged.peft)
+    leaked.peft.method = "full"
+  assert prints(leaked)["mask"] != plain["mask"]

@@ -1,6 +1,7 @@
 """The sweep: variants, per-run configs, Table 1 / Fig. 4 outputs, and a tiny end-to-end run."""
 
 import csv
+import json
 import math
 import os
 import sys
@@ -23,7 +24,8 @@ def _demo_config():
 
 
 def test_default_variants_are_table1_and_ablation_presets_match_the_paper():
-  assert [v.method for v in sweep.build_variants([], [])] == methods.method_names()
+  assert [v.method for v in sweep.build_variants([], [])] == [
+      m for m in methods.method_names() if m != "oracle"]
   t4 = sweep.build_variants([], ["table4"])
   assert [(dict(v.overrides)["mode"], dict(v.overrides)["estimator"]) for v in t4] == [
       ("ta", "l2"), ("td", "l1"), ("hybrid", "l1"), ("td", "l2"), ("hybrid", "l2")]
@@ -149,6 +151,46 @@ def test_seeds_and_lr_grid_layout_and_choice_on_validation(tmp_path):
   with open(paths["runs"]) as f:
     runs = list(csv.DictReader(f))
   assert len(runs) == 12 and sum(r["chosen_lr"] == "True" for r in runs) == 6
+
+
+def test_the_oracle_reads_the_full_run_of_its_seed_at_the_validated_lr(tmp_path):
+  base = _demo_config()
+  with base.unlocked():
+    base.pretrain.enabled = False
+    base.model.init_checkpoint = "/ckpt/encoder"
+    base.method_overrides = base.method_overrides.to_dict()
+  seen = []
+
+  def fake_run(cfg, workdir):
+    seen.append((cfg.peft.method, cfg.optim.lr, cfg.seed, cfg.peft.oracle_run, workdir))
+    return {"trainable": 7, "total": 70, "trainable_percent": 10.0,
+            "validation": {"f1_macro": 0.9 if cfg.optim.lr == 0.3 else 0.6},
+            "test": {"f1_macro": 0.8, "accuracy": 0.5, "auc_macro": 0.5}}
+
+  # Listed first, the oracle still runs after `full`, whose runs it reads.
+  variants = sweep.build_variants(["oracle", "full"], [])
+  sweep.run_sweep(base, str(tmp_path), variants, run_fn=fake_run, seeds=[0, 1],
+                  lr_grid=[0.1, 0.3])
+  assert [s[0] for s in seen] == ["full"] * 4 + ["oracle"] * 4
+  assert {s[3] for s in seen[:4]} == {""}
+  assert [(s[1], s[2], s[3]) for s in seen[4:]] == [
+      (lr, seed, os.path.join(str(tmp_path), "digits", "full", "lr_0.3", f"seed_{seed}"))
+      for lr in (0.1, 0.3) for seed in (0, 1)]
+  # A config's own peft.oracle_run is used as it is, and then `full` need not be in the sweep.
+  seen.clear()
+  with base.unlocked():
+    base.peft.oracle_run = "/runs/full"
+  sweep.run_sweep(base, str(tmp_path / "own"), sweep.build_variants(["oracle"], []),
+                  run_fn=fake_run, seeds=[0])
+  assert [(s[0], s[3]) for s in seen] == [("oracle", "/runs/full")]
+
+
+def test_an_oracle_without_its_full_runs_is_refused_before_any_run(tmp_path):
+  seen = []
+  with pytest.raises(ConfigError, match="the sweep's `full` run of each seed: add full to"):
+    sweep.run_sweep(_demo_config(), str(tmp_path), sweep.build_variants(["shpeft", "oracle"], []),
+                    run_fn=lambda c, w: seen.append(w))
+  assert not seen and not os.listdir(tmp_path)
 
 
 def _tiny_demo_base(num_steps: int):
@@ -318,3 +360,40 @@ def test_tiny_fraction_sweep_end_to_end_same_subset_for_every_method_and_resumed
   out = report.write_report(str(tmp_path), log=lambda *_: None)
   page = open(out["html"]).read()
   assert "digits_target (0.2 of the training labels (subset_seed 0))" in page
+
+
+@pytest.mark.slow
+def test_tiny_sweep_with_the_oracle_end_to_end(tmp_path):
+  """full, then the oracle from its export, with the real trainer (test_tiny, 3 steps): the
+  oracle's mask is the analysis oracle's top-5% of |w_ft - w_0|, w_0 the init checkpoint."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import stages  # pylint: disable=g-import-not-at-top
+  from shpeft_jax import utils  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.analysis import oracle as oracle_analysis  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.peft import mask_io  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  shapes = utils.flatten_names(methods.param_shapes("test_tiny", 5))
+  init = utils.unflatten_names({n: (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+                                for n, s in shapes.items()})
+  init_dir = checkpoints.save_params(str(tmp_path / "init"), init, {
+      "model": "test_tiny", "image_size": 16, "num_classes": 5})
+  base = _tiny_demo_base(num_steps=3)
+  with base.unlocked():
+    base.model.init_checkpoint = init_dir
+  work = str(tmp_path / "sweep")
+  records = sweep.run_sweep(base, work, sweep.build_variants(["full", "oracle"], []))
+  by = {r["variant"]: r for r in records}
+  full_model = os.path.join(work, "digits", "full", "export", "model")
+  w_ft, _ = checkpoints.load_params(full_model)
+  want, _ = oracle_analysis.oracle_mask(init["encoder"], w_ft["encoder"], k_percent=5.0)
+  got = mask_io.load_mask(os.path.join(work, "digits", "oracle", "mask.npz"))
+  for name, m in utils.flatten_names(want).items():
+    np.testing.assert_array_equal(utils.flatten_names(got["encoder"])[name], m, err_msg=name)
+  assert all(np.all(m) for m in utils.flatten_names(got["head"]).values())
+  n_encoder = sum(int(np.size(m)) for m in utils.flatten_names(want).values())
+  k = round(0.05 * n_encoder)
+  assert by["oracle"]["trainable"] == k + 32 * 5 + 5
+  with open(os.path.join(work, "digits", "oracle", "fingerprints", "mask.json")) as f:
+    assert json.load(f)["inputs"]["peft.oracle_run (content)"] == stages.checkpoint_id(full_model)
+  assert 0.0 <= by["oracle"]["f1"] <= 1.0

@@ -9,8 +9,8 @@ random mask, another scope) is compared with it by
   delta_share   sum of |w_ft - w_0| over the selection / over all weights (how much of full
                 fine-tuning's movement it could reproduce; the oracle's own share is its ceiling),
 
-in total and per operation type (`selection.param_type_of`). Library functions only: the command
-line and the oracle-mask training run are not built yet (docs/BASELINES.md, issue 26).
+in total and per operation type (`selection.param_type_of`). Training with this mask is the
+trainer's `peft.method='oracle'` (`shpeft_jax/peft/oracle.py`), which selects the same weights.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ def default_peft_config():
       lam=1.0,               # hybrid balance lambda
       l2_reduction="sum_of_squares",  # L2's I_td: sum_b g_b^2 | 'square_of_sum': (sum_b g_b)^2
       selection_scope="global",       # top-k over: 'global' | 'per_tensor' | 'per_row'
+      oracle_run="",         # method 'oracle': workdir of the finished `full` run (peft/oracle.py)
       score_batches=-1,      # -1: one epoch of the training split
       score_chunk=8,         # batches per jitted lax.scan call
       include_head=False,    # the head is not ranked; it is always trained

@@ -65,6 +65,9 @@ def validate_peft(peft_cfg: PeftConfig) -> "PeftMethod":
     raise ConfigError(f"peft.k_percent must be in (0, 100] (percent of encoder weights), "
                       f"got {k!r}; e.g. --config.peft.k_percent=1.0 for the paper's 1%.")
   _ranking_settings(peft_cfg)
+  if method.spec.reference:
+    from shpeft_jax.peft import oracle  # pylint: disable=g-import-not-at-top
+    oracle.check_set(peft_cfg, method.name)
   if not peft_cfg["lam"] >= 0:
     raise ConfigError(f"peft.lam must be >= 0, got {peft_cfg['lam']}.")
   return method
@@ -169,6 +172,9 @@ class Method:
   merges: its additive leaves fold into plain weights at export (merge.py).
   settings_of: whose `method_overrides` apply when the config has none for this method (the
     random control shares SH-PEFT's, so that the two differ in the selection only).
+  reference: the method of the finished run its scores come from (`peft.oracle_run`; the oracle
+    mask ranks that `full` run's |w_ft - w_0|, peft/oracle.py); the sweep runs it first and gives
+    each seed its run of the same seed.
   """
   name: str
   kind: str              # Table 1's type: 'S' selective, 'A' additive, 'P' prompt, 'S+A'.
@@ -179,6 +185,7 @@ class Method:
   importance: Callable[[PeftConfig], dict] | None = None
   merges: bool = False
   settings_of: str = ""
+  reference: str = ""
 
   def __post_init__(self):
     if self.selector is None:
@@ -534,6 +541,9 @@ for _m in [
            selector=TopK(), importance=_ranking_settings),
     Method("random", "S", "Random mask", (_HEAD, ("random_backbone", pn.BACKBONE_RE, True)),
            selector=TopK(random=True), settings_of="shpeft"),
+    # Issue 26's oracle: SH-PEFT's selection of the scores |w_ft - w_0| of a `full` run.
+    Method("oracle", "S", "Oracle mask", (_HEAD, ("oracle_backbone", pn.BACKBONE_RE, True)),
+           selector=TopK(), settings_of="shpeft", reference="full"),
     Method("lora", "A", "LoRA", _rules(("lora", r"encoder/.*/lora_[^/]+/(?:a|b)")),
            hooks=_lora_hooks, merges=True),
     Method("adapter", "A", "Adapter-par", _rules(("adapter", r"encoder/resblocks_\d+/adapter/.*")),
@@ -554,7 +564,7 @@ for _m in [
 # Display order of the results tables (Table 1, then the controls); methods not listed follow in
 # registration order. It never decides what is valid.
 TABLE1_ORDER = ("full", "linear", "adapter", "ssf", "lora", "vpt_deep", "vpt_shallow", "ln",
-                "bitfit", "attn", "spt_lora", "shpeft", "random")
+                "bitfit", "attn", "spt_lora", "shpeft", "random", "oracle")
 
 
 def method_names() -> list[str]:
@@ -590,9 +600,14 @@ def build_mask(method, params, *, scores=None, rng=None, log: bool = True):
   params may be arrays or `jax.ShapeDtypeStruct`s (only shapes are read). `scores` (a tree with the
   params' names; None or missing leaves are unscored) is required for a scored method; `rng` (int
   seed or PRNG key; default 0) seeds the random-mask control. The head is always fully trainable
-  unless `peft.include_head` lets shpeft / random rank it with the encoder.
+  unless `peft.include_head` lets shpeft / random / oracle rank it with the encoder. A method with
+  a `reference` (the oracle) scores |w_ft - w_0| of `peft.oracle_run` against `params` (then the
+  initial weights, as arrays) when no scores are given.
   """
   method = resolve(method)
+  if scores is None and method.spec.reference:
+    from shpeft_jax.peft import oracle  # pylint: disable=g-import-not-at-top
+    scores = oracle.reference_scores(method.peft, params)
   flat = utils.flatten_names(params)
   shapes = {n: _shape(v) for n, v in flat.items()}
   matched = match_rules(method.spec, shapes)
