@@ -97,15 +97,16 @@ def load_task(task: str, image_size: int) -> dict[str, tuple[np.ndarray, np.ndar
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from shpeft_jax.data import demo  # pylint: disable=g-import-not-at-top
   from shpeft_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from shpeft_jax.models import clip_vit  # pylint: disable=g-import-not-at-top
   out = {}
   for split, (images, labels) in demo.digits_splits(task).items():
     # The evaluation transform of input_pipeline (square images: resize, nothing to crop), on the
     # whole split at once; checked against `preprocess_for_eval` on the first image.
     x = tf.repeat(tf.constant(images[..., None], tf.float32), 3, axis=-1)
-    x = tf.clip_by_value(tf.image.resize(x, [image_size, image_size], method="bicubic",
-                                         antialias=True), 0.0, 255.0)
-    x = ((x / 255.0 - tf.constant(input_pipeline.CLIP_MEAN)) /
-         tf.constant(input_pipeline.CLIP_STD)).numpy()
+    x = tf.round(tf.clip_by_value(tf.image.resize(x, [image_size, image_size], method="bicubic",
+                                                  antialias=True), 0.0, 255.0))  # uint8 levels
+    x = ((x / 255.0 - tf.constant(clip_vit.CLIP_MEAN)) /
+         tf.constant(clip_vit.CLIP_STD)).numpy()
     np.testing.assert_allclose(x[0], input_pipeline.preprocess_for_eval(images[0], image_size),
                                atol=1e-5)
     out[split] = (x.astype(np.float32), labels.astype(np.int32))
