@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--pool", default=None, choices=clip_vit.POOLS,
                       help="pooled feature: class token, mean of the patch tokens, or both "
                            "concatenated (DINOv2's linear probe); default: the checkpoint's")
+  parser.add_argument("--pixel_stats", default=None,
+                      help="pixel mean / std the tower was trained with, where no file beside it "
+                           "says: clip, imagenet, half or 'm1,m2,m3/s1,s2,s3' (CLIP formats: "
+                           "CLIP's by default)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   parser.add_argument("--verbosity", type=int, default=0, help="1: full tracebacks of errors")
   return parser
@@ -67,8 +71,9 @@ def run(args: argparse.Namespace) -> dict:
     raise CheckpointError(f"{args.out} already exists; pass --overwrite or choose another --out.")
   params, info = convert_lib.convert_file(args.src, fmt=args.format, model=args.model,
                                           image_size=args.image_size,
-                                          antialias=False if args.no_antialias else None, pool=args.pool, act=args.act,
-                                          ln_eps=args.ln_eps, heads=args.heads)
+                                          antialias=False if args.no_antialias else None,
+                                          pool=args.pool, act=args.act, ln_eps=args.ln_eps,
+                                          heads=args.heads, pixel_stats=args.pixel_stats)
   meta = {"model": info.model, "image_size": info.image_size, "num_classes": info.num_classes,
           "source": os.path.abspath(args.src), "source_format": info.source_format,
           "source_image_size": info.source_image_size, **info.tower,

@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers")
 DINO_TOWER = {"act": "gelu", "ln_eps": 1e-6, "ln_pre": False, "patch_bias": True,
               "layer_scale": True, "registers": 2, "pool": "cls", "final_norm": True,
               "fc_norm": False, "qkv_bias": True, "class_pos": True,
-              "pixel_mean": clip_vit.CLIP_MEAN, "pixel_std": clip_vit.CLIP_STD}
+              "pixel_mean": (0.485, 0.456, 0.406), "pixel_std": (0.229, 0.224, 0.225)}
 
 
 def _dinov2_init(tmp):
@@ -42,6 +42,9 @@ def _dinov2_init(tmp):
     for p in hf.parameters():
       p.add_(0.05 * torch.randn_like(p))
   hf.save_pretrained(os.path.join(tmp, "hf"))
+  transformers.BitImageProcessor(  # DINOv2's preprocessor_config.json: ImageNet statistics
+      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(
+          os.path.join(tmp, "hf"))
   out = os.path.join(tmp, "init")
   assert convert_cli.main([os.path.join(tmp, "hf"), "--out", out]) == 0
   return out
@@ -99,11 +102,11 @@ def test_export_hf_dinov2_gives_the_trainers_probabilities(dino_run, tmp_path):
   module = tr.load_exported(out).eval()  # strict=True
   assert isinstance(module.dinov2, transformers.Dinov2WithRegistersModel)
   files = [f for f in sorted(by_name) if f.endswith((".png", ".jpg", ".bmp"))][:6]
-  # The trainer's uint8 pixels, normalised as the exported / HF models take them (CLIP's
-  # statistics: these towers' meta.json has no others).
+  # The trainer's uint8 pixels, normalised as the exported / HF models take them (the tower's
+  # ImageNet statistics, from its preprocessor_config.json).
   x = np.asarray(clip_vit.normalise_pixels(np.stack([input_pipeline.eval_transform(
       open(os.path.join(root, f), "rb").read(), 16).numpy() for f in files]),
-      clip_vit.CLIP_MEAN, clip_vit.CLIP_STD, np.float32))
+      DINO_TOWER["pixel_mean"], DINO_TOWER["pixel_std"], np.float32))
   with torch.no_grad():
     got = module(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
   want = np.stack([by_name[f] for f in files])
@@ -140,11 +143,11 @@ def test_peft_adapter_on_the_hf_dinov2_base_gives_the_trainers_probabilities(din
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   adapted = peft.PeftModel.from_pretrained(base, peft_dir).eval()
   files = [f for f in sorted(by_name) if f.endswith((".png", ".jpg", ".bmp"))][:6]
-  # The trainer's uint8 pixels, normalised as the exported / HF models take them (CLIP's
-  # statistics: these towers' meta.json has no others).
+  # The trainer's uint8 pixels, normalised as the exported / HF models take them (the tower's
+  # ImageNet statistics, from its preprocessor_config.json).
   x = np.asarray(clip_vit.normalise_pixels(np.stack([input_pipeline.eval_transform(
       open(os.path.join(root, f), "rb").read(), 16).numpy() for f in files]),
-      clip_vit.CLIP_MEAN, clip_vit.CLIP_STD, np.float32))
+      DINO_TOWER["pixel_mean"], DINO_TOWER["pixel_std"], np.float32))
   head = load_file(os.path.join(peft_dir, "head.safetensors"))
   with torch.no_grad():
     feats = adapted(pixel_values=torch.from_numpy(np.ascontiguousarray(

@@ -1307,7 +1307,9 @@ def load_torch_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   config = _read_json(os.path.join(directory, "config.json"))
   return sd, {"container": container, "metadata": metadata, "config": config,
               "hf_config": _hf_vision_config(config),
-              "open_clip_config": _read_json(os.path.join(directory, "open_clip_config.json"))}
+              "open_clip_config": _read_json(os.path.join(directory, "open_clip_config.json")),
+              "preprocessor_config": _read_json(os.path.join(directory,
+                                                             "preprocessor_config.json"))}
 
 
 def tower_evidence(extras: Mapping[str, Any], keys) -> dict[str, Evidence]:
@@ -1365,10 +1367,84 @@ def _config_heads(extras: Mapping[str, Any], sd: Mapping[str, Any]) -> int | Non
   return None
 
 
+# Named pixel statistics (`--pixel_stats`): mean / std of RGB on the [0, 1] scale.
+PIXEL_STATS = {
+    "clip": (clip_vit.CLIP_MEAN, clip_vit.CLIP_STD),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # DINOv2, MAE, UNI, Phikon
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),                  # timm's augreg ViTs, Google ViT
+}
+# Formats whose towers all normalise with CLIP's statistics when no file says otherwise.
+CLIP_STAT_FORMATS = ("openai", "open_clip", "hf")
+
+
+def parse_pixel_stats(value: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """'clip' | 'imagenet' | 'half' | 'm1,m2,m3/s1,s2,s3' -> (mean, std)."""
+  if value in PIXEL_STATS:
+    return PIXEL_STATS[value]
+  try:
+    mean, std = (tuple(float(v) for v in part.split(",")) for part in value.split("/"))
+  except ValueError:
+    mean = std = ()
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise ConfigError(f"--pixel_stats {value!r}: give one of {sorted(PIXEL_STATS)} or "
+                      f"'m1,m2,m3/s1,s2,s3' (RGB on the 0-1 scale, std > 0).")
+  return mean, std
+
+
+def pixel_stats_evidence(extras: Mapping[str, Any]) -> tuple[tuple, tuple, str] | None:
+  """The pixel mean / std the files beside the weights state: our export's metadata, HF's
+  preprocessor_config.json (image_mean / image_std), timm's config.json (pretrained_cfg mean /
+  std), open_clip_config.json (preprocess_cfg mean / std); None when none does."""
+  meta = extras.get("metadata") or {}
+  if "shpeft_pixel_mean" in meta and "shpeft_pixel_std" in meta:
+    return (tuple(json.loads(meta["shpeft_pixel_mean"])), tuple(json.loads(meta["shpeft_pixel_std"])),
+            "the export's metadata")
+  found = [(extras.get("preprocessor_config") or {}, "image_mean", "image_std",
+            "preprocessor_config.json"),
+           ((extras.get("config") or {}).get("pretrained_cfg") or {}, "mean", "std",
+            "config.json pretrained_cfg"),
+           ((extras.get("open_clip_config") or {}).get("preprocess_cfg") or {}, "mean", "std",
+            "open_clip_config.json preprocess_cfg")]
+  for cfg, m, sd, where in found:
+    if m in cfg and sd in cfg:
+      mean, std = tuple(cfg[m]), tuple(cfg[sd])
+      if len(mean) == 1:  # Grayscale statistics apply to the three (identical) channels.
+        mean, std = mean * 3, std * 3
+      return mean, std, where
+  return None
+
+
+def _pixel_stats(path: str, extras: Mapping[str, Any], info: ConversionInfo,
+                 given: str | None) -> ConversionInfo:
+  """The tower's pixel statistics: the files beside the weights, else `given`, else CLIP's for the
+  CLIP formats; a self-supervised tower with none of them is refused (they differ by family)."""
+  said = pixel_stats_evidence(extras)
+  if given is not None:
+    mean, std = parse_pixel_stats(given)
+    if said is not None and not np.allclose((mean, std), said[:2], atol=1e-6):
+      raise ConfigError(f"--pixel_stats {given} ({mean} / {std}), but {said[2]} says {said[0]} / "
+                        f"{said[1]}; drop --pixel_stats.")
+    where = f"--pixel_stats {given}"
+  elif said is not None:
+    mean, std, where = said
+  elif info.source_format in CLIP_STAT_FORMATS:
+    (mean, std), where = PIXEL_STATS["clip"], f"CLIP's ({info.source_format} tower)"
+  else:
+    raise ConfigError(
+        f"{path}: no preprocessor_config.json / config.json pretrained_cfg beside it says which pixel "
+        f"mean / std the {info.source_format} tower was trained with; pass --pixel_stats imagenet "
+        f"(DINOv2, MAE, UNI, Phikon), half (timm augreg ViTs, Google ViT), clip, or 'm,m,m/s,s,s'.")
+  tower = {**info.tower, "pixel_mean": tuple(float(v) for v in mean),
+           "pixel_std": tuple(float(v) for v in std)}
+  return dataclasses.replace(info, tower=tower,
+                             tower_source=f"{info.tower_source}; pixel statistics from {where}")
+
+
 def convert_file(path: str, *, fmt: str = "auto", model: str | None = None,
                  image_size: int | None = None, antialias: bool | None = None,
                  act: str | None = None, ln_eps: float | None = None, heads: int | None = None,
-                 pool: str | None = None) -> tuple[dict, ConversionInfo]:
+                 pool: str | None = None, pixel_stats: str | None = None
+                 ) -> tuple[dict, ConversionInfo]:
   """load_torch_checkpoint + torch_state_dict_to_flax, with the activation / eps / head count
   that the configs beside the weights give (see `tower_evidence`); `heads` where none does."""
   sd, extras = load_torch_checkpoint(path)
@@ -1383,4 +1459,4 @@ def convert_file(path: str, *, fmt: str = "auto", model: str | None = None,
                                           evidence=evidence, pool=pool)
   if fmt == "auto" and any(e.source.startswith("open_clip_config") for e in evidence.values()):
     info = dataclasses.replace(info, source_format="open_clip")  # same names as OpenAI's
-  return params, info
+  return params, _pixel_stats(path, extras, info, pixel_stats)

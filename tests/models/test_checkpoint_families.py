@@ -224,8 +224,11 @@ def test_timm_vit_small_needs_heads_and_converts_with_them(tmp_path, features):
   save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, str(path))
   with pytest.raises(convert.CheckpointError, match="pass --heads N"):
     convert.convert_file(str(path), act="gelu", ln_eps=1e-6)
-  params, info = convert.convert_file(str(path), act="gelu", ln_eps=1e-6, heads=6)
+  params, info = convert.convert_file(str(path), act="gelu", ln_eps=1e-6, heads=6,
+                                      pixel_stats="half")
   assert info.model == "vit:p16-w384-l3-h6-m1536"
+  assert (info.tower["pixel_mean"], info.tower["pixel_std"]) == (
+      tuple(trunk.pretrained_cfg["mean"]), tuple(trunk.pretrained_cfg["std"]))
   x = _images(1, 224, seed=5)
   with torch.no_grad():
     ref = trunk(_nchw(x)).numpy()

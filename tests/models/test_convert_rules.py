@@ -275,7 +275,8 @@ def test_convert_cli_writes_params_checkpoint_with_meta(tmp_path):
   assert meta == {"model": "test_tiny", "image_size": 24, "num_classes": None,
                   "source": str(src), "source_format": "openai", "source_image_size": 16,
                   **json.loads(json.dumps(clip_vit.TOWER_DEFAULTS)),  # as meta.json holds them
-                  "tower_source": "act from --act; ln_eps 1e-05 (openai default); pool cls (class token)"}
+                  "tower_source": "act from --act; ln_eps 1e-05 (openai default); pool cls (class token); "
+                                  "pixel statistics from CLIP's (openai tower)"}
   assert params["encoder"]["positional_embedding"].shape == (37, 32)
   np.testing.assert_array_equal(params["encoder"]["positional_embedding"],
                                 convert.resize_positional_embedding(sd["visual.positional_embedding"], 6))

@@ -65,10 +65,13 @@ def _assert_close(params, info, x, ref):
 
 
 def _save_timm(tmp_path, model, config):
-  """timm's hub layout: model.safetensors + config.json (architecture, model_args)."""
+  """timm's hub layout: model.safetensors + config.json (architecture, model_args, the
+  pretrained_cfg with the model's own pixel mean / std)."""
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
   d = tmp_path / "timm"
   d.mkdir()
+  config = {**config, "pretrained_cfg": {"mean": list(model.pretrained_cfg["mean"]),
+                                         "std": list(model.pretrained_cfg["std"])}}
   save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
   (d / "config.json").write_text(json.dumps(config))
   return d
@@ -116,6 +119,8 @@ def test_timm_towers(tmp_path, case):
   model = _perturb(timm.create_model(name, pretrained=False, num_classes=0, **kwargs), 2)
   src = _save_timm(tmp_path, model, {"architecture": name, "num_classes": 0, **config})
   params, info = convert.convert_file(str(src))
+  assert (info.tower["pixel_mean"], info.tower["pixel_std"]) == (  # timm's, from pretrained_cfg
+      tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"]))
   assert {k: info.tower[k] for k in expect} == expect, info.tower
   size = model.patch_embed.img_size[0]
   x = _images(2, size, seed=3)
@@ -176,6 +181,16 @@ def info_heads(info):
   return clip_vit.get_model_config(info.model).heads
 
 
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _save_processor(directory, stats):
+  """preprocessor_config.json as the hub's DINOv2 / Phikon checkpoints ship it (written by
+  transformers' own image processor)."""
+  transformers.BitImageProcessor(image_mean=list(stats[0]), image_std=list(stats[1])
+                                 ).save_pretrained(directory)
+
+
 def _reload_as_checkpoint(tmp_path, model, sd, layout):
   """The export as a checkpoint file beside the model's config.json: from_pretrained finds every
   tensor it needs and no other (a strict load), each bit-exact; ViTModel's tanh pooler (not the
@@ -208,7 +223,9 @@ def test_hf_towers(tmp_path, case):
       if "register_tokens" in name or "layer_scale" in name:
         p.copy_(torch.randn(p.shape))
   model.save_pretrained(tmp_path / "hf")
+  _save_processor(tmp_path / "hf", IMAGENET)
   params, info = convert.convert_file(str(tmp_path / "hf"))
+  assert (info.tower["pixel_mean"], info.tower["pixel_std"]) == IMAGENET
   assert (info.source_format, info.tower["act"], info.tower["registers"]) == (layout, act, registers)
   assert info.tower["layer_scale"] == (layout == "hf_dinov2")
   ignored = ({"pooler.dense.weight", "pooler.dense.bias"} if layout == "hf_vit"
@@ -236,6 +253,7 @@ def test_dinov2_linear_probe_pool_is_cls_and_patch_mean(tmp_path):
       hidden_size=96, num_hidden_layers=2, num_attention_heads=3, image_size=56, patch_size=14,
       num_register_tokens=2)), 6)
   model.save_pretrained(tmp_path / "hf")
+  _save_processor(tmp_path / "hf", IMAGENET)
   params, info = convert.convert_file(str(tmp_path / "hf"), pool="cls+mean")
   x = _images(2, 56, seed=8)
   with torch.no_grad():
@@ -362,3 +380,24 @@ def test_exported_ssl_classifier_logits_in_torch(tmp_path, layout, tower):
   assert info.tower == clip_vit.get_model_config("test_tiny", **tower).tower()
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_pixel_statistics_come_from_the_files_or_are_asked_for(tmp_path):
+  """A DINOv2 tower's mean / std: preprocessor_config.json when it is there (grayscale stats
+  repeated), else --pixel_stats; none of them: refused by name; a flag against the file: refused."""
+  model = _hf_model("hf_dinov2", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=28, patch_size=14), 0)
+  model.save_pretrained(tmp_path / "hf")
+  with pytest.raises(convert.ConfigError, match=r"pass --pixel_stats imagenet \(DINOv2"):
+    convert.convert_file(str(tmp_path / "hf"))
+  _, info = convert.convert_file(str(tmp_path / "hf"), pixel_stats="0.5,0.4,0.3/0.2,0.25,0.3")
+  assert (info.tower["pixel_mean"], info.tower["pixel_std"]) == ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+  assert info.tower_source.endswith("pixel statistics from --pixel_stats 0.5,0.4,0.3/0.2,0.25,0.3")
+  with pytest.raises(convert.ConfigError, match="--pixel_stats 'nope'"):
+    convert.convert_file(str(tmp_path / "hf"), pixel_stats="nope")
+  _save_processor(tmp_path / "hf", ((0.5,), (0.25,)))  # RAD-DINO-like grayscale statistics
+  _, info = convert.convert_file(str(tmp_path / "hf"))
+  assert (info.tower["pixel_mean"], info.tower["pixel_std"]) == ((0.5,) * 3, (0.25,) * 3)
+  assert info.tower_source.endswith("pixel statistics from preprocessor_config.json")
+  with pytest.raises(convert.ConfigError, match="but preprocessor_config.json says"):
+    convert.convert_file(str(tmp_path / "hf"), pixel_stats="imagenet")
